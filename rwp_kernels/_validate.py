@@ -1,0 +1,206 @@
+"""Argument checks shared by every op and backend.
+
+Everything is checked before anything is written, so a call that raises leaves every tensor as it
+was. Messages name the op and the offending argument (``params[3] (shape (64, 3, 3, 3), ...)``).
+"""
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from .layout import is_row_dense, num_rows
+
+PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+UINT32_LIMIT = 1 << 32
+UINT64_LIMIT = 1 << 64
+
+
+def describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} (shape {tuple(t.shape)}, {t.dtype}, {t.device})"
+
+
+def _as_list(op: str, name: str, value) -> list:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a list of tensors, got a single tensor; wrap it in a list")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a list of tensors, got {type(value).__name__}") from None
+
+
+def _check_dense_float(op: str, name: str, t, *, dtypes=PARAM_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {describe(name, t)} is {t.layout}; only dense (strided) tensors are supported")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{op}: {describe(name, t)} has dtype {t.dtype}; supported: {allowed}")
+    if not is_row_dense(t):
+        raise ValueError(
+            f"{op}: {describe(name, t)} with strides {t.stride()} is not dense with contiguous rows "
+            "(contiguous or channels_last); call .contiguous() on it"
+        )
+
+
+def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
+    """The parameter list as a list, and the one device all of them live on."""
+    params = _as_list(op, "params", params)
+    if not params:
+        raise ValueError(f"{op}: params is empty; pass at least one tensor")
+    device = None
+    seen = {}
+    for i, p in enumerate(params):
+        name = f"params[{i}]"
+        _check_dense_float(op, name, p)
+        if p.numel() == 0:
+            raise ValueError(f"{op}: {describe(name, p)} is empty; leave empty tensors out of the call")
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(
+                f"{op}: {describe(name, p)} is on {p.device} but params[0] is on {device}; "
+                "one call takes tensors of one device"
+            )
+        if p.data_ptr() in seen:
+            raise ValueError(
+                f"{op}: {name} shares its memory with params[{seen[p.data_ptr()]}]; pass each tensor once"
+            )
+        seen[p.data_ptr()] = i
+    return params, device
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
+
+
+def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_none=False):
+    """A list of tensors paired one to one with ``params`` (grads, backups, buffers, Fisher state).
+
+    Each must match its parameter's shape, device and memory layout, and have ``dtype`` (default:
+    the parameter's dtype). ``None`` for the whole list passes through; ``None`` entries are allowed
+    only with ``allow_none``.
+    """
+    if tensors is None:
+        return None
+    tensors = _as_list(op, name, tensors)
+    if len(tensors) != len(params):
+        raise ValueError(f"{op}: {name} has {len(tensors)} entries but params has {len(params)}")
+    for i, (t, p) in enumerate(zip(tensors, params)):
+        entry = f"{name}[{i}]"
+        if t is None:
+            if allow_none:
+                continue
+            raise TypeError(f"{op}: {entry} is None; every parameter needs one")
+        want = p.dtype if dtype is None else dtype
+        _check_dense_float(op, entry, t, dtypes=(want,))
+        if t.shape != p.shape:
+            raise ValueError(f"{op}: {describe(entry, t)} does not match the shape of {describe(f'params[{i}]', p)}")
+        if t.device != p.device:
+            raise ValueError(f"{op}: {describe(entry, t)} is not on the device of params[{i}] ({p.device})")
+        if not _same_layout(t, p):
+            raise ValueError(
+                f"{op}: {describe(entry, t)} has strides {t.stride()} but params[{i}] has {p.stride()}; "
+                "create it with torch.empty_like(param) or give it the parameter's memory format"
+            )
+        if t.data_ptr() == p.data_ptr():
+            raise ValueError(f"{op}: {entry} is the same memory as params[{i}]")
+    return tensors
+
+
+def check_sigmas(op: str, sigmas, params) -> list[torch.Tensor]:
+    """Per-row sigmas as returned by ``perturb_`` for these parameters."""
+    sigmas = _as_list(op, "sigmas", sigmas)
+    if len(sigmas) != len(params):
+        raise ValueError(f"{op}: sigmas has {len(sigmas)} entries but params has {len(params)}")
+    for i, (s, p) in enumerate(zip(sigmas, params)):
+        entry = f"sigmas[{i}]"
+        _check_dense_float(op, entry, s, dtypes=(torch.float32,))
+        allowed = {num_rows(p)} if p.dim() >= 2 else {1, p.numel()}
+        if s.dim() != 1 or s.numel() not in allowed:
+            raise ValueError(
+                f"{op}: {describe(entry, s)} does not fit {describe(f'params[{i}]', p)}: "
+                f"expected a 1-D tensor of {' or '.join(str(n) for n in sorted(allowed))} entries, as perturb_ returns"
+            )
+        if s.device != p.device:
+            raise ValueError(f"{op}: {describe(entry, s)} is not on the device of params[{i}] ({p.device})")
+    return sigmas
+
+
+def check_int(op: str, name: str, value, *, low: int = 0, high: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an integer, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__}") from None
+    if value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{op}: {name} is {value}; it must be {bound}")
+    return value
+
+
+def check_seed(op: str, seed) -> int:
+    if seed is None:
+        raise TypeError(f"{op}: seed is required (an integer in [0, 2**64))")
+    return check_int(op, "seed", seed, high=UINT64_LIMIT)
+
+
+def check_float(op: str, name: str, value, *, low: float | None = None) -> float:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Python number, got a tensor")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} is {value}; it must be finite")
+    if low is not None and value < low:
+        raise ValueError(f"{op}: {name} is {value}; it must be >= {low}")
+    return value
+
+
+def per_param_floats(op: str, name: str, value, n: int, *, low: float = 0.0) -> list[float]:
+    """A float for every parameter, from one number or a sequence of ``n`` numbers."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{op}: {name} has {len(value)} entries but params has {n}")
+        return [check_float(op, f"{name} for params[{i}]", v, low=low) for i, v in enumerate(value)]
+    v = check_float(op, name, value, low=low)
+    return [v] * n
+
+
+def check_param_indices(op: str, param_indices, n: int) -> list[int]:
+    if param_indices is None:
+        return list(range(n))
+    indices = list(param_indices)
+    if len(indices) != n:
+        raise ValueError(f"{op}: param_indices has {len(indices)} entries but params has {n}")
+    indices = [check_int(op, f"param_indices[{i}]", v, high=UINT32_LIMIT) for i, v in enumerate(indices)]
+    first = {}
+    for i, v in enumerate(indices):
+        if v in first:
+            raise ValueError(
+                f"{op}: param_indices[{i}] repeats param_indices[{first[v]}] ({v}); "
+                "two parameters would draw the same noise"
+            )
+        first[v] = i
+    return indices
+
+
+def check_scale(op: str, name: str, value, device: torch.device):
+    """A gradient multiplier: a Python number, or a one-element floating tensor (moved to ``device``)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{op}: {describe(name, value)} must be a one-element floating tensor")
+        return value.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+    return check_float(op, name, value)
+
+
+def check_found_inf(op: str, found_inf, device: torch.device):
+    if found_inf is None:
+        return None
+    if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
+        raise TypeError(f"{op}: found_inf must be a one-element tensor (as GradScaler provides) or None")
+    return found_inf.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)

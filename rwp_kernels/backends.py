@@ -1,0 +1,152 @@
+"""Which backend runs an op: the registry, availability (with the reason when absent), and "auto".
+
+A backend is a module with the functions ``philox4x32_10``, ``noise``, ``perturb_``, ``restore_`` and
+``sgd_step_`` taking the already validated arguments of ``rwp_kernels.ops``. Parameters of a dtype
+that a fused backend does not handle (float64) go to the reference backend in the same call.
+"""
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+ALL_DTYPES = FUSED_DTYPES | {torch.float64}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    dtypes: frozenset
+    load: Callable[[str], object]  # device type -> backend module, or raises BackendUnavailableError
+
+    def module(self, device_type: str):
+        return _load(self.name, device_type)
+
+
+def _load_reference(device_type: str):
+    from . import reference
+
+    return reference
+
+
+def _load_cpu(device_type: str):
+    if device_type != "cpu":
+        raise BackendUnavailableError(f"it runs on CPU tensors, not {device_type} tensors")
+    raise BackendUnavailableError("the C++ extension is not part of this version of rwp_kernels yet")
+
+
+def _load_cuda(device_type: str):
+    if device_type != "cuda":
+        raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
+    raise BackendUnavailableError("the C++/CUDA extension is not part of this version of rwp_kernels yet")
+
+
+def _load_triton(device_type: str):
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailableError("it runs on CPU tensors only under TRITON_INTERPRET=1 (for testing)")
+    if device_type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
+    raise BackendUnavailableError("the Triton kernels are not part of this version of rwp_kernels yet")
+
+
+REGISTRY = {
+    "reference": Backend("reference", "pure PyTorch, any device (the oracle)", ALL_DTYPES, _load_reference),
+    "cpu": Backend("cpu", "C++ extension, CPU kernels", FUSED_DTYPES, _load_cpu),
+    "cuda": Backend("cuda", "C++ extension, CUDA kernels", FUSED_DTYPES, _load_cuda),
+    "triton": Backend("triton", "Triton kernels", FUSED_DTYPES, _load_triton),
+}
+
+# Preference of backend="auto" per device type; the reference is the last resort everywhere.
+AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+_warned_fallback: set[str] = set()
+
+
+_loaded: dict[tuple[str, str], object] = {}
+
+
+def _load(name: str, device_type: str):
+    """The backend's module; the outcome (module or reason) is remembered, so a failed build is tried once."""
+    key = (name, device_type)
+    if key not in _loaded:
+        try:
+            _loaded[key] = REGISTRY[name].load(device_type)
+        except BackendUnavailableError as err:
+            _loaded[key] = err
+    outcome = _loaded[key]
+    if isinstance(outcome, BackendUnavailableError):
+        raise BackendUnavailableError(str(outcome))
+    return outcome
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None if backend ``name`` can run on ``device_type`` tensors, else why not."""
+    try:
+        _load(name, device_type)
+    except BackendUnavailableError as err:
+        return str(err)
+    return None
+
+
+def _device_types() -> list[str]:
+    types = ["cpu"]
+    if torch.cuda.is_available():
+        types.append("cuda")
+    return types
+
+
+def available_backends(device=None) -> list[str]:
+    """Names of the backends that can run here (on ``device``'s type, or on any local device)."""
+    types = [torch.device(device).type] if device is not None else _device_types()
+    return [name for name in REGISTRY if any(unavailable_reason(name, t) is None for t in types)]
+
+
+def _check_name(backend: str) -> None:
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}; got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> Backend:
+    """The backend that runs on ``device`` for the requested name ("auto" picks the fastest one)."""
+    _check_name(backend)
+    if backend != "auto":
+        reason = unavailable_reason(backend, device.type)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {backend!r} is not available for {device.type} tensors: {reason}")
+        return REGISTRY[backend]
+    reasons = []
+    for name in AUTO_ORDER.get(device.type, ()):
+        reason = unavailable_reason(name, device.type)
+        if reason is None:
+            return REGISTRY[name]
+        reasons.append(f"{name}: {reason}")
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        why = "; ".join(reasons) if reasons else f"no compiled backend exists for {device.type} tensors"
+        warnings.warn(
+            f"rwp_kernels: no fused backend for {device.type} tensors ({why}); "
+            "using the pure-PyTorch reference backend, which is correct but slow. "
+            "`python -m rwp_kernels.report` shows what is installed.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return REGISTRY["reference"]
+
+
+def plan(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> list[tuple[object, list[int]]]:
+    """(backend module, indices of the tensors it takes) pairs covering every tensor of a call."""
+    chosen = resolve(backend, device)
+    mine = [i for i, d in enumerate(dtypes) if d in chosen.dtypes]
+    rest = [i for i, d in enumerate(dtypes) if d not in chosen.dtypes]
+    parts = [(chosen.module(device.type), mine)] if mine else []
+    if rest:
+        parts.append((REGISTRY["reference"].module(device.type), rest))
+    return parts

@@ -1,0 +1,202 @@
+"""The pure-PyTorch reference backend: the oracle every fused backend is tested against.
+
+Clarity over speed, but vectorized over elements: Philox runs as int64 tensor arithmetic on whole
+chunks of counters, so a ResNet-18's worth of noise takes seconds, not hours. Inputs arrive already
+validated by ``rwp_kernels.ops``. Normals are computed in float64 from the float32 uniforms and
+rounded once, so they are the most accurate rendering of the stream; norms are accumulated in float64.
+Updates are done in float32 and written back in the parameter's dtype (float64 stays float64).
+"""
+import math
+
+import torch
+
+from . import stream as S
+from .layout import flat_view, num_sigma_rows
+
+NAME = "reference"
+
+# Philox blocks generated per chunk (bounds the int64 temporaries to a few tens of MB).
+_CHUNK_BLOCKS = 1 << 20
+
+
+def _mulhilo(a: int, b):
+    """(high, low) 32-bit words of the 64-bit product of the constant ``a`` and uint32 words ``b``.
+
+    int64 cannot hold the full product, so ``b`` is split into 16-bit halves.
+    """
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p_lo = a * b_lo
+    p_hi = a * b_hi
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (mid >> 32), mid & S.MASK32
+
+
+def _philox_rounds(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on words that are Python ints or int64 tensors (broadcasting)."""
+    for r in range(S.PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + S.PHILOX_W0) & S.MASK32
+            k1 = (k1 + S.PHILOX_W1) & S.MASK32
+        hi0, lo0 = _mulhilo(S.PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(S.PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = key.unbind(-1)
+    shape = torch.broadcast_shapes(c0.shape, k0.shape)
+    words = _philox_rounds(c0, c1, c2, c3, k0, k1)
+    return torch.stack([w.expand(shape) for w in words], dim=-1)
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    return (x >> 8).to(torch.float32) * S.UNIFORM_SCALE + S.UNIFORM_OFFSET
+
+
+def _box_muller(xa: torch.Tensor, xb: torch.Tensor):
+    r = torch.sqrt(-2.0 * torch.log(_uniform(xa).double()))
+    t = (2.0 * math.pi) * _uniform(xb).double()
+    return r * torch.cos(t), r * torch.sin(t)
+
+
+def _normal_blocks(q_begin: int, q_end: int, *, seed, param_index, step, stream, device) -> torch.Tensor:
+    """Normals of blocks q_begin .. q_end-1 as a float32 tensor of shape [q_end - q_begin, 4]."""
+    k0, k1 = S.philox_key(seed, stream)
+    q = torch.arange(q_begin, q_end, dtype=torch.int64, device=device)
+    x0, x1, x2, x3 = _philox_rounds(q & S.MASK32, q >> 32, param_index, S.step_word(step), k0, k1)
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    return torch.stack([z0, z1, z2, z3], dim=-1).to(torch.float32)
+
+
+def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel == 0:
+        return out
+    per = S.NORMALS_PER_BLOCK
+    q_first, q_last = offset // per, (offset + numel - 1) // per
+    done = 0
+    for q_begin in range(q_first, q_last + 1, _CHUNK_BLOCKS):
+        q_end = min(q_begin + _CHUNK_BLOCKS, q_last + 1)
+        block = _normal_blocks(
+            q_begin, q_end, seed=seed, param_index=param_index, step=step, stream=stream, device=device
+        ).view(-1)
+        skip = offset - q_begin * per if q_begin == q_first else 0
+        take = min(block.numel() - skip, numel - done)
+        out[done : done + take] = block[skip : skip + take]
+        done += take
+    return out
+
+
+def _sigma(p: torch.Tensor, gamma: float, fisher, eta: float) -> torch.Tensor:
+    """Per-row noise std of ``p`` (float32), computed from its current (clean) values."""
+    w = flat_view(p).double()
+    if p.dim() >= 2:
+        sigma = gamma * w.view(p.shape[0], -1).norm(dim=1)
+    else:
+        sigma = (gamma * (w.norm() + S.NORM_EPS)).reshape(1)
+    if fisher is not None:
+        rows = num_sigma_rows(p, adaptive=True)
+        row_fisher = flat_view(fisher).double().view(rows, -1).sum(dim=1)
+        sigma = sigma / torch.sqrt(1.0 + eta * row_fisher)
+    return sigma.to(torch.float32)
+
+
+def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: float) -> None:
+    flat = flat_view(p)
+    rows = sigma.numel()
+    w = flat.to(torch.float32).view(rows, -1)
+    flat.copy_((w + sign * (sigma.view(rows, 1) * z.view(rows, -1))).view(-1))
+
+
+def _param_noise(p, index, *, seed, step, stream) -> torch.Tensor:
+    return noise(p.numel(), seed=seed, param_index=index, step=step, stream=stream, offset=0, device=p.device)
+
+
+def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups, grads, grad_scale, fisher):
+    sigmas = []
+    for i, p in enumerate(params):
+        sigma = _sigma(p, gammas[i], fisher[i] if fisher is not None else None, etas[i])
+        if backups is not None:
+            backups[i].copy_(p)
+        if gammas[i] != 0.0:
+            z = _param_noise(p, param_indices[i], seed=seed, step=step, stream=stream)
+            _add_noise_(p, sigma, z, +1.0)
+        if grads is not None and grads[i] is not None:
+            grads[i].copy_(grads[i].to(torch.float32) * grad_scale)
+        sigmas.append(sigma)
+    return sigmas
+
+
+def _mix_grad(grad, fisher, *, beta, fisher_scale, grad_scale, clean_grad, clean_scale):
+    """The float32 gradient to use, and the updated Fisher state (or None), for one parameter."""
+    g = grad.to(torch.float32)
+    new_fisher = None
+    if fisher is not None:
+        new_fisher = beta * fisher + (g * fisher_scale) ** 2
+    g = g * grad_scale
+    if clean_grad is not None:
+        g = g + clean_grad.to(torch.float32) * clean_scale
+    return g, new_fisher
+
+
+def restore_(
+    params, *, backups, sigmas, seed, step, stream, param_indices,
+    grads, grad_scale, fisher, beta, fisher_scale, clean_grads, clean_scale,
+):
+    for i, p in enumerate(params):
+        if backups is not None:
+            p.copy_(backups[i])
+        else:
+            z = _param_noise(p, param_indices[i], seed=seed, step=step, stream=stream)
+            _add_noise_(p, sigmas[i], z, -1.0)
+        if grads is not None and grads[i] is not None:
+            g, new_fisher = _mix_grad(
+                grads[i], fisher[i] if fisher is not None else None, beta=beta, fisher_scale=fisher_scale,
+                grad_scale=grad_scale, clean_grad=clean_grads[i] if clean_grads is not None else None,
+                clean_scale=clean_scale,
+            )
+            grads[i].copy_(g)
+            if new_fisher is not None:
+                fisher[i].copy_(new_fisher)
+
+
+def sgd_step_(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+    is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale,
+):
+    """torch.optim.SGD's update, op for op (so fp32 results are bit-identical to it)."""
+    for i, p in enumerate(params):
+        if backups is not None:
+            p.copy_(backups[i])
+        g, new_fisher = _mix_grad(
+            grads[i], fisher[i] if fisher is not None else None, beta=beta, fisher_scale=fisher_scale,
+            grad_scale=grad_scale, clean_grad=clean_grads[i] if clean_grads is not None else None,
+            clean_scale=clean_scale,
+        )
+        if maximize:
+            g = -g
+        w = p.to(torch.float32)
+        if weight_decay != 0:
+            g = g.add(w, alpha=weight_decay)
+        new_buf = None
+        if momentum != 0:
+            if is_first_step:
+                new_buf = g.clone()
+            else:
+                new_buf = momentum_buffers[i].to(torch.float32).mul(momentum).add(g, alpha=1 - dampening)
+            g = g.add(new_buf, alpha=momentum) if nesterov else new_buf
+        new_w = w.add(g, alpha=-lr)
+
+        updates = [(p, new_w)]
+        if new_buf is not None:
+            updates.append((momentum_buffers[i], new_buf))
+        if new_fisher is not None:
+            updates.append((fisher[i], new_fisher))
+        for target, value in updates:
+            if found_inf is not None:
+                value = torch.where(found_inf != 0, target.to(torch.float32), value)
+            target.copy_(value)
