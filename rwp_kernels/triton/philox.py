@@ -60,10 +60,27 @@ def uniform(x):
 
 
 @triton.jit
+def cos_sin_2pi(v):
+    """(cos 2 pi v, sin 2 pi v) for v in (0, 1], within ~1e-7: an exact reduction to the nearest quarter turn
+    and Taylor polynomials on [-pi/4, pi/4]. Unlike tl.cos / tl.sin (libdevice), no call to a slow path for
+    huge arguments, which costs a stack frame and spills around the call."""
+    quarter = (v * 4.0 + 0.5).to(tl.int32)  # v > 0: truncation is floor
+    x = (v - quarter.to(tl.float32) * 0.25) * TWO_PI  # v - quarter / 4 is exact; |x| <= pi / 4
+    x2 = x * x
+    s = x * (1.0 + x2 * (-1.0 / 6 + x2 * (1.0 / 120 + x2 * (-1.0 / 5040 + x2 * (1.0 / 362880)))))
+    c = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24 + x2 * (-1.0 / 720 + x2 * (1.0 / 40320))))
+    quadrant = quarter & 3
+    odd = (quadrant & 1) != 0
+    c_q = tl.where(odd, s, c)
+    s_q = tl.where(odd, c, s)
+    return tl.where((quadrant == 1) | (quadrant == 2), -c_q, c_q), tl.where(quadrant >= 2, -s_q, s_q)
+
+
+@triton.jit
 def box_muller(xa, xb):
     r = tl.sqrt(-2.0 * tl.log(uniform(xa)))
-    t = TWO_PI * uniform(xb)
-    return r * tl.cos(t), r * tl.sin(t)
+    c, s = cos_sin_2pi(uniform(xb))
+    return r * c, r * s
 
 
 @triton.jit

@@ -19,7 +19,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 ITEM_COLUMNS = 3  # (param slot, first element, element count)
 
 # (elements per program, warps): a program holds its tile in registers, a few elements per thread.
-TILE_MENU = ((1024, 8), (2048, 16))
+TILE_MENU = ((512, 4), (1024, 8))
 
 _CACHE_CAPACITY = 16
 
