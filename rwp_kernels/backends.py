@@ -5,6 +5,7 @@ A backend is a module with the functions ``philox4x32_10``, ``noise``, ``perturb
 that a fused backend does not handle (float64) go to the reference backend in the same call.
 """
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -123,6 +124,15 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}; got {backend!r}")
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package, so that a warning points at user code."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def auto_choice(device_type: str) -> tuple[str, list[str]]:
     """The backend "auto" picks for ``device_type`` tensors, and why each faster one was passed over."""
     reasons = []
@@ -151,7 +161,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
             "using the pure-PyTorch reference backend, which is correct but slow. "
             "`python -m rwp_kernels.report` shows what is installed.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
     return REGISTRY[name]
 

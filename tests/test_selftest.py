@@ -99,8 +99,9 @@ def test_every_available_fused_backend_passes_on_cpu():
     assert ran == {n for n in backends.available_backends("cpu") if n != "reference"}
 
 
-def test_report_command_runs():
-    out = subprocess.run([sys.executable, "-m", "rwp_kernels.report"], capture_output=True, text=True, timeout=300)
+def test_report_command_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rwp_kernels.report"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     for name in backends.REGISTRY:
         assert f"backend '{name}'" in out.stdout
