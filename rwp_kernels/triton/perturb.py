@@ -12,6 +12,7 @@ from .. import stream as S
 from ..layout import num_rows, num_sigma_rows
 from . import philox as P
 from . import tables as T
+from .rounding import to_dtype, to_float32
 
 # Columns of the parameter table.
 W: tl.constexpr = tl.constexpr(0)
@@ -59,11 +60,11 @@ def _apply(w_ptr, backup_addr, grad_addr, tile, lanes, mask, x_raw, sigma, sigma
         tl.store(backup_addr.to(tl.pointer_type(DTYPE)) + tile + lanes, x_raw, mask=mask)
     if gamma != 0:
         z = P.normal_tile(tile // 4, param_index, step, k0, k1, BLOCK)
-        tl.store(w_ptr + tile + lanes, (x_raw.to(tl.float32) + sigma * z).to(DTYPE), mask=mask)
+        tl.store(w_ptr + tile + lanes, to_dtype(to_float32(x_raw) + sigma * z, DTYPE), mask=mask)
     if grad_addr != 0:
         g_ptr = grad_addr.to(tl.pointer_type(DTYPE)) + tile + lanes
-        g = tl.load(g_ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(g_ptr, (g * grad_scale).to(DTYPE), mask=mask)
+        g = to_float32(tl.load(g_ptr, mask=mask, other=0.0))
+        tl.store(g_ptr, to_dtype(g * grad_scale, DTYPE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"])
@@ -100,7 +101,7 @@ def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad
         # The item fits one tile: load it once, keep it in registers.
         mask = (lanes >= lo) & (lanes < (end - base).to(tl.int32))
         x_raw = tl.load(w_ptr + base + lanes, mask=mask, other=0.0)
-        x = x_raw.to(tl.float32)
+        x = to_float32(x_raw)
         f = tl.zeros([BLOCK], tl.float32)
         if has_fisher:
             f = tl.load(f_ptr + base + lanes, mask=mask, other=0.0)
@@ -138,7 +139,7 @@ def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad
         for tile in range(base, end, BLOCK):
             first_lane = tl.maximum(start - tile, -1).to(tl.int32)  # the row's first lane here, or -1
             mask = (lanes >= first_lane) & (lanes < tl.minimum(end - tile, BLOCK).to(tl.int32))
-            x = tl.load(w_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float32)
+            x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0))
             acc += x * x
             if has_fisher:
                 facc += tl.load(f_ptr + tile + lanes, mask=mask, other=0.0)

@@ -7,6 +7,7 @@ import triton.language as tl
 from .. import stream as S
 from . import philox as P
 from . import tables as T
+from .rounding import to_dtype, to_float32
 
 # Columns of the parameter table.
 W: tl.constexpr = tl.constexpr(0)
@@ -27,7 +28,7 @@ def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_m
     """The float32 gradient ``grad * grad_scale (+ clean * clean_scale)`` of the elements ``start + lanes``
     (``grad_ptr`` points at element ``start``; absent tensors have address 0); with a Fisher state, first
     ``F <- beta * F + (grad * fisher_scale)**2``, stored where ``fisher_mask``."""
-    g = tl.load(grad_ptr + lanes, mask=mask, other=0.0).to(tl.float32)
+    g = to_float32(tl.load(grad_ptr + lanes, mask=mask, other=0.0))
     if fisher_addr != 0:
         f_ptr = fisher_addr.to(tl.pointer_type(tl.float32)) + start + lanes
         gf = g * fisher_scale
@@ -35,7 +36,7 @@ def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_m
     g = g * grad_scale
     if clean_addr != 0:
         clean = tl.load(clean_addr.to(tl.pointer_type(DTYPE)) + start + lanes, mask=mask, other=0.0)
-        g += clean.to(tl.float32) * clean_scale
+        g += to_float32(clean) * clean_scale
     return g
 
 
@@ -73,15 +74,15 @@ def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_sc
         key0, key1 = P.key_words(k0, k1)
         z = P.normal_tile(start // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
                           key0, key1, BLOCK)
-        x = tl.load(w_ptr + lanes, mask=mask, other=0.0).to(tl.float32)
-        tl.store(w_ptr + lanes, (x - sigma * z).to(DTYPE), mask=mask)
+        x = to_float32(tl.load(w_ptr + lanes, mask=mask, other=0.0))
+        tl.store(w_ptr + lanes, to_dtype(x - sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)
     if grad_addr != 0:
         g_ptr = grad_addr.to(tl.pointer_type(DTYPE)) + start
         g = mix_gradient(g_ptr, tl.load(row + FISHER), tl.load(row + CLEAN), start, lanes, mask, mask, beta,
                          fisher_scale * tl.load(fisher_scale_ptr),
                          grad_scale * tl.load(grad_scale_ptr), clean_scale * tl.load(clean_scale_ptr), DTYPE)
-        tl.store(g_ptr + lanes, g.to(DTYPE), mask=mask)
+        tl.store(g_ptr + lanes, to_dtype(g, DTYPE), mask=mask)
 
 
 def _sigma_buffer(sigmas, counts):

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from . import tables as T
+from .rounding import to_dtype, to_float32
 from .restore import mix_gradient
 
 # Columns of the parameter table.
@@ -41,7 +42,7 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
     if backup_addr != 0:
         source = backup_addr.to(tl.pointer_type(DTYPE)) + start
         write_w = mask
-    x = tl.load(source + lanes, mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(source + lanes, mask=mask, other=0.0))
     g = mix_gradient(tl.load(row + GRAD).to(tl.pointer_type(DTYPE)) + start, tl.load(row + FISHER),
                      tl.load(row + CLEAN), start, lanes, mask, mask & update, beta,
                      fisher_scale * tl.load(fisher_scale_ptr), grad_scale * tl.load(grad_scale_ptr),
@@ -54,14 +55,14 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
         buf_ptr = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE)) + start + lanes
         buf = g
         if first_step == 0:
-            buf = tl.load(buf_ptr, mask=mask, other=0.0).to(tl.float32) * momentum + one_minus_dampening * g
-        tl.store(buf_ptr, buf.to(DTYPE), mask=mask & update)
+            buf = to_float32(tl.load(buf_ptr, mask=mask, other=0.0)) * momentum + one_minus_dampening * g
+        tl.store(buf_ptr, to_dtype(buf, DTYPE), mask=mask & update)
         if nesterov != 0:
             g += momentum * buf
         else:
             g = buf
     new = tl.where(update, x - lr * g, x)
-    tl.store(w_ptr + lanes, new.to(DTYPE), mask=write_w)
+    tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
 
 
 @T.per_dtype
