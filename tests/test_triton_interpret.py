@@ -150,7 +150,8 @@ def test_perturb_matches_reference(dtype, adaptive):
         kwargs.update(fisher=_fisher(params, 2), eta=0.3)
     results = {}
     for backend in ("triton", "reference"):
-        p, g, b = _clone(params), [None if x is None else x.clone() for x in grads], [torch.empty_like(x) for x in params]
+        p, b = _clone(params), [torch.empty_like(x) for x in params]
+        g = [None if x is None else x.clone() for x in grads]
         sigmas = rk.perturb_(p, backups=b, grads=g, backend=backend, **kwargs)
         results[backend] = p, g, b, sigmas
     p, g, b, sigmas = results["triton"]

@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per specialization")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("TRITON_INTERPRET=1 is set: the kernels are interpreted and cannot be compiled; unset it", file=sys.stderr)
+        print("TRITON_INTERPRET=1 is set: the kernels are interpreted and cannot be compiled; unset it",
+              file=sys.stderr)
         return 2
     results = compile_all(specializations(args.arch), jobs=args.jobs)
     if args.json:

@@ -184,10 +184,10 @@ def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups
                          fisher[i] if fisher is not None else None, param_indices[i], offset))
         offset += counts[i]
     tile = T.choose_tile([(p.numel() // num_rows(p), num_rows(p)) for p in params])
-    tables = T.tables(device, rows, lambda slot, r: T.row_items(slot, r[NUMEL.value], r[ROW_LEN.value], tile.block), tile)
+    tables = T.tables(device, rows, lambda slot, r: T.row_items(slot, r[NUMEL.value], r[ROW_LEN.value], tile.block),
+                      tile)
     hyper = T.float_table(device, tuple(v for pair in zip(gammas, etas) for v in pair))
-    scale, scale_tensor = T.scale_args(grad_scale, device)
     k0, k1 = S.philox_key(seed, stream)
-    T.launch(perturb_kernel, tables.n_items, tables.tile, device, tables.params, tables.items, hyper, sigma_buffer, scale, scale_tensor,
-             P.as_int32(S.step_word(step)), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
+    T.launch_items(perturb_kernel, tables, device, hyper, sigma_buffer, *T.scale_args(grad_scale, device),
+                   P.as_int32(S.step_word(step)), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
     return list(sigma_buffer.split(counts))

@@ -118,6 +118,6 @@ def restore_(params, *, backups, sigmas, seed, step, stream, param_indices, grad
         sigma_buffer = _sigma_buffer(sigmas, counts)
         k0, k1 = S.philox_key(seed, stream)
         regen = dict(step=P.as_int32(S.step_word(step)), k0=P.as_int32(k0), k1=P.as_int32(k1))
-    T.launch(restore_kernel, tables.n_items, tables.tile, device, tables.params, tables.items, sigma_buffer, regen["step"], regen["k0"],
-             regen["k1"], beta, *T.scale_args(grad_scale, device), *T.scale_args(fisher_scale, device),
-             *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])
+    T.launch_items(restore_kernel, tables, device, sigma_buffer, regen["step"], regen["k0"], regen["k1"], beta,
+                   *T.scale_args(grad_scale, device), *T.scale_args(fisher_scale, device),
+                   *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

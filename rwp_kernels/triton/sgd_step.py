@@ -79,6 +79,6 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
     tile = T.choose_tile([(p.numel(), 1) for p in params])
     tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
     found = found_inf if found_inf is not None else T.constant(device, 0.0)
-    T.launch(sgd_step_kernel, tables.n_items, tables.tile, device, tables.params, tables.items, lr, momentum, 1.0 - dampening, weight_decay,
-             int(nesterov), int(maximize), int(is_first_step), found, beta, *T.scale_args(grad_scale, device),
-             *T.scale_args(fisher_scale, device), *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])
+    T.launch_items(sgd_step_kernel, tables, device, lr, momentum, 1.0 - dampening, weight_decay, int(nesterov),
+                   int(maximize), int(is_first_step), found, beta, *T.scale_args(grad_scale, device),
+                   *T.scale_args(fisher_scale, device), *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

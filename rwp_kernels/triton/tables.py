@@ -155,6 +155,11 @@ def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **con
         kernel[(programs,)](*args, BLOCK=tile.block, num_warps=tile.num_warps, **constexprs)
 
 
+def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
+    """One launch of a table-driven ``kernel(params, items, *args)``, one program per item."""
+    launch(kernel, tables.n_items, tables.tile, device, tables.params, tables.items, *args, **constexprs)
+
+
 def per_dtype(launch_group):
     """Run an op's launcher once per dtype among its params (one launch per (device, dtype) group).
 
