@@ -35,7 +35,7 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
         env=env, capture_output=True, text=True, timeout=1200,
     )
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    key = ("kernel", "dtype", "block", "num_warps", "arch")
+    key = ("kernel", "dtype", "block", "num_warps", "arch", "index")
     compiled = {tuple(r["spec"][k] for k in key) for r in results}
     expected = {tuple(getattr(s, k) for k in key) for s in aot.specializations((80, 90))}
     assert compiled == expected, f"specializations compiled vs. expected differ; stderr:\n{proc.stderr[-3000:]}"

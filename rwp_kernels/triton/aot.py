@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 
-_INDEX = "i32"  # Python ints below 2**31 reach the kernels as i32
+INDEX = "index"  # a size or offset passed as a Python int: i32 below 2**31, else i64 (two specializations)
 _KERNEL_ARGS = {
     # kernel name -> (module, argument types in order); DTYPE and BLOCK are the constexprs.
-    "philox_kernel": ("noise", ["*i64", "*i64", "*i64", _INDEX]),
-    "noise_kernel": ("noise", ["*fp32", _INDEX, _INDEX, "i32", "i32", "i32", "i32"]),
+    "philox_kernel": ("noise", ["*i64", "*i64", "*i64", INDEX]),
+    "noise_kernel": ("noise", ["*fp32", INDEX, INDEX, "i32", "i32", "i32", "i32"]),
     "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp32", "*fp32", "fp32", "*fp32", "i32", "i32", "i32"]),
     "restore_kernel": ("restore", ["*i64", "*i64", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "*fp32", "fp32",
                                    "*fp32", "fp32", "*fp32"]),
@@ -39,11 +39,12 @@ class Spec:
     block: int
     num_warps: int
     arch: int
+    index: str | None = None  # i32 / i64 for kernels that take sizes as Python ints
 
     @property
     def label(self) -> str:
-        dtype = f" {self.dtype}" if self.dtype else ""
-        return f"{self.kernel}{dtype} BLOCK={self.block} warps={self.num_warps} sm_{self.arch}"
+        variant = " ".join(v for v in (self.dtype, self.index) if v)
+        return f"{self.kernel} {variant} BLOCK={self.block} warps={self.num_warps} sm_{self.arch}".replace("  ", " ")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def specializations(archs=ARCHS) -> list[Spec]:
     specs = []
     for arch in archs:
         for block, warps in TILE_MENU:
-            specs += [Spec("philox_kernel", None, block, warps, arch), Spec("noise_kernel", None, block, warps, arch)]
+            for kernel in ("philox_kernel", "noise_kernel"):
+                specs += [Spec(kernel, None, block, warps, arch, index) for index in ("i32", "i64")]
             for kernel in ("perturb_kernel", "restore_kernel", "sgd_step_kernel"):
                 specs += [Spec(kernel, dtype, block, warps, arch) for dtype in DTYPES]
     return specs
@@ -120,7 +122,7 @@ def compile_spec(spec: Spec) -> Result:
         if not isinstance(kernel, triton.runtime.JITFunction):
             raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile")
         names = [n for n in kernel.arg_names if n not in ("DTYPE", "BLOCK")]
-        signature = dict(zip(names, types, strict=True))
+        signature = dict(zip(names, [spec.index if t == INDEX else t for t in types], strict=True))
         constexprs = {"BLOCK": spec.block}
         if spec.dtype is not None:
             constexprs["DTYPE"] = getattr(triton.language, {"fp32": "float32", "fp16": "float16",

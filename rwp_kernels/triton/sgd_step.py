@@ -25,9 +25,10 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
                     first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
                     clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    slot = tl.load(items_ptr + 3 * pid)
-    start = tl.load(items_ptr + 3 * pid + 1)
-    count = tl.load(items_ptr + 3 * pid + 2)
+    item = items_ptr + T.ITEM_COLUMNS * pid
+    slot = tl.load(item)
+    start = tl.load(item + 1)
+    count = tl.load(item + 2)
     row = params_ptr + slot * COLUMNS
     w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
     backup_addr = tl.load(row + BACKUP)

@@ -4,7 +4,9 @@ One launch covers every parameter of a call: its programs find their tensors thr
 table with one row per parameter (addresses, sizes, indices; the columns are defined by each op) and
 their work through a table of items ``(param slot, first element, element count)``. Both tables are
 uploaded in one copy (pinned memory, non-blocking: no host synchronization) and cached for as long as
-the same key (the table contents themselves: addresses, shapes, indices) comes back.
+the same key (the table contents themselves: addresses, shapes, indices) comes back. Cached device
+tensors are keyed by the stream too: a kernel on another stream never reads a table whose upload on the
+first stream may still be in flight.
 """
 import functools
 from collections import OrderedDict
@@ -16,7 +18,7 @@ import triton.language as tl
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
-ITEM_COLUMNS = 3  # (param slot, first element, element count)
+ITEM_COLUMNS: tl.constexpr = tl.constexpr(3)  # (param slot, first element, element count)
 
 # (elements per program, warps): a program holds its tile in registers, a few elements per thread.
 TILE_MENU = ((512, 4), (1024, 8))
@@ -101,7 +103,13 @@ class Tables:
 
 _tables = _LRU()
 _floats = _LRU()
-_constants: dict = {}
+_constants = _LRU(64)
+
+
+def _where(device: torch.device) -> tuple:
+    """Device and current stream: where a cached tensor was made and may be read without a race."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return device, stream
 
 
 def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Tables:
@@ -114,20 +122,17 @@ def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Ta
         table = upload(words + [0] * (n_words - len(words)) + [v for item in items for v in item], torch.int64, device)
         return Tables(table[:n_words], table[n_words:], len(items), tile)
 
-    return _tables.get((device, tile, tuple(rows)), build)
+    return _tables.get((_where(device), tile, tuple(rows)), build)
 
 
 def float_table(device: torch.device, values: tuple) -> torch.Tensor:
     """A cached float32 device tensor holding ``values`` (per-parameter hyperparameters)."""
-    return _floats.get((device, values), lambda: upload(list(values), torch.float32, device))
+    return _floats.get((_where(device), values), lambda: upload(list(values), torch.float32, device))
 
 
 def constant(device: torch.device, value: float) -> torch.Tensor:
     """A cached 0-d float32 tensor on ``device`` (what a Python-number scale multiplies)."""
-    key = (device, value)
-    if key not in _constants:
-        _constants[key] = torch.full((), value, dtype=torch.float32, device=device)
-    return _constants[key]
+    return _constants.get((_where(device), value), lambda: torch.full((), value, dtype=torch.float32, device=device))
 
 
 def scale_args(value, device: torch.device) -> tuple[float, torch.Tensor]:
