@@ -333,13 +333,22 @@ class _RWPOptimizer(torch.optim.Optimizer):
             )
         state_dict = super().state_dict()
         state_dict["rwp"] = {"seed": self._seed, "steps": self._steps}
+        state_dict.update(self._extra_state_dict())
         return state_dict
+
+    def _extra_state_dict(self) -> dict:
+        """Entries a subclass adds to the state dict (loaded by ``_load_extra_state_dict``)."""
+        return {}
+
+    def _load_extra_state_dict(self, state_dict: dict) -> None:
+        pass
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self._window is not None:
             raise RuntimeError("load_state_dict(): a perturbation is pending; call step() or restore() and zero_grad() first")
         state_dict = dict(state_dict)
         rwp = state_dict.pop("rwp", None)
+        extra = {key: state_dict.pop(key) for key in self._extra_state_dict() if key in state_dict}
         # torch casts floating state to the parameter's dtype; the Fisher state stays float32.
         fisher = {}
         state = {}
@@ -350,6 +359,9 @@ class _RWPOptimizer(torch.optim.Optimizer):
             state[key] = value
         state_dict["state"] = state
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # e.g. a torch.optim.SGD checkpoint has no RWP hyperparameters
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         params = [p for group in self.param_groups for p in group["params"]]
         for key, f in fisher.items():
             p = params[key]
@@ -357,3 +369,4 @@ class _RWPOptimizer(torch.optim.Optimizer):
         if rwp is not None:
             self._seed = _hyper.initial_seed(rwp["seed"])
             self._steps = int(rwp["steps"])
+        self._load_extra_state_dict({**extra, "param_groups": state_dict["param_groups"]})

@@ -78,14 +78,11 @@ class RWP(_RWPOptimizer):
                 rwp_kernels.restore_(params, backups=clean_weights, backend=self.backend, **mix)
         self._restore_weights(window, without_grad)
 
-    def state_dict(self) -> dict:
-        state_dict = super().state_dict()
-        state_dict["base_state"] = self.base_optimizer.state_dict()["state"]
-        return state_dict
+    def _extra_state_dict(self) -> dict:
+        return {"base_state": self.base_optimizer.state_dict()["state"]}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        base_state = state_dict.pop("base_state", {})
-        super().load_state_dict(state_dict)
-        self.base_optimizer.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
+    def _load_extra_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(
+            {"state": state_dict.get("base_state", {}), "param_groups": state_dict["param_groups"]}
+        )
         self.base_optimizer.param_groups = self.param_groups

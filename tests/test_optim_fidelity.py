@@ -4,8 +4,9 @@
 train_rwp_parallel.py for the noise and the mix, nblt/mARWP train_marwp.py for m-RWP/m-ARWP: clean pass
 on one batch, perturbed pass on the next with BN running statistics frozen through momentum 0, the
 Fisher state F <- beta F + g_p**2, noise divided by sqrt(1 + eta * rowsum(F)), 1-D rules), with
-``torch.normal(0, std)`` replaced by ``std * z`` for z drawn from ``rwp_kernels.noise`` (the only change:
-the official code draws from torch's generator). Its restore is the official ``sub_``.
+``torch.normal(0, std)`` replaced by ``std * z`` for z drawn from ``rwp_kernels.noise`` (the official
+code draws from torch's generator) and ``view`` by ``reshape`` (the same values; ``view`` fails on
+channels_last weights). Its restore is the official ``sub_``.
 
 Tolerance: the two computations differ by float rounding only (float64 vs float32 norms, exact restore vs
 ``sub_``, ``alpha * ((1 - alpha) / alpha * g_c + g_p)`` vs ``alpha g_p + (1 - alpha) g_c``). After each of
@@ -61,12 +62,12 @@ class Official:
                 sh_mul = int(torch.tensor(sh[1:]).prod()) if len(sh) > 1 else 1
                 z = stream_noise(mp, ii, self.step_count, SEED)
                 if len(mp.shape) > 1:
-                    temp = mp.view(sh[0], -1).norm(dim=1, keepdim=True).repeat(1, sh_mul).view(mp.shape)
+                    temp = mp.reshape(sh[0], -1).norm(dim=1, keepdim=True).repeat(1, sh_mul).view(mp.shape)
                     temp = self.gamma * temp * z
                 else:
                     temp = self.gamma * (mp.view(-1).norm().item() + 1e-16) * z
                 if self.fisher:
-                    fisher = self.fisher[ii].view(sh[0], -1).sum(dim=1, keepdim=True).repeat(1, sh_mul).view(sh)
+                    fisher = self.fisher[ii].reshape(sh[0], -1).sum(dim=1, keepdim=True).repeat(1, sh_mul).view(sh)
                     temp /= torch.sqrt(1 + self.eta * fisher)
                 noise.append(temp)
                 mp.data.add_(noise[-1])
@@ -165,6 +166,26 @@ def test_matches_official_update(name, kind, base, kwargs, alpha, adaptive, rest
         # The Fisher state is that of the official code too (bit-for-bit inputs, float rounding only).
         for p, f in zip(ours.parameters(), official.fisher):
             torch.testing.assert_close(opt.state[p]["fisher"], f, rtol=1e-3, atol=1e-9)
+
+
+def test_channels_last_model_matches_official_update():
+    """channels_last weights: the noise follows memory order (as the ops define it); the update is the
+    official one, and weights and momentum stay channels_last."""
+    ours, theirs = model_pair(seed=8)
+    ours.to(memory_format=torch.channels_last)
+    theirs.to(memory_format=torch.channels_last)
+    conv = [p for p in ours.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert conv and all(not p.is_contiguous() for p in conv)
+    opt = RWPSGD(ours.parameters(), **SGD, gamma=0.05, alpha=0.5, seed=SEED, backend="reference")
+    official = Official(theirs, torch.optim.SGD(theirs.parameters(), **SGD), gamma=0.05, alpha=0.5,
+                        adaptive=False, eta=0.0, beta=0.0)
+    data = [(x.to(memory_format=torch.channels_last), y) for x, y in batches(6, seed=2)]
+    for t in range(3):
+        _ours_step(ours, opt, data[2 * t], data[2 * t + 1], 0.5)
+        official.step(data[2 * t], data[2 * t + 1])
+        _assert_same_weights("channels_last", ours, theirs)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
+    assert all(opt.state[p]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last) for p in conv)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
