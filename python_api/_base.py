@@ -21,6 +21,8 @@ from .clip import clip_weighted_grad_norm_
 class _RWPOptimizer(torch.optim.Optimizer):
     # GradScaler hands over grad_scale / found_inf instead of unscaling and skipping the step itself.
     _step_supports_amp_scaling = True
+    # Top-level state-dict entries of a subclass (written by _extra_state_dict).
+    _EXTRA_STATE_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict, *, seed, stream, restore, backend):
         restore = _hyper.check_restore(restore)
@@ -337,7 +339,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def _extra_state_dict(self) -> dict:
-        """Entries a subclass adds to the state dict (loaded by ``_load_extra_state_dict``)."""
+        """The ``_EXTRA_STATE_KEYS`` entries of the state dict (loaded by ``_load_extra_state_dict``)."""
         return {}
 
     def _load_extra_state_dict(self, state_dict: dict) -> None:
@@ -348,7 +350,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
             raise RuntimeError("load_state_dict(): a perturbation is pending; call step() or restore() and zero_grad() first")
         state_dict = dict(state_dict)
         rwp = state_dict.pop("rwp", None)
-        extra = {key: state_dict.pop(key) for key in self._extra_state_dict() if key in state_dict}
+        extra = {key: state_dict.pop(key) for key in self._EXTRA_STATE_KEYS if key in state_dict}
         # torch casts floating state to the parameter's dtype; the Fisher state stays float32.
         fisher = {}
         state = {}

@@ -20,6 +20,8 @@ class RWP(_RWPOptimizer):
     for any optimizer that is not fused); on overflow the weights are restored and nothing is updated.
     """
 
+    _EXTRA_STATE_KEYS = ("base_state",)
+
     def __init__(self, params, base_optimizer=torch.optim.SGD, *, gamma=0.01, alpha=0.5, adaptive=False, eta=0.1,
                  beta=0.99, seed=None, stream=0, restore="exact", backend="auto", **base_kwargs):
         if not callable(base_optimizer):
