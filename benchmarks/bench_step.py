@@ -234,8 +234,11 @@ def plot(rows, path: Path, title: str) -> None:
         ax.barh([r["method"] for r in sub], [r["ms"] for r in sub], color="tab:blue")
         for i, r in enumerate(sub):
             ax.text(r["ms"], i, f" {r['x_sgd']:.2f}x", va="center", fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("median ms per step (log)")
+        if section == "optimizer":  # the methods span orders of magnitude
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, 1.25 * max(r["ms"] for r in sub))
+        ax.set_xlabel("median ms per step" + (" (log)" if section == "optimizer" else ""))
         ax.set_title(f"{section}: {model}", fontsize=9)
         ax.invert_yaxis()
     fig.suptitle(title, fontsize=10)

@@ -61,4 +61,5 @@ class LossScale:
         """Whether this step overflowed (one host synchronization)."""
         if self.found_inf is None:
             return False
-        return any(bool(f.item()) for f in ([self.found_inf] + list(self._found.values())))
+        # Each per-device flag holds the global one (plus what include() added on that device).
+        return any(bool(f.item()) for f in (list(self._found.values()) or [self.found_inf]))

@@ -57,7 +57,11 @@ def group_by(items, key) -> dict:
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+    """The same shape and the same strides (ignoring those of size-1 dimensions, which do not matter)."""
+    if a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n != 1)
 
 
 def like_param(p: torch.Tensor, t: torch.Tensor | None, *, dtype=None) -> torch.Tensor | None:
