@@ -27,6 +27,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, *, seed, stream, restore, backend):
         restore = _hyper.check_restore(restore)
         stream = _hyper.check_stream(stream)
+        backend = _hyper.check_backend(backend)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {i}: ")

@@ -4,6 +4,8 @@ import operator
 
 import torch
 
+from rwp_kernels.backends import NAMES as BACKEND_NAMES
+
 RESTORE_MODES = ("exact", "regenerate")
 SEED_LIMIT = 1 << 64
 
@@ -50,6 +52,12 @@ def check_restore(restore) -> str:
     if restore not in RESTORE_MODES:
         raise ValueError(f"restore must be one of {', '.join(map(repr, RESTORE_MODES))}; got {restore!r}")
     return restore
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {backend!r}")
+    return backend
 
 
 def _integer(name: str, value, high: int) -> int:

@@ -93,11 +93,11 @@ def test_misuse_gives_clear_errors_and_keeps_weights(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_restore_then_step_equals_fused_step(kind, adaptive):
+@pytest.mark.parametrize("adaptive,restore", [(False, "exact"), (True, "exact"), (True, "regenerate")])
+def test_restore_then_step_equals_fused_step(kind, adaptive, restore):
     """restore() in the middle (e.g. to evaluate the clean model) changes nothing of the update."""
     a, b = model_pair()
-    opt_a, opt_b = _make(kind, a, adaptive=adaptive), _make(kind, b, adaptive=adaptive)
+    opt_a, opt_b = (_make(kind, m, adaptive=adaptive, restore=restore) for m in (a, b))
     data = batches(6, seed=3)
     for t in range(3):
         _rwp_step(a, opt_a, data[2 * t], data[2 * t + 1])
@@ -274,7 +274,7 @@ def test_gamma_and_lr_are_group_hyperparameters_a_scheduler_can_change():
     (dict(gamma=-0.1), "gamma"), (dict(alpha=1.2), "alpha"), (dict(eta=float("nan")), "eta"),
     (dict(beta=-1.0), "beta"), (dict(adaptive=1), "adaptive"), (dict(restore="sub"), "restore"),
     (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(stream=2**64), "stream"), (dict(lr=-1.0), "lr"),
-    (dict(nesterov=True), "nesterov"),
+    (dict(nesterov=True), "nesterov"), (dict(backend="cuda-fast"), "backend"),
 ])
 def test_bad_hyperparameters_are_rejected(bad, match):
     model = small_cnn()
