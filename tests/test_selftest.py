@@ -96,7 +96,9 @@ def test_every_available_fused_backend_passes_on_cpu():
     results = run()
     assert all(r.passed for r in results), [r for r in results if not r.passed]
     ran = {r.backend for r in results}
-    assert ran == {n for n in backends.available_backends("cpu") if n != "reference"}
+    # Triton runs on CPU only in its interpreter, too slow for the whole self-test here;
+    # tests/test_triton_interpret.py runs the self-test's checks on it.
+    assert ran == {n for n in backends.available_backends("cpu") if n not in ("reference", "triton")}
 
 
 def test_report_command_runs(tmp_path):
