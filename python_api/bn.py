@@ -1,0 +1,26 @@
+"""``freeze_bn_stats``: BatchNorm running statistics untouched during the perturbed pass."""
+import contextlib
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@contextlib.contextmanager
+def freeze_bn_stats(model: nn.Module):
+    """Inside the block, BatchNorm layers of ``model`` do not update ``running_mean``, ``running_var`` or
+    ``num_batches_tracked``; the forward pass is unchanged (training mode normalizes with the batch
+    statistics either way, eval mode with the running ones). The official single-device code gets the
+    same effect by setting the BN momentum to 0 for the perturbed pass.
+
+    Works on any module tree (nn.BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants, torch.compile'd models),
+    is re-entrant, and restores the previous setting even if the block raises.
+    """
+    frozen = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in frozen:
+        # In training mode, BatchNorm passes no running buffers to F.batch_norm when this is False.
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m in frozen:
+            m.track_running_stats = True

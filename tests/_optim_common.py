@@ -1,0 +1,74 @@
+"""Helpers shared by the tests of rwp_kernels.optim (test_optim_*.py)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rwp_kernels
+from rwp_kernels.models import small_cnn
+
+# The backends the optimizer tests run on for CPU tensors: the reference always, the C++ CPU kernels
+# where they are built.
+CPU_BACKENDS = ["reference"] + [name for name in ("cpu",) if name in rwp_kernels.available_backends("cpu")]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The tests use tiny tensors: one intra-op thread is faster, and far less noisy on a shared 2-core box.
+    Import this fixture into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batches(n: int, batch: int = 8, seed: int = 0, size: int = 8, channels: int = 1):
+    """``n`` random (x, y) batches of digits-sized images (1 x 8 x 8, 10 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, channels, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def model_pair(seed: int = 0, factory=small_cnn):
+    """Two identical models."""
+    torch.manual_seed(seed)
+    model = factory()
+    return model, copy.deepcopy(model)
+
+
+def backward(model, batch, scale=None) -> torch.Tensor:
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    (loss if scale is None else scale(loss)).backward()
+    return loss.detach()
+
+
+def params_of(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_models_equal(a, b, *, exact=True, atol=0.0, rtol=0.0, buffers=True):
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        if exact:
+            assert torch.equal(x, y), f"{name}: max diff {(x - y).abs().max().item():.3g}"
+        else:
+            torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+    if buffers:
+        for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+            if x.is_floating_point():
+                torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def max_param_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+def stream_noise(p: torch.Tensor, index: int, step: int, seed: int, stream: int = 0) -> torch.Tensor:
+    """The noise z of parameter ``p`` as the fused ops draw it (element e = offset e in memory order)."""
+    z = torch.empty_like(p, dtype=torch.float32)
+    z.as_strided((p.numel(),), (1,)).copy_(
+        rwp_kernels.noise(p.numel(), seed=seed, param_index=index, step=step, stream=stream, device=p.device,
+                          backend="reference")
+    )
+    return z
