@@ -137,10 +137,10 @@ def _check_name(backend: str) -> None:
 
 
 def _caller_stacklevel() -> int:
-    """The stacklevel of the first frame outside this package, so that a warning points at user code."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
+    """The stacklevel of the first frame outside rwp_kernels (and torch's decorators around its methods),
+    so that a warning points at user code."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("rwp_kernels", "torch"):
         frame, level = frame.f_back, level + 1
     return level
 

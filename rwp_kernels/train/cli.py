@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="rwp_kernels backend of the RWP optimizers")
     a("--out-dir", default="rwp_runs", help="logs, checkpoints, summary.json and the plot go here")
     a("--resume", action="store_true", help="continue each run from its last checkpoint in --out-dir")
+    a("--stop-after", type=_positive_int, metavar="EPOCH",
+      help="end each run after this epoch (e.g. for time-limited jobs; continue with --resume)")
     a("--plot", action="store_true", help="write curves.png with loss and accuracy per optimizer")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--synthetic-train", type=_positive_int, default=2048, help="synthetic: training images")
@@ -181,6 +183,8 @@ def main(argv=None) -> int:
                          synthetic_size=args.synthetic_size, synthetic_train=args.synthetic_train)
         if s["batch_size"] > len(data.train):
             raise ValueError(f"--batch-size {s['batch_size']} is larger than the {len(data.train)} training images")
+        if s["amp"] == "fp16" and "sam" in s["optimizer"]:
+            raise ValueError("the SAM baseline does not support --amp fp16 (GradScaler); use --amp bf16")
         if s["batch_size"] < 2 and any(m in ("rwp", "arwp") for m in s["optimizer"]) and s["alpha"] < 1:
             raise ValueError("RWP's halves schedule needs --batch-size >= 2")
     except (ValueError, DataError, OSError, RuntimeError) as err:
@@ -199,7 +203,8 @@ def main(argv=None) -> int:
             cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=s["epochs"], batch_size=s["batch_size"],
                             lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
                             channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
-                            workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress)
+                            workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress,
+                            stop_after=args.stop_after)
             history = run(cfg, data, os.path.join(experiment, f"{method}-seed{seed}"), resume=args.resume)
             last = history[-1]
             print(f"  {method:<5} seed {seed}: test acc {100 * last['test_acc']:.2f}%, test loss {last['test_loss']:.4f}, "

@@ -3,7 +3,7 @@ a checkpoint after every epoch, and a bit-exact resume from it."""
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class RunConfig:
     workers: int
     method_cfg: MethodConfig
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    stop_after: int | None = None  # end this invocation after that epoch (continue later with resume)
 
 
 def _scheduler(optimizer, schedule: str, epochs: int):
@@ -123,7 +123,8 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> li
         for record in history:
             log.write(json.dumps(record) + "\n")
 
-    for epoch in range(start, cfg.epochs):
+    last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(start, last):
         train_loader.set_epoch(epoch)
         model.train()
         steps = len(train_loader) // group

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..optim import RWPSGD, freeze_bn_stats
 from .sam import SAM
 
 METHODS = ("sgd", "rwp", "arwp", "sam")
@@ -54,8 +55,6 @@ def build_optimizer(method: str, model: nn.Module, cfg: MethodConfig, seed: int)
         return torch.optim.SGD(params, **sgd)
     if method == "sam":
         return SAM(params, rho=cfg.rho, **sgd)
-    from ..optim import RWPSGD
-
     return RWPSGD(params, **sgd, gamma=cfg.gamma, alpha=cfg.alpha, adaptive=method == "arwp", eta=cfg.eta,
                   beta=cfg.beta, seed=seed, backend=cfg.backend)
 
@@ -98,24 +97,19 @@ class Stepper:
         return self._rwp(batches)
 
     def _sam(self, x, y) -> StepResult:
-        if self.scaler is not None:
-            raise ValueError("the SAM baseline does not support fp16 with GradScaler; use --amp bf16")
         result = self._forward_backward(x, y)
         self.opt.ascend()
         self.opt.zero_grad(set_to_none=True)
-        from ..optim import freeze_bn_stats
-
         with freeze_bn_stats(self.model):
             self._forward_backward(x, y)
         self.opt.descend()
+        self._apply(self.opt.step)
         return result
 
     def _rwp(self, batches) -> StepResult:
-        from ..optim import freeze_bn_stats
-
         if self.cfg.alpha == 1.0:  # the 1x variant: the perturbed pass alone, BN statistics from it
-            self.opt.perturb()
-            result = self._forward_backward(*batches[0])
+            with self.opt.perturbed():
+                result = self._forward_backward(*batches[0])
             self._apply(self.opt.step)
             return result
         if len(batches) == 2:
@@ -125,8 +119,7 @@ class Stepper:
             half = len(y) // 2
             (xc, yc), (xp, yp) = (x[:half], y[:half]), (x[half:], y[half:])
         clean = self._forward_backward(xc, yc)
-        self.opt.perturb()
-        with freeze_bn_stats(self.model):
+        with self.opt.perturbed(), freeze_bn_stats(self.model):
             perturbed = self._forward_backward(xp, yp)
         self._apply(self.opt.step)
         return clean + perturbed

@@ -25,10 +25,9 @@ class SAM(torch.optim.SGD):
 
     @torch.no_grad()
     def descend(self) -> None:
-        """Return to the original weights and take the SGD step with the gradient found at the ascended point."""
+        """Return to the original weights (exactly), keeping the gradient found at the ascended point."""
         for group in self.param_groups:
             for p in group["params"]:
                 backup = self.state[p].pop("sam_backup", None)
                 if backup is not None:
                     p.copy_(backup)
-        super().step()
