@@ -244,12 +244,13 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
     sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
   }
   Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
-  float* next = sigmas.data_ptr<float>();
+  int64_t offset = 0;
   for (ParamEntry& e : t.entries) {
-    e.sigma = next;
-    next += e.sigma_per_element ? e.numel : e.numel / e.row_len;
+    e.sigma_offset = offset;
+    offset += e.sigma_per_element ? e.numel : e.numel / e.row_len;
   }
-  const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale")};
+  const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
+                         sigmas.data_ptr<float>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
 #ifdef RWP_WITH_CUDA
@@ -295,6 +296,7 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
   TORCH_CHECK(backups.empty() != sigmas.empty(), "rwp_kernels::restore_: pass either backups or sigmas");
   TORCH_CHECK(sigmas.empty() || sigmas.size() == n, "rwp_kernels::restore_: sigmas needs one entry per param");
   fill_mix(t, params, grads, fisher, clean_grads, op);
+  const float* sigma_base = sigmas.empty() ? nullptr : sigmas[0].data_ptr<float>();
   for (size_t i = 0; i < n; ++i) {
     ParamEntry& e = t.entries[i];
     if (!backups.empty()) {
@@ -307,10 +309,12 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == params[i].device() &&
                     (s.numel() == rows || (e.whole_tensor && s.numel() == e.numel)),
                 "rwp_kernels::restore_: sigmas[", i, "] does not fit params[", i, "]");
-    e.sigma = const_cast<float*>(s.data_ptr<float>());
+    // Views of one buffer (as perturb_ returns them) keep the same offsets from step to step.
+    e.sigma_offset = (reinterpret_cast<intptr_t>(s.data_ptr<float>()) - reinterpret_cast<intptr_t>(sigma_base)) /
+                     static_cast<intptr_t>(sizeof(float));
     e.sigma_per_element = e.whole_tensor && s.numel() == e.numel && e.numel > 1;
   }
-  const RestoreArgs args{noise_key(key0, key1, step, op),
+  const RestoreArgs args{noise_key(key0, key1, step, op), sigma_base,
                          mix_args(params[0], op, grad_scale_t, grad_scale, beta, fisher_scale_t, fisher_scale,
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,

@@ -11,8 +11,9 @@ namespace rwp {
 enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One parameter of a call and its companions (nullptr where absent). Plain data: the CUDA kernels
-// read a device copy of the same table. Every companion has the parameter's dtype and memory layout,
-// except fisher and sigma (float32).
+// read a device copy of the same table, which is cached while its contents stay the same (so the
+// sigmas, new every step, are addressed by offset). Every companion has the parameter's dtype and
+// memory layout, except fisher (float32).
 struct ParamEntry {
   void* w;
   void* backup;
@@ -20,11 +21,11 @@ struct ParamEntry {
   void* clean;          // clean gradient of the mix
   void* buf;            // momentum buffer
   float* fisher;        // ARWP Fisher state
-  float* sigma;         // perturb_: written; restore_ with regenerated noise: read
   int64_t numel;
   int64_t row_len;      // elements of one norm row (numel for a 0-D/1-D parameter)
   int64_t first_unit;   // index of this parameter's first work unit; units are numbered across the call
   int64_t unit_size;    // rows per unit (perturb_) or elements per unit (restore_, sgd_step_)
+  int64_t sigma_offset; // index of the parameter's first sigma in the call's sigma array (args.sigma)
   double gamma;
   double eta;
   uint32_t param_index;
@@ -53,6 +54,7 @@ struct NoiseKey {
 struct PerturbArgs {
   NoiseKey key;
   ScalarArg grad_scale;
+  float* sigma;  // written: sigma of each row (or element, see ParamEntry::sigma_per_element)
 };
 
 struct MixArgs {
@@ -62,7 +64,8 @@ struct MixArgs {
 };
 
 struct RestoreArgs {
-  NoiseKey key;  // used when regenerating the noise (the entries have no backup)
+  NoiseKey key;        // used when regenerating the noise (the entries have no backup)
+  const float* sigma;  // with the regenerated noise: the sigmas perturb_ wrote
   MixArgs mix;
 };
 

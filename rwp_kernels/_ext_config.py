@@ -29,6 +29,8 @@ CPU_SOURCES = ("binding.cpp", "cpu/cpu_kernels.cpp")
 CUDA_SOURCES = ("cuda/cuda_kernels.cu",)
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")  # plus -march; no fusion: see csrc/rwp_common.h
+NVCC_FLAGS = ("-O3", "--fmad=false", "-std=c++17")
 NAME_PREFIX = "rwp_kernels_ext"
 
 
@@ -153,12 +155,12 @@ def make_config() -> Config:
     cuda_home = find_cuda_home(nvcc) if with_cuda else None
     archs, archs_from = cuda_archs() if with_cuda else ([], "")
     march = os.environ.get("RWP_KERNELS_MARCH", "native").strip() or "native"
-    cflags = ["-O3", f"-march={march}", "-ffp-contract=off", "-fno-math-errno"]
+    cflags = [*CXX_FLAGS, f"-march={march}"]
     cuda_cflags = []
     sources = [str(src / s) for s in CPU_SOURCES]
     if with_cuda:
         cflags.append("-DRWP_WITH_CUDA")
-        cuda_cflags = ["-O3", "--fmad=false", "-std=c++17"]
+        cuda_cflags = list(NVCC_FLAGS)
         if archs_from != "TORCH_CUDA_ARCH_LIST":  # otherwise torch turns the variable into flags itself
             cuda_cflags += gencode_flags(archs)
         sources += [str(src / s) for s in CUDA_SOURCES]

@@ -209,14 +209,14 @@ def _compile_in_child(cfg: C.Config) -> float:
 
 
 def _first_error(log: Path) -> str:
+    """The log's first compiler error, else its last line (the build's exception), as " (...)"."""
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    for line in lines:
-        if re.search(r"\berror\b|Error|not found", line):
-            return f" ({line.strip()[:300]})"
-    return ""
+    errors = [line for line in lines if re.search(r"\berror\b:|\bFAILED:", line)]
+    summary = errors[0] if errors else (lines[-1] if lines else "")
+    return f" ({summary[:300]})" if summary else ""
 
 
 def compile_here(cfg: C.Config) -> None:

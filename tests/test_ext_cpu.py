@@ -32,7 +32,7 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     return torch.clamp(a, min=tiny) * eps
 
 
-def make_params(dtype, *, seed=0):
+def make_params(dtype, *, seed=0, device="cpu"):
     """Odd shapes: rows of 1, 27 (also channels_last), 4608 (channels_last), > 64k; 0-D, 1-D; zero-norm rows."""
     g = torch.Generator().manual_seed(seed)
 
@@ -52,7 +52,7 @@ def make_params(dtype, *, seed=0):
         torch.zeros(9, dtype=dtype),  # zero-norm 1-D parameter
         rand(10, 64),
     ]
-    return params
+    return [p.to(device) for p in params]
 
 
 def clone_all(tensors):
@@ -60,8 +60,10 @@ def clone_all(tensors):
 
 
 def like(params, *, dtype=None, seed=1):
+    """Random tensors with the shapes, layouts and devices of params (and their dtype unless given)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g).to(dtype or p.dtype).contiguous(memory_format=_fmt(p)) for p in params]
+    return [torch.randn(p.shape, generator=g).to(p.device, dtype or p.dtype).contiguous(memory_format=_fmt(p))
+            for p in params]
 
 
 def _fmt(p):
@@ -202,18 +204,23 @@ def test_restore_exact_is_bitwise(dtype):
     assert_bitwise(params, orig)
 
 
+def check_regenerated_restore(backend, orig, adaptive):
+    """perturb_ then restore_ from the sigmas: back within 2 ulp of max(|original|, |perturbed|)."""
+    fisher = [f.float().abs() for f in like(orig, seed=9)] if adaptive else None
+    params, sigmas, _, _ = run_perturb(backend, orig, fisher=fisher, eta=0.1, with_backups=False, with_grads=False)
+    perturbed = clone_all(params)
+    restore_(params, sigmas=sigmas, seed=SEED, step=STEP, stream=STREAM,
+             param_indices=[3 * i + 1 for i in range(len(params))], backend=backend)
+    for i, (p, o, q) in enumerate(zip(params, orig, perturbed)):
+        assert not torch.equal(q, o) or i == 7, f"param {i} was not perturbed"  # params[7] has norm 0
+        bound = 2 * torch.maximum(ulp(o), ulp(q))
+        assert ((p.float() - o.float()).abs() <= bound).all(), f"param {i}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_restore_regenerated_within_bound(dtype, adaptive):
-    orig = make_params(dtype)
-    fisher = [f.float().abs() for f in like(orig, seed=9)] if adaptive else None
-    params, sigmas, _, _ = run_perturb("cpu", orig, fisher=fisher, eta=0.1, with_backups=False, with_grads=False)
-    perturbed = clone_all(params)
-    restore_(params, sigmas=sigmas, seed=SEED, step=STEP, stream=STREAM,
-             param_indices=[3 * i + 1 for i in range(len(params))], backend="cpu")
-    for i, (p, o, q) in enumerate(zip(params, orig, perturbed)):
-        bound = 2 * torch.maximum(ulp(o), ulp(q))
-        assert ((p.float() - o.float()).abs() <= bound).all(), f"param {i}"
+    check_regenerated_restore("cpu", make_params(dtype), adaptive)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -216,6 +216,7 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
   const Stream s{p.param_index, a.key};
   const bool adaptive = p.fisher != nullptr;
   const bool buffered = p.gamma != 0.0 && !p.sigma_per_element && p.row_len <= kRowBuffer;
+  float* sigmas = a.sigma + p.sigma_offset;
   alignas(64) float z[kRowBuffer];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t e0 = r * p.row_len, n = p.row_len;
@@ -228,14 +229,14 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
     const double sumsq = sum_squares(w + e0, n);
     if (p.sigma_per_element) {  // one row (the whole tensor) and a Fisher "row" per element
       for (int64_t i = 0; i < n; ++i)
-        p.sigma[i] = row_sigma(sumsq, p.gamma, true, true, p.fisher[i], p.eta);
+        sigmas[i] = row_sigma(sumsq, p.gamma, true, true, p.fisher[i], p.eta);
     } else {
       const double fsum = adaptive ? sum(p.fisher + e0, n) : 0.0;
-      p.sigma[r] = row_sigma(sumsq, p.gamma, p.whole_tensor, adaptive, fsum, p.eta);
+      sigmas[r] = row_sigma(sumsq, p.gamma, p.whole_tensor, adaptive, fsum, p.eta);
     }
     if (backup) stream_copy(backup + e0, w + e0, n);
     if (p.gamma == 0.0) continue;
-    const float* sigma = p.sigma_per_element ? p.sigma : p.sigma + r;
+    const float* sigma = p.sigma_per_element ? sigmas : sigmas + r;
     if (buffered) {
       apply_noise_from<true>(w + e0, z, n, sigma, false);
     } else {
@@ -273,10 +274,11 @@ void restore_unit(const ParamEntry& p, int64_t unit, const RestoreArgs& a, const
     std::memcpy(w + c0, static_cast<const T*>(p.backup) + c0, (c1 - c0) * sizeof(T));
   } else {
     const Stream s{p.param_index, a.key};
+    const float* sigmas = a.sigma + p.sigma_offset;
     for (int64_t e = c0; e < c1;) {  // row by row: sigma is per row (or per element)
       const int64_t r = e / p.row_len;
       const int64_t end = std::min(c1, (r + 1) * p.row_len);
-      const float* sigma = p.sigma_per_element ? p.sigma + e : p.sigma + r;
+      const float* sigma = p.sigma_per_element ? sigmas + e : sigmas + r;
       apply_noise<false>(w + e, e, end - e, sigma, p.sigma_per_element, s);
       e = end;
     }

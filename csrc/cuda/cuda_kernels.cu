@@ -171,7 +171,8 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
   __syncthreads();
   sumsq = s_sums[0];
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, s_sums[1], p.eta);
-  if (!p.sigma_per_element && threadIdx.x == 0) p.sigma[row] = row_sig;
+  float* sigmas = a.sigma + p.sigma_offset;
+  if (!p.sigma_per_element && threadIdx.x == 0) sigmas[row] = row_sig;
 
   const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup);
   for (int64_t q = (lo >> 2) + threadIdx.x; 4 * q < hi; q += blockDim.x) {
@@ -184,7 +185,7 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
       sg[j] = row_sig;
       if (p.sigma_per_element && e + j >= lo && e + j < hi) {
         sg[j] = row_sigma(sumsq, p.gamma, true, true, p.fisher[e + j], p.eta);
-        p.sigma[e + j] = sg[j];
+        sigmas[e + j] = sg[j];
       }
     }
     if (p.gamma == 0.0) continue;
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* tab
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
 
 // The sigma of each element of the quad at e (per row, or per element for 0-D/1-D ARWP parameters).
-__device__ __forceinline__ void quad_sigmas(const ParamEntry& p, int64_t e, int64_t hi, float sg[4]) {
+__device__ __forceinline__ void quad_sigmas(const ParamEntry& p, const float* sigmas, int64_t e, int64_t hi, float sg[4]) {
   int64_t row = e / p.row_len;
   int64_t in_row = e - row * p.row_len;
 #pragma unroll
@@ -224,7 +225,7 @@ __device__ __forceinline__ void quad_sigmas(const ParamEntry& p, int64_t e, int6
       ++row;
       in_row = 0;
     }
-    sg[j] = e + j < hi ? p.sigma[p.sigma_per_element ? e + j : row] : 0.0f;
+    sg[j] = e + j < hi ? sigmas[p.sigma_per_element ? e + j : row] : 0.0f;
     ++in_row;
   }
 }
@@ -269,7 +270,7 @@ __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, i
     } else {
       float z[4], sg[4], v[4];
       quad_normals(e >> 2, p, a.key, z);
-      quad_sigmas(p, e, hi, sg);
+      quad_sigmas(p, a.sigma + p.sigma_offset, e, hi, sg);
       load_quad(w, e, lo, hi, vec, v);
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[j] = remove_noise(v[j], sg[j], z[j]);
