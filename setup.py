@@ -22,6 +22,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+TRAIN = ["tqdm", "scikit-learn", "matplotlib", "torchvision"]
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "rwp_kernels" / "_version.py").read_text()).group(1)
 
 
@@ -68,10 +69,11 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "numpy", "scipy"],
-        "train": ["tqdm", "scikit-learn", "matplotlib"],
+        "test": ["pytest>=7", "numpy", "scipy", *TRAIN],
+        "train": TRAIN,
         "bench": ["matplotlib"],
     },
+    entry_points={"console_scripts": ["rwp-train = rwp_kernels.train.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: C++",

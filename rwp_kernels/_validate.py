@@ -92,7 +92,7 @@ def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_n
         if t is None:
             if allow_none:
                 continue
-            raise TypeError(f"{op}: {entry} is None; every parameter needs one")
+            raise TypeError(f"{op}: {entry} is None; every parameter in the call needs one")
         want = p.dtype if dtype is None else dtype
         _check_dense_float(op, entry, t, dtypes=(want,))
         if t.shape != p.shape:

@@ -5,6 +5,7 @@ A backend is a module with the functions ``philox4x32_10``, ``noise``, ``perturb
 that a fused backend does not handle (float64) go to the reference backend in the same call.
 """
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +25,7 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     name: str
     description: str
+    device_types: tuple[str, ...]  # the tensors it can run on, in principle
     dtypes: frozenset
     load: Callable[[str], object]  # device type -> backend module, or raises BackendUnavailableError
 
@@ -45,9 +47,15 @@ def _load_cpu(device_type: str):
     return extension.backend()[0]
 
 
+def _require_gpu() -> None:
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("no CUDA GPU is visible to torch")
+
+
 def _load_cuda(device_type: str):
     if device_type != "cuda":
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
+    _require_gpu()
     from . import extension
 
     module, ext = extension.backend()
@@ -61,14 +69,16 @@ def _load_triton(device_type: str):
         raise BackendUnavailableError("it runs on CPU tensors only under TRITON_INTERPRET=1 (for testing)")
     if device_type not in ("cpu", "cuda"):
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
+    if device_type == "cuda":
+        _require_gpu()
     raise BackendUnavailableError("the Triton kernels are not part of this version of rwp_kernels yet")
 
 
 REGISTRY = {
-    "reference": Backend("reference", "pure PyTorch, any device (the oracle)", ALL_DTYPES, _load_reference),
-    "cpu": Backend("cpu", "C++ extension, CPU kernels", FUSED_DTYPES, _load_cpu),
-    "cuda": Backend("cuda", "C++ extension, CUDA kernels", FUSED_DTYPES, _load_cuda),
-    "triton": Backend("triton", "Triton kernels", FUSED_DTYPES, _load_triton),
+    "reference": Backend("reference", "pure PyTorch (the oracle)", ("cpu", "cuda"), ALL_DTYPES, _load_reference),
+    "cpu": Backend("cpu", "C++ extension, CPU kernels", ("cpu",), FUSED_DTYPES, _load_cpu),
+    "cuda": Backend("cuda", "C++ extension, CUDA kernels", ("cuda",), FUSED_DTYPES, _load_cuda),
+    "triton": Backend("triton", "Triton kernels", ("cuda", "cpu"), FUSED_DTYPES, _load_triton),
 }
 
 # Preference of backend="auto" per device type; the reference is the last resort everywhere.
@@ -121,6 +131,26 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}; got {backend!r}")
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package, so that a warning points at user code."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def auto_choice(device_type: str) -> tuple[str, list[str]]:
+    """The backend "auto" picks for ``device_type`` tensors, and why each faster one was passed over."""
+    reasons = []
+    for name in AUTO_ORDER.get(device_type, ()):
+        reason = unavailable_reason(name, device_type)
+        if reason is None:
+            return name, []
+        reasons.append(f"{name}: {reason}")
+    return "reference", reasons
+
+
 def resolve(backend: str, device: torch.device) -> Backend:
     """The backend that runs on ``device`` for the requested name ("auto" picks the fastest one)."""
     _check_name(backend)
@@ -129,13 +159,8 @@ def resolve(backend: str, device: torch.device) -> Backend:
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} is not available for {device.type} tensors: {reason}")
         return REGISTRY[backend]
-    reasons = []
-    for name in AUTO_ORDER.get(device.type, ()):
-        reason = unavailable_reason(name, device.type)
-        if reason is None:
-            return REGISTRY[name]
-        reasons.append(f"{name}: {reason}")
-    if device.type not in _warned_fallback:
+    name, reasons = auto_choice(device.type)
+    if name == "reference" and device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         why = "; ".join(reasons) if reasons else f"no compiled backend exists for {device.type} tensors"
         warnings.warn(
@@ -143,9 +168,9 @@ def resolve(backend: str, device: torch.device) -> Backend:
             "using the pure-PyTorch reference backend, which is correct but slow. "
             "`python -m rwp_kernels.report` shows what is installed.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
-    return REGISTRY["reference"]
+    return REGISTRY[name]
 
 
 def plan(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> list[tuple[object, list[int]]]:

@@ -186,9 +186,6 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.
     mix = _check_mix(op, params, device, grads=grads, grad_scale=grad_scale, fisher=fisher, beta=beta,
                      fisher_scale=fisher_scale, clean_grads=clean_grads, clean_scale=clean_scale,
                      grads_required=True)
-    for i, g in enumerate(mix["grads"]):
-        if g is None:
-            raise TypeError(f"{op}: grads[{i}] is None; leave parameters without a gradient out of the call")
     per_param = dict(
         grads=mix.pop("grads"),
         momentum_buffers=V.check_companions(op, "momentum_buffers", momentum_buffers, params)

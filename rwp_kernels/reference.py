@@ -4,7 +4,7 @@ Clarity over speed, but vectorized over elements: Philox runs as int64 tensor ar
 chunks of counters, so a ResNet-18's worth of noise takes seconds, not hours. Inputs arrive already
 validated by ``rwp_kernels.ops``. Normals are computed in float64 from the float32 uniforms and
 rounded once, so they are the most accurate rendering of the stream; norms are accumulated in float64.
-Updates are done in float32 and written back in the parameter's dtype (float64 stays float64).
+Updates are done in float32 (float64 for float64 tensors) and written back in the tensor's dtype.
 """
 import math
 
@@ -91,6 +91,10 @@ def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Te
     return out
 
 
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _sigma(p: torch.Tensor, gamma: float, fisher, eta: float) -> torch.Tensor:
     """Per-row noise std of ``p`` (float32), computed from its current (clean) values."""
     w = flat_view(p).double()
@@ -108,8 +112,9 @@ def _sigma(p: torch.Tensor, gamma: float, fisher, eta: float) -> torch.Tensor:
 def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: float) -> None:
     flat = flat_view(p)
     rows = sigma.numel()
-    w = flat.to(torch.float32).view(rows, -1)
-    flat.copy_((w + sign * (sigma.view(rows, 1) * z.view(rows, -1))).view(-1))
+    dtype = _math_dtype(p)
+    w = flat.to(dtype).view(rows, -1)
+    flat.copy_((w + sign * (sigma.to(dtype).view(rows, 1) * z.to(dtype).view(rows, -1))).view(-1))
 
 
 def _param_noise(p, index, *, seed, step, stream) -> torch.Tensor:
@@ -126,20 +131,20 @@ def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups
             z = _param_noise(p, param_indices[i], seed=seed, step=step, stream=stream)
             _add_noise_(p, sigma, z, +1.0)
         if grads is not None and grads[i] is not None:
-            grads[i].copy_(grads[i].to(torch.float32) * grad_scale)
+            grads[i].copy_(grads[i].to(_math_dtype(grads[i])) * grad_scale)
         sigmas.append(sigma)
     return sigmas
 
 
 def _mix_grad(grad, fisher, *, beta, fisher_scale, grad_scale, clean_grad, clean_scale):
     """The float32 gradient to use, and the updated Fisher state (or None), for one parameter."""
-    g = grad.to(torch.float32)
+    g = grad.to(_math_dtype(grad))
     new_fisher = None
     if fisher is not None:
         new_fisher = beta * fisher + (g * fisher_scale) ** 2
     g = g * grad_scale
     if clean_grad is not None:
-        g = g + clean_grad.to(torch.float32) * clean_scale
+        g = g + clean_grad.to(g.dtype) * clean_scale
     return g, new_fisher
 
 
@@ -179,7 +184,7 @@ def sgd_step_(
         )
         if maximize:
             g = -g
-        w = p.to(torch.float32)
+        w = p.to(_math_dtype(p))
         if weight_decay != 0:
             g = g.add(w, alpha=weight_decay)
         new_buf = None
@@ -187,7 +192,7 @@ def sgd_step_(
             if is_first_step:
                 new_buf = g.clone()
             else:
-                new_buf = momentum_buffers[i].to(torch.float32).mul(momentum).add(g, alpha=1 - dampening)
+                new_buf = momentum_buffers[i].to(w.dtype).mul(momentum).add(g, alpha=1 - dampening)
             g = g.add(new_buf, alpha=momentum) if nesterov else new_buf
         new_w = w.add(g, alpha=-lr)
 
@@ -198,5 +203,5 @@ def sgd_step_(
             updates.append((fisher[i], new_fisher))
         for target, value in updates:
             if found_inf is not None:
-                value = torch.where(found_inf != 0, target.to(torch.float32), value)
+                value = torch.where(found_inf != 0, target.to(value.dtype), value)
             target.copy_(value)

@@ -1,0 +1,221 @@
+"""``python -m rwp_kernels.train``: train CNNs with SGD, RWP, adaptive RWP and SAM side by side.
+
+With no arguments: scikit-learn's handwritten digits (shipped with scikit-learn, no download), a small
+CNN, SGD vs RWP with the same seed and the same number of updates, and a table of test accuracy, test
+loss and time per epoch. Bad input is reported in one line, before any long work starts.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+from .data import DATASETS, DataError, load_data
+from .engine import RunConfig, run
+from .methods import METHODS, SCHEDULES, MethodConfig
+from .netbuild import check_model_name
+
+# What a run uses unless the dataset, a recipe or a flag says otherwise (in that order of precedence).
+DEFAULTS = dict(
+    dataset="digits", model=None, optimizer=["sgd", "rwp"], epochs=30, batch_size=64, lr=0.1, momentum=0.9,
+    weight_decay=1e-3, nesterov=False, schedule="cosine", gamma=0.01, alpha=0.5, eta=0.1, beta=0.99, rho=0.05,
+    rwp_schedule="halves", label_smoothing=0.0, cutout=False, amp="off", channels_last=False, compile=False,
+    seeds=[0], workers=4,
+)
+DATASET_DEFAULTS = {
+    "digits": dict(model="small_cnn", workers=0),
+    "cifar10": dict(model="resnet18", batch_size=256, epochs=200),
+    "cifar100": dict(model="resnet18", batch_size=256, epochs=200),
+    "imagenet-folder": dict(model="resnet18", batch_size=256, epochs=90, weight_decay=1e-4),
+    "synthetic": dict(model="resnet18", batch_size=128, epochs=1, workers=0),
+}
+RECIPES = {
+    "cifar-rwp": dict(optimizer=["rwp"], gamma=0.01, alpha=0.5, weight_decay=1e-3, batch_size=256, lr=0.1,
+                      schedule="cosine", epochs=200, cutout=True, momentum=0.9),
+    "cifar-arwp": dict(optimizer=["arwp"], gamma=0.015, alpha=0.5, eta=0.1, beta=0.99, weight_decay=1e-3,
+                       batch_size=256, lr=0.1, schedule="cosine", epochs=200, cutout=True, momentum=0.9),
+    "imagenet-rwp": dict(dataset="imagenet-folder", optimizer=["rwp"], gamma=0.005, alpha=0.5, weight_decay=1e-4,
+                         batch_size=256, lr=0.1, schedule="cosine", epochs=90, momentum=0.9),
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rwp_kernels.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
+    a("--data-dir", default="data", help="where CIFAR files or the ImageNet-style train/ and val/ folders are")
+    a("--download", action="store_true", help="download CIFAR into --data-dir (needs network access)")
+    a("--model", help="small_cnn, resnet18, vgg16_bn, wrn16_8, wrn28_10, or a torchvision model name")
+    a("--optimizer", nargs="+", choices=METHODS, help="optimizers to compare (default: sgd rwp)")
+    a("--recipe", choices=sorted(RECIPES), help="the official settings of the paper as a preset")
+    a("--epochs", type=_positive_int)
+    a("--batch-size", type=_positive_int, help="images per update (RWP's halves schedule splits it in two)")
+    a("--lr", type=_non_negative)
+    a("--momentum", type=_non_negative)
+    a("--weight-decay", type=_non_negative)
+    a("--nesterov", action="store_true", default=None)
+    a("--schedule", choices=("cosine", "step", "constant"), help="learning-rate schedule over the epochs")
+    a("--gamma", type=_non_negative, help="RWP noise scale relative to each filter's norm")
+    a("--alpha", type=_fraction, help="weight of the perturbed gradient (1: perturbed pass only)")
+    a("--eta", type=_non_negative, help="ARWP: strength of the Fisher scaling")
+    a("--beta", type=_fraction, help="ARWP: decay of the Fisher estimate")
+    a("--rho", type=_non_negative, help="SAM: radius of the ascent step")
+    a("--rwp-schedule", choices=SCHEDULES,
+      help="halves: clean and perturbed gradient on the two halves of a batch (SGD's compute); "
+           "consecutive: on two consecutive batches (one update per two batches)")
+    a("--label-smoothing", type=_fraction)
+    a("--cutout", action="store_true", default=None, help="CIFAR: cutout augmentation (the paper's setting)")
+    a("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (fp16 uses a GradScaler)")
+    a("--channels-last", action="store_true", default=None)
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--seeds", nargs="+", type=int, help="one run per seed; mean and std are reported")
+    a("--device", help="default: cuda if available, else cpu")
+    a("--workers", type=int, help="DataLoader worker processes")
+    a("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
+      help="rwp_kernels backend of the RWP optimizers")
+    a("--out-dir", default="rwp_runs", help="logs, checkpoints, summary.json and the plot go here")
+    a("--resume", action="store_true", help="continue each run from its last checkpoint in --out-dir")
+    a("--plot", action="store_true", help="write curves.png with loss and accuracy per optimizer")
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--synthetic-train", type=_positive_int, default=2048, help="synthetic: training images")
+    a("--synthetic-size", type=_positive_int, default=32, help="synthetic: image side length")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Merge defaults, dataset defaults, the recipe and explicit flags (later wins)."""
+    settings = dict(DEFAULTS)
+    recipe = RECIPES.get(args.recipe, {})
+    dataset = args.dataset or recipe.get("dataset") or settings["dataset"]
+    if args.recipe and args.recipe.startswith("cifar") and args.dataset is None:
+        dataset = "cifar10"
+    settings.update(DATASET_DEFAULTS[dataset])
+    settings.update(recipe)
+    settings["dataset"] = dataset
+    for key in list(DEFAULTS) + ["model"]:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    settings["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return settings
+
+
+def _fail(message: str) -> int:
+    print(f"rwp_kernels.train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_out_dir(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".write-test")
+    with open(probe, "w") as f:
+        f.write("ok")
+    os.remove(probe)
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(results: dict, reference: str = "sgd") -> list[dict]:
+    """One row per optimizer: final test accuracy/loss and epoch time (mean, std over seeds)."""
+    rows = []
+    base_time = None
+    if reference in results:
+        base_time = statistics.mean(statistics.median(r["epoch_time"] for r in h) for h in results[reference])
+    for method, histories in results.items():
+        acc = _mean_std([h[-1]["test_acc"] for h in histories])
+        loss = _mean_std([h[-1]["test_loss"] for h in histories])
+        epoch_time = statistics.mean(statistics.median(r["epoch_time"] for r in h) for h in histories)
+        rows.append(dict(optimizer=method, seeds=len(histories), test_acc_mean=acc[0], test_acc_std=acc[1],
+                         test_loss_mean=loss[0], test_loss_std=loss[1], epoch_time=epoch_time,
+                         time_ratio=epoch_time / base_time if base_time else None))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'optimizer':<10} {'seeds':>5} {'test acc (%)':>16} {'test loss':>17} {'s/epoch':>9} {'time vs sgd':>12}"]
+    for r in rows:
+        acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
+        loss = f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}"
+        ratio = f"{r['time_ratio']:.2f}x" if r["time_ratio"] is not None else "-"
+        lines.append(f"{r['optimizer']:<10} {r['seeds']:>5} {acc:>16} {loss:>17} {r['epoch_time']:>9.3f} {ratio:>12}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    s = resolve(args)
+    try:
+        check_model_name(s["model"])
+        if s["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {s['device']} asked for, but no CUDA GPU is visible to torch")
+        torch.device(s["device"])
+        _check_out_dir(args.out_dir)
+        data = load_data(s["dataset"], data_dir=args.data_dir, download=args.download, cutout=s["cutout"],
+                         synthetic_size=args.synthetic_size, synthetic_train=args.synthetic_train)
+        if s["batch_size"] > len(data.train):
+            raise ValueError(f"--batch-size {s['batch_size']} is larger than the {len(data.train)} training images")
+        if s["batch_size"] < 2 and any(m in ("rwp", "arwp") for m in s["optimizer"]) and s["alpha"] < 1:
+            raise ValueError("RWP's halves schedule needs --batch-size >= 2")
+    except (ValueError, DataError, OSError, RuntimeError) as err:
+        return _fail(str(err))
+
+    method_cfg = MethodConfig(lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                              nesterov=s["nesterov"], gamma=s["gamma"], alpha=s["alpha"], eta=s["eta"], beta=s["beta"],
+                              rho=s["rho"], schedule=s["rwp_schedule"], backend=args.backend)
+    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model']}")
+    print(f"rwp_kernels.train: {s['dataset']} ({len(data.train)} train / {len(data.test)} test images), "
+          f"model {s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, device {s['device']}; "
+          f"optimizers {' '.join(s['optimizer'])}; seeds {' '.join(map(str, s['seeds']))}; output {experiment}")
+    results = {}
+    for method in s["optimizer"]:
+        for seed in s["seeds"]:
+            cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=s["epochs"], batch_size=s["batch_size"],
+                            lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
+                            channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
+                            workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress)
+            history = run(cfg, data, os.path.join(experiment, f"{method}-seed{seed}"), resume=args.resume)
+            last = history[-1]
+            print(f"  {method:<5} seed {seed}: test acc {100 * last['test_acc']:.2f}%, test loss {last['test_loss']:.4f}, "
+                  f"{statistics.median(r['epoch_time'] for r in history):.3f} s/epoch", flush=True)
+            results.setdefault(method, []).append(history)
+
+    rows = summarize(results)
+    print(format_table(rows))
+    summary = dict(settings={k: v for k, v in s.items()}, results=rows,
+                   runs={m: [h[-1] for h in hs] for m, hs in results.items()})
+    with open(os.path.join(experiment, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if args.plot:
+        from .plot import plot_curves
+
+        path = plot_curves(results, os.path.join(experiment, "curves.png"))
+        print(f"plot: {path}")
+    print(f"summary: {os.path.join(experiment, 'summary.json')}")
+    return 0

@@ -1,0 +1,168 @@
+"""One training run (one optimizer, one seed): epochs with a progress bar, evaluation, a JSON-lines log,
+a checkpoint after every epoch, and a bit-exact resume from it."""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .data import Data, make_loader
+from .methods import MethodConfig, Stepper, autocast_factory, batches_per_update, build_optimizer
+from .netbuild import build_network
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class RunConfig:
+    method: str
+    seed: int
+    model: str
+    epochs: int
+    batch_size: int
+    lr_schedule: str  # "cosine", "step" (x0.1 at 50% and 75%) or "constant"
+    label_smoothing: float
+    amp: str  # "off", "bf16", "fp16"
+    channels_last: bool
+    compile: bool
+    device: str
+    workers: int
+    method_cfg: MethodConfig
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _scheduler(optimizer, schedule: str, epochs: int):
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[epochs // 2, epochs * 3 // 4], gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_atomically(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, criterion, device, autocast) -> tuple[float, float]:
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+            loss_sum += criterion(out, y).float() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        count += len(y)
+    return loss_sum.item() / count, correct.item() / count
+
+
+def _grouped(loader, size: int):
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> list[dict]:
+    """Train, evaluate after every epoch, and return the per-epoch records (also in run_dir/log.jsonl)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(cfg.device)
+    os.makedirs(run_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.model, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(cfg.method, model, cfg.method_cfg, cfg.seed)
+    scheduler = _scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    autocast = autocast_factory(cfg.amp, device)
+    stepper = Stepper(cfg.method, forward, optimizer, criterion, cfg.method_cfg, autocast=autocast, scaler=scaler)
+    group = batches_per_update(cfg.method, cfg.method_cfg)
+    train_loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers)
+    test_loader = make_loader(data.test, max(cfg.batch_size, 256), train=False, seed=cfg.seed, workers=cfg.workers)
+
+    history, start = [], 0
+    ckpt_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
+    if resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        history, start = ckpt["history"], ckpt["epoch"]
+    with open(log_path, "w") as log:  # rewritten from the history, so a resumed log has no duplicates
+        for record in history:
+            log.write(json.dumps(record) + "\n")
+
+    for epoch in range(start, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        model.train()
+        steps = len(train_loader) // group
+        bar = tqdm(total=steps, desc=f"{cfg.method} seed {cfg.seed} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
+        totals = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for i, batches in enumerate(_grouped(train_loader, group)):
+            batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in batches]
+            if cfg.channels_last:
+                batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+            result = stepper(batches)
+            totals = result if totals is None else totals + result
+            bar.update(1)
+            if i % 10 == 0 or i == steps - 1:
+                seen = time.perf_counter() - began
+                bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.count:.3f}",
+                                acc=f"{totals.correct.item() / totals.count:.3f}",
+                                img_s=f"{totals.count / max(seen, 1e-9):.0f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - began
+        bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        test_loss, test_acc = evaluate(forward, test_loader, criterion, device, autocast)
+        record = dict(
+            method=cfg.method, seed=cfg.seed, epoch=epoch + 1, lr=lr,
+            train_loss=totals.loss_sum.item() / totals.count, train_acc=totals.correct.item() / totals.count,
+            test_loss=test_loss, test_acc=test_acc, epoch_time=epoch_time, images_per_s=totals.count / epoch_time,
+        )
+        history.append(record)
+        with open(log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        _save_atomically(dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None, rng=_rng_state(), history=history,
+            epoch=epoch + 1, config=asdict(cfg),
+        ), ckpt_path)
+    return history

@@ -1,0 +1,177 @@
+"""The noise stream of the reference backend against independent facts.
+
+Philox against the published Random123 known-answer vectors; the normals against a scalar
+pure-Python rendering of the stream written from DESIGN.md section 3 (no code shared with the
+package); the distribution against N(0, 1); independence between streams.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import rwp_kernels as R
+
+# Random123 kat_vectors, "philox4x32 10": counter[4], key[2] -> output[4].
+KAT = [
+    ([0x00000000] * 4, [0x00000000] * 2, [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    (
+        [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+        [0xA4093822, 0x299F31D0],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ),
+]
+
+
+def scalar_philox(ctr, key):
+    """Philox4x32-10 with Python integers, straight from the Random123 paper."""
+    c, k = list(ctr), list(key)
+    for r in range(10):
+        if r:
+            k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
+    return c
+
+
+def scalar_normals(e_begin, e_end, *, seed, param_index, step, stream):
+    key64 = (seed + stream * 0x9E3779B97F4A7C15) % 2**64
+    key = [key64 & 0xFFFFFFFF, key64 >> 32]
+    out = []
+    for e in range(e_begin, e_end):
+        q, lane = divmod(e, 4)
+        x = scalar_philox([q & 0xFFFFFFFF, q >> 32, param_index, step % 2**32], key)
+        u = [float(np.float32(((w >> 8) + 0.5) / 2**24)) for w in x]
+        pair = lane // 2
+        r = math.sqrt(-2.0 * math.log(u[2 * pair]))
+        t = 2.0 * math.pi * u[2 * pair + 1]
+        out.append(r * math.cos(t) if lane % 2 == 0 else r * math.sin(t))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answer_vectors(counter, key, expected):
+    out = R.philox4x32_10(torch.tensor(counter), torch.tensor(key), backend="reference")
+    assert out.dtype == torch.int64
+    assert out.tolist() == expected
+    assert scalar_philox(counter, key) == expected
+
+
+def test_philox_broadcasts_and_matches_scalar():
+    gen = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (7, 4), generator=gen, dtype=torch.int64)
+    key = torch.tensor([0x12345678, 0xFEDCBA98])
+    out = R.philox4x32_10(counters, key, backend="reference")
+    assert out.shape == (7, 4)
+    for c, o in zip(counters.tolist(), out.tolist()):
+        assert o == scalar_philox(c, key.tolist())
+
+
+@pytest.mark.parametrize(
+    "counter,key,message",
+    [
+        ([1, 2, 3], [0, 0], r"counter must have shape \[\.\.\., 4\]"),
+        ([1, 2, 3, 4], [0, 0, 0], r"key must have shape \[\.\.\., 2\]"),
+        ([1, 2, 3, 2**32], [0, 0], r"counter words must lie in \[0, 2\*\*32\)"),
+        ([1, 2, 3, 4], [-1, 0], r"key words must lie"),
+        ([1.0, 2, 3, 4], [0, 0], "counter must hold integers"),
+    ],
+)
+def test_philox_rejects_bad_input(counter, key, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        R.philox4x32_10(torch.tensor(counter), torch.tensor(key), backend="reference")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(seed=0),
+        dict(seed=2**64 - 1, param_index=2**32 - 1, step=2**32 + 5, stream=3),
+        dict(seed=123456789, param_index=17, step=1000, stream=0, offset=2**34 + 1),
+    ],
+)
+def test_noise_matches_scalar_rendering_of_the_stream(kwargs):
+    offset = kwargs.pop("offset", 0)
+    n = 37
+    z = R.noise(n, offset=offset, backend="reference", **kwargs).numpy()
+    expected = scalar_normals(offset, offset + n, param_index=kwargs.get("param_index", 0),
+                              step=kwargs.get("step", 0), stream=kwargs.get("stream", 0), seed=kwargs["seed"])
+    np.testing.assert_allclose(z, expected, rtol=0, atol=2e-6 * (1 + np.abs(expected)).max())
+
+
+def test_noise_is_standard_normal():
+    z = R.noise(1 << 20, seed=2024, param_index=3, step=11, backend="reference").double().numpy()
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(stats.skew(z)) < 5 * math.sqrt(6 / n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / n)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    # each lane of the Box-Muller quads is itself N(0, 1)
+    for lane in range(4):
+        assert stats.kstest(z[lane::4], "norm").pvalue > 1e-4
+
+
+@pytest.mark.parametrize(
+    "other",
+    [dict(param_index=1), dict(step=1), dict(stream=1), dict(seed=8), dict(step=2**32)],
+    ids=["param_index", "step", "stream", "seed", "step+2^32(wraps)"],
+)
+def test_streams_differ_and_are_uncorrelated(other):
+    base = dict(seed=7, param_index=0, step=0, stream=0)
+    n = 1 << 17
+    a = R.noise(n, backend="reference", **base).double()
+    b = R.noise(n, backend="reference", **{**base, **other}).double()
+    if other == dict(step=2**32):
+        assert torch.equal(a, b), "the counter holds the step modulo 2**32"
+        return
+    assert not torch.equal(a, b)
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr) < 5 / math.sqrt(n)
+
+
+def test_noise_offset_is_a_slice_of_the_longer_stream():
+    full = R.noise(1000, seed=5, param_index=2, step=3, backend="reference")
+    for offset, n in [(0, 1), (1, 7), (3, 1), (4, 4), (5, 600), (997, 3)]:
+        part = R.noise(n, seed=5, param_index=2, step=3, offset=offset, backend="reference")
+        assert torch.equal(part, full[offset : offset + n])
+    assert R.noise(0, seed=5, backend="reference").shape == (0,)
+
+
+def test_noise_crosses_chunk_boundaries_consistently(monkeypatch):
+    from rwp_kernels import reference
+
+    whole = R.noise(4099, seed=1, offset=6, backend="reference")
+    monkeypatch.setattr(reference, "_CHUNK_BLOCKS", 16)
+    chunked = R.noise(4099, seed=1, offset=6, backend="reference")
+    assert torch.equal(whole, chunked)
+
+
+def test_no_two_parameters_share_noise():
+    from rwp_kernels.models import resnet18
+
+    params = list(resnet18().parameters())
+    by_shape = {}
+    for i, p in enumerate(params):
+        by_shape.setdefault(tuple(p.shape), []).append(i)
+    repeated = [idx for idx in by_shape.values() if len(idx) > 1]
+    assert repeated, "ResNet-18 has several parameters of the same shape"
+    for indices in repeated:
+        heads = [R.noise(64, seed=0, param_index=i, step=4, backend="reference") for i in indices]
+        for j in range(len(heads)):
+            for k in range(j + 1, len(heads)):
+                assert not torch.equal(heads[j], heads[k])
+
+
+def test_uniform_edges_stay_finite():
+    from rwp_kernels import reference
+
+    x = torch.tensor([0, 0xFF, 0xFFFFFF00, 0xFFFFFFFF], dtype=torch.int64)
+    u = reference._uniform(x)
+    assert u.dtype == torch.float32
+    assert u[0].item() == 2.0**-25 and u[1].item() == 2.0**-25
+    assert (u > 0).all() and (u <= 1).all()
+    z0, z1 = reference._box_muller(x, x.flip(0))
+    assert torch.isfinite(z0).all() and torch.isfinite(z1).all()
