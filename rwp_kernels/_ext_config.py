@@ -94,7 +94,7 @@ def cuda_archs() -> tuple[list[str], str]:
     if torch.cuda.is_available():
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return [f"{major}.{minor}" for major, minor in caps], "the local GPUs"
-    return list(DEFAULT_CUDA_ARCHS), "default (no local GPU)"
+    return list(DEFAULT_CUDA_ARCHS), "the default without a local GPU"
 
 
 def gencode_flags(archs: list[str]) -> list[str]:

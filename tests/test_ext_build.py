@@ -182,7 +182,7 @@ def test_cuda_architectures(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     archs, source = C.cuda_archs()
-    assert archs == ["8.0", "9.0"] and "no local GPU" in source
+    assert archs == ["8.0", "9.0"] and "without a local GPU" in source
     flags = C.gencode_flags(archs)
     assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_90,code=sm_90" in flags
     assert "-gencode=arch=compute_90,code=compute_90" in flags  # PTX for newer GPUs
