@@ -45,7 +45,7 @@ def ahead_of_time_extension():
             super().run()
             import torch
 
-            stamp = Path(self.get_ext_fullpath(ext.name)).with_name("_C_build.json")
+            stamp = Path(self.get_ext_fullpath(ext.name)).with_name(config.AOT_STAMP)
             stamp.write_text(json.dumps({"torch": torch.__version__, "with_cuda": cfg.with_cuda, "key": cfg.key}))
 
     return [ext], {"build_ext": BuildExt}

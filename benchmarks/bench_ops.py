@@ -8,9 +8,11 @@ after a warm-up:
 - official: the per-parameter loop of the RWP reference code (row norms, repeat, torch.normal, add_;
   sub_ to restore) plus torch.optim.SGD's step (foreach, momentum 0.9, weight decay);
 - torch.optim.SGD's step alone (foreach and fused);
-- per backend: perturb_ (exact mode: backups, gradient scaling), sgd_step_ (restore from the backups,
-  momentum, weight decay), both together, restore_ with regenerated noise, and noise() for every
-  parameter element, next to torch.normal_ on as many floats;
+- per backend: perturb_ (exact mode: backups; grad_scale (1 - alpha) / alpha = 1 for the recipes'
+  alpha = 0.5, and once with a scale that makes it rewrite the gradients), sgd_step_ (restore from
+  the backups, momentum, weight decay), both together, restore_ with regenerated noise, and the noise
+  of every parameter element, next to torch.normal_ on as many floats (both fill a preallocated
+  tensor; the reference backend has no in-place form and allocates);
 - the memory-traffic floor: copying 20 bytes per parameter element (40 bytes moved: what the two
   fused launches of the exact mode read and write), as one tensor copy.
 Prints a table and writes bench_ops.csv and bench_ops.png under --out.
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 import rwp_kernels
-from rwp_kernels import backends
+from rwp_kernels import backends, stream
 from rwp_kernels.models import resnet18
 
 GAMMA, LR, MOMENTUM, WD = 0.01, 0.1, 0.9, 5e-4
@@ -79,16 +81,16 @@ def timer(device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def measure(fn, repeats, setup=None):
+    def measure(fn, repeats, setup=None, warmup=2):
         times = []
-        for i in range(repeats + 1):  # the first call warms up
+        for i in range(warmup + repeats):
             if setup is not None:
                 setup()
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            if i:
+            if i >= warmup:
                 times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3, min(times) * 1e3
 
@@ -129,7 +131,7 @@ def bench_model(name, shapes, device, repeats, backend_names):
     rows = []
 
     def add(op, backend, fn, setup=None, reps=repeats):
-        median, best = measure(fn, reps, setup)
+        median, best = measure(fn, reps, setup, warmup=2 if reps > 2 else 1)
         rows.append(dict(model=name, op=op, backend=backend, median_ms=median, min_ms=best, repeats=reps,
                          threads=torch.get_num_threads(), numel=st.numel, device=device.type))
         print(f"  {op:<28} {backend:<10} {median:9.2f} ms", flush=True)
@@ -161,9 +163,9 @@ def bench_model(name, shapes, device, repeats, backend_names):
             counter = iter(range(1, 1 << 30))
             sigmas = []
 
-            def perturb():
+            def perturb(grad_scale=1.0):
                 sigmas[:] = rwp_kernels.perturb_(st.params, gamma=GAMMA, seed=1, step=next(counter), backups=st.backups,
-                                                 grads=st.grads, grad_scale=1.0, backend=backend)
+                                                 grads=st.grads, grad_scale=grad_scale, backend=backend)
 
             def step():
                 rwp_kernels.sgd_step_(st.params, st.grads, st.bufs, lr=LR, momentum=MOMENTUM, weight_decay=WD,
@@ -178,10 +180,20 @@ def bench_model(name, shapes, device, repeats, backend_names):
 
             add("perturb+step", backend, both, reps=reps)
             add("perturb_", backend, perturb, reps=reps)
+            add("perturb_ (grad_scale 0.5)", backend, lambda: perturb(0.5), reps=reps)
             add("sgd_step_", backend, step, reps=reps)
             add("restore_ (regenerated)", backend, regen, setup=perturb, reps=reps)
-            add("noise", backend, lambda: rwp_kernels.noise(st.numel, seed=1, device=device, backend=backend), reps=reps)
+            add("noise", backend, noise_fn(backend, st.numel, device), reps=reps)
     return rows
+
+
+def noise_fn(backend, numel, device):
+    """The noise of numel elements: in place for the extension (as torch.normal_), else allocated."""
+    if backend not in ("cpu", "cuda"):
+        return lambda: rwp_kernels.noise(numel, seed=1, device=device, backend=backend)
+    out = torch.empty(numel, device=device)
+    k0, k1 = stream.philox_key(1, 0)
+    return lambda: torch.ops.rwp_kernels.noise_(out, k0, k1, 0, 0, 0)
 
 
 def summarize(rows):

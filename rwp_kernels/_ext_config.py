@@ -32,6 +32,7 @@ DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")  # plus -march; no fusion: see csrc/rwp_common.h
 NVCC_FLAGS = ("-O3", "--fmad=false", "-std=c++17")
 NAME_PREFIX = "rwp_kernels_ext"
+AOT_STAMP = "_C_build.json"  # setup.py's ahead-of-time build: written next to rwp_kernels/_C*.so
 
 
 def source_dir() -> Path:

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         print(f"rwp_kernels: the extension is unavailable: {err}", file=sys.stderr)
         return 1
     kernels = "CPU and CUDA kernels" if ext.with_cuda else f"CPU kernels only; {ext.why_no_cuda}"
-    print(f"rwp_kernels: extension ready ({ext.origin}): {ext.library}\n  {kernels}")
+    took = f" in {ext.build_seconds:.0f} s" if ext.build_seconds is not None else ""
+    print(f"rwp_kernels: extension ready ({ext.origin}{took}): {ext.library}\n  {kernels}")
     return 0
 
 

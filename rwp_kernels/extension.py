@@ -26,7 +26,6 @@ from . import _ext_config as C
 from .backends import BackendUnavailableError
 
 LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
-AOT_STAMP = "_C_build.json"  # written next to the ahead-of-time built rwp_kernels/_C*.so by setup.py
 
 
 class ExtensionUnavailable(BackendUnavailableError):
@@ -109,7 +108,7 @@ def _loaded(path: Path, origin: str, cfg: C.Config, seconds: float | None = None
 def _ahead_of_time_library() -> Path | None:
     """rwp_kernels/_C*.so from setup.py's ahead-of-time build, if it was built for this torch."""
     found = sorted(C.PACKAGE_DIR.glob(f"_C*{LIB_SUFFIX}"))
-    stamp = C.PACKAGE_DIR / AOT_STAMP
+    stamp = C.PACKAGE_DIR / C.AOT_STAMP
     if not found or not stamp.is_file():
         return None
     built_for = json.loads(stamp.read_text()).get("torch")
@@ -247,9 +246,10 @@ def facts() -> dict[str, str]:
         out["CUDA kernels"] = f"not compiled: {cfg.why_no_cuda}"
     out["build folder"] = str(build_dir(cfg))
     out["build log"] = str(log_path(cfg)) if log_path(cfg).is_file() else "none (nothing compiled here yet)"
-    if isinstance(_outcome, Extension):
-        kind = "with CUDA kernels" if _outcome.with_cuda else "CPU kernels only"
-        out["extension"] = f"loaded: {_outcome.library} ({_outcome.origin}, {kind})"
+    ext = loaded()
+    if ext is not None:
+        kind = "with CUDA kernels" if ext.with_cuda else "CPU kernels only"
+        out["extension"] = f"loaded: {ext.library} ({ext.origin}, {kind})"
     elif isinstance(_outcome, ExtensionUnavailable):
         out["extension"] = f"unavailable: {_outcome}"
     elif library_path(cfg).is_file():

@@ -224,14 +224,14 @@ def test_setup_py_ahead_of_time_build_is_loaded_first(tmp_path):
     requires(shutil.which(C.cxx_compiler()) is not None, "no C++ compiler", "cpp-ext")
     src = tmp_path / "src"
     for name in ("rwp_kernels", "python_api", "csrc"):
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", "_C_build.json"))
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so", C.AOT_STAMP))
     for name in ("setup.py", "README.md", "pyproject.toml"):
         shutil.copy(REPO / name, src / name)
     env = {"RWP_KERNELS_BUILD_EXT": "1", "RWP_KERNELS_BUILD_CUDA": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path / "jit")}
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
                            text=True, timeout=CHILD_TIMEOUT, env={**os.environ, **env})
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    assert list((src / "rwp_kernels").glob("_C*.so")) and (src / "rwp_kernels" / "_C_build.json").is_file()
+    assert list((src / "rwp_kernels").glob("_C*.so")) and (src / "rwp_kernels" / C.AOT_STAMP).is_file()
     out = run_child("""
         import torch, rwp_kernels
         from rwp_kernels import extension
