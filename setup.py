@@ -36,7 +36,8 @@ def ahead_of_time_extension():
     cpp_extension = config.cpp_extension(cfg.cuda_home)
     make = cpp_extension.CUDAExtension if cfg.with_cuda else cpp_extension.CppExtension
     sources = [os.path.relpath(s, ROOT) for s in cfg.sources]
-    ext = make("rwp_kernels._C", sources, extra_compile_args={"cxx": cfg.cflags, "nvcc": cfg.cuda_cflags})
+    ext = make("rwp_kernels._C", sources, extra_compile_args={"cxx": cfg.cflags, "nvcc": cfg.cuda_cflags},
+                extra_link_args=cfg.ldflags)
 
     class BuildExt(cpp_extension.BuildExtension):
         """Also records the torch version next to the library: the loader ignores a build for another torch."""

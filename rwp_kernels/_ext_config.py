@@ -141,6 +141,7 @@ class Config:
     sources: list[str]
     cflags: list[str]
     cuda_cflags: list[str]
+    ldflags: list[str]
     key: str = field(default="")
 
     @property
@@ -157,6 +158,12 @@ def make_config() -> Config:
     archs, archs_from = cuda_archs() if with_cuda else ([], "")
     march = os.environ.get("RWP_KERNELS_MARCH", "native").strip() or "native"
     cflags = [*CXX_FLAGS, f"-march={march}"]
+    ldflags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is inline: without -fopenmp it runs on one thread. Linking -fopenmp binds to
+        # the libgomp.so.1 that torch has already loaded.
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
     cuda_cflags = []
     sources = [str(src / s) for s in CPU_SOURCES]
     if with_cuda:
@@ -165,7 +172,8 @@ def make_config() -> Config:
         if archs_from != "TORCH_CUDA_ARCH_LIST":  # otherwise torch turns the variable into flags itself
             cuda_cflags += gencode_flags(archs)
         sources += [str(src / s) for s in CUDA_SOURCES]
-    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, march, sources, cflags, cuda_cflags)
+    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, march, sources, cflags, cuda_cflags,
+                 ldflags)
     cfg.key = _key(cfg, src)
     return cfg
 
@@ -177,7 +185,7 @@ def _key(cfg: Config, src: Path) -> str:
         h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes() + b"\0")
     facts = [
         torch.__version__, str(torch.version.cuda), sys.version, cxx_compiler(), _cpu_signature(),
-        repr(cfg.cflags), repr(cfg.cuda_cflags), str(cfg.cuda_home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+        repr(cfg.cflags), repr(cfg.cuda_cflags), repr(cfg.ldflags), str(cfg.cuda_home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
     ]
     h.update("\0".join(facts).encode())
     return h.hexdigest()[:12]

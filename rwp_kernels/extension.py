@@ -226,6 +226,7 @@ def compile_here(cfg: C.Config) -> None:
         sources=cfg.sources,
         extra_cflags=cfg.cflags,
         extra_cuda_cflags=cfg.cuda_cflags,
+        extra_ldflags=cfg.ldflags,
         build_directory=str(build_dir(cfg)),
         with_cuda=cfg.with_cuda,
         is_python_module=False,

@@ -252,9 +252,12 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
 
+// The scalars are taken by value: as locals, the compiler keeps them in registers (it cannot know that
+// stores through the tensor pointers leave a referenced struct unchanged, and would reload them).
+
 // Fisher update from the gradient as it arrives, then the gradient mix, written back to grad.
 template <class T>
-void mix_range(const ParamEntry& p, int64_t c0, int64_t n, const MixScalars& mix) {
+void mix_range(const ParamEntry& p, int64_t c0, int64_t n, const MixScalars mix) {
   T* g = static_cast<T*>(p.grad) + c0;
   const T* clean = p.clean ? static_cast<const T*>(p.clean) + c0 : nullptr;
   float* fisher = p.fisher ? p.fisher + c0 : nullptr;
@@ -266,7 +269,7 @@ void mix_range(const ParamEntry& p, int64_t c0, int64_t n, const MixScalars& mix
 }
 
 template <class T>
-void restore_unit(const ParamEntry& p, int64_t unit, const RestoreArgs& a, const MixScalars& mix) {
+void restore_unit(const ParamEntry& p, int64_t unit, const RestoreArgs& a, const MixScalars mix) {
   const int64_t c0 = (unit - p.first_unit) * p.unit_size;
   const int64_t c1 = std::min(p.numel, c0 + p.unit_size);
   T* w = static_cast<T*>(p.w);
@@ -287,7 +290,7 @@ void restore_unit(const ParamEntry& p, int64_t unit, const RestoreArgs& a, const
 }
 
 template <class T>
-void sgd_unit(const ParamEntry& p, int64_t unit, const SgdArgs& a, const MixScalars& mix) {
+void sgd_unit(const ParamEntry& p, int64_t unit, const SgdArgs& a, const MixScalars mix) {
   const int64_t c0 = (unit - p.first_unit) * p.unit_size;
   const int64_t n = std::min(p.numel, c0 + p.unit_size) - c0;
   T* w = static_cast<T*>(p.w) + c0;
@@ -300,7 +303,7 @@ void sgd_unit(const ParamEntry& p, int64_t unit, const SgdArgs& a, const MixScal
   const T* clean = p.clean ? static_cast<const T*>(p.clean) + c0 : nullptr;
   T* buf = p.buf ? static_cast<T*>(p.buf) + c0 : nullptr;
   float* fisher = p.fisher ? p.fisher + c0 : nullptr;
-  const SgdScalars& sgd = a.sgd;
+  const SgdScalars sgd = a.sgd;
   const bool read_buf = sgd.has_momentum && !sgd.first_step;
   // Restoring from the backup, w is written without being read: non-temporal stores skip reading it in.
   auto body = [&]<class F, bool Stream>(int64_t i) {
