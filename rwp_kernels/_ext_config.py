@@ -117,6 +117,15 @@ def cuda_unavailable_reason(nvcc: str | None) -> str | None:
     return None
 
 
+def openmp_link_flags() -> list[str]:
+    """Link the OpenMP runtime torch ships (whatever its file name), so the process has one runtime."""
+    torch_lib = Path(torch.__file__).resolve().parent / "lib"
+    shipped = sorted(torch_lib.glob("libgomp*.so*"))
+    if shipped:
+        return [str(shipped[0]), f"-Wl,-rpath,{torch_lib}"]
+    return ["-fopenmp"]
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU's feature flags (a shared cache may serve other machines)."""
     try:
@@ -159,11 +168,9 @@ def make_config() -> Config:
     march = os.environ.get("RWP_KERNELS_MARCH", "native").strip() or "native"
     cflags = [*CXX_FLAGS, f"-march={march}"]
     ldflags = []
-    if torch.backends.openmp.is_available():
-        # at::parallel_for is inline: without -fopenmp it runs on one thread. Linking -fopenmp binds to
-        # the libgomp.so.1 that torch has already loaded.
+    if torch.backends.openmp.is_available():  # at::parallel_for is inline: without -fopenmp it runs on one thread
         cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
+        ldflags = openmp_link_flags()
     cuda_cflags = []
     sources = [str(src / s) for s in CPU_SOURCES]
     if with_cuda:

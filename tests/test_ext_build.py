@@ -6,6 +6,7 @@ compiler, so they fail within seconds; the one real extra build is setup.py's (C
 """
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -243,3 +244,13 @@ def test_setup_py_ahead_of_time_build_is_loaded_first(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ahead-of-time build | " + str(src / "rwp_kernels")), out.stdout
     assert not (tmp_path / "jit").exists()  # nothing compiled on the fly
+
+
+def test_cpu_kernels_share_torchs_openmp_runtime(built):
+    """at::parallel_for is compiled into the extension: it must be an OpenMP build on torch's runtime."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch does not use OpenMP here (its thread pool needs no compile flags)")
+    needed = subprocess.run(["readelf", "-d", built.library], capture_output=True, text=True).stdout
+    assert re.search(r"NEEDED.*\[libgomp[^\]]*\]", needed), needed
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(loaded) == 1, loaded  # the extension's OpenMP runtime is torch's, not a second one
