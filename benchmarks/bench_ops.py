@@ -224,10 +224,11 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5), squeeze=False)
+    per_model = max(sum(r["model"] == m for r in rows) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 0.3 * per_model + 1.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
-        labels = [f"{r['op']}\n[{r['backend']}]" for r in mine]
+        labels = [f"{r['op']} [{r['backend']}]" for r in mine]
         ax.barh(range(len(mine)), [r["median_ms"] for r in mine], color=[_color(r["backend"]) for r in mine])
         ax.set_yticks(range(len(mine)), labels, fontsize=7)
         ax.set_xscale("log")

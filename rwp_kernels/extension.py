@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Extension:
 
 
 _outcome: Extension | ExtensionUnavailable | None = None
+_outcome_lock = threading.Lock()
 
 
 def build_dir(cfg: C.Config) -> Path:
@@ -63,16 +65,18 @@ def _stamp_path(cfg: C.Config) -> Path:
 def load(*, rebuild: bool = False) -> Extension:
     """The loaded extension (building it first if needed); the outcome is remembered for the process."""
     global _outcome
-    if rebuild and isinstance(_outcome, Extension):
-        raise RuntimeError("the extension is already loaded in this process; rebuild it in a new process")
-    if _outcome is None or rebuild:
-        try:
-            _outcome = _load(rebuild)
-        except ExtensionUnavailable as err:
-            _outcome = err
-    if isinstance(_outcome, ExtensionUnavailable):
-        raise ExtensionUnavailable(str(_outcome))
-    return _outcome
+    with _outcome_lock:
+        if rebuild and isinstance(_outcome, Extension):
+            raise RuntimeError("the extension is already loaded in this process; rebuild it in a new process")
+        if _outcome is None or rebuild:
+            try:
+                _outcome = _load(rebuild)
+            except ExtensionUnavailable as err:
+                _outcome = err
+        outcome = _outcome
+    if isinstance(outcome, ExtensionUnavailable):
+        raise ExtensionUnavailable(str(outcome))
+    return outcome
 
 
 def backend():
@@ -126,7 +130,10 @@ def _load(rebuild: bool) -> Extension:
     cfg = C.make_config()
     aot = None if rebuild else _ahead_of_time_library()
     if aot is not None:
-        return _loaded(aot, "ahead-of-time build", cfg)
+        try:
+            return _loaded(aot, "ahead-of-time build", cfg)
+        except ExtensionUnavailable as err:
+            print(f"rwp_kernels: {err}; compiling the extension for this installation instead", file=sys.stderr)
     if not rebuild and _stamp_path(cfg).is_file() and library_path(cfg).is_file():
         return _loaded(library_path(cfg), "cached build", cfg)
     _check_toolchain()
