@@ -65,13 +65,25 @@ def _load_cuda(device_type: str):
 
 
 def _load_triton(device_type: str):
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cpu" and not interpret:
         raise BackendUnavailableError("it runs on CPU tensors only under TRITON_INTERPRET=1 (for testing)")
+    if device_type == "cuda" and interpret:
+        raise BackendUnavailableError("TRITON_INTERPRET=1 is set: Triton's interpreter runs it on CPU tensors only")
     if device_type not in ("cpu", "cuda"):
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
     if device_type == "cuda":
         _require_gpu()
-    raise BackendUnavailableError("the Triton kernels are not part of this version of rwp_kernels yet")
+    try:
+        from . import triton as module
+    except ImportError as err:
+        raise BackendUnavailableError(f"triton is not importable ({err}); pip install triton") from None
+    if module.INTERPRETED != interpret:
+        raise BackendUnavailableError(
+            f"its kernels were created {'with' if module.INTERPRETED else 'without'} TRITON_INTERPRET=1, which is "
+            f"{'unset' if module.INTERPRETED else 'set'} now; set it before rwp_kernels.triton is first imported"
+        )
+    return module
 
 
 REGISTRY = {

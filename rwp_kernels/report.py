@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import __version__, backends
-from .selftest import MISMATCH_UNIT, fused_backends, local_devices, run_selftest
+from .selftest import MISMATCH_UNIT, SKIPPED_UNLESS_NAMED, fused_backends, local_devices, run_selftest
 
 
 def _triton_version() -> str:
@@ -98,6 +98,11 @@ def main(argv=None) -> int:
 
     devices = [torch.device(d) for d in args.device] if args.device else None
     print("self-test: fused backends against the reference backend (ResNet-18 for CIFAR, small CNN)")
+    if not args.backend:
+        for name, device_type in sorted(SKIPPED_UNLESS_NAMED):
+            if backends.unavailable_reason(name, device_type) is None:
+                print(f"  skipping {name!r} on {device_type} (an interpreter for testing, very slow); "
+                      f"--backend {name} includes it")
     results = run_selftest(args.backend, devices, repeats=args.repeats, progress=lambda line: print(f"  {line}", flush=True))
     if not results:
         print("  no fused backend is available here, so there is nothing to compare; see the reasons above")

@@ -10,6 +10,11 @@ import os
 import pytest
 import torch
 
+# The Triton backend runs on CPU tensors only in Triton's interpreter, which must be on before any kernel
+# is created (at import); without a GPU it is the only way to run those kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REQUIRED = {c.strip() for c in os.environ.get("RWP_KERNELS_REQUIRE", "").split(",") if c.strip()}
 
 

@@ -1,0 +1,59 @@
+"""The raw Philox op and the noise op: one launch each, one program per tile of outputs."""
+import torch
+import triton
+import triton.language as tl
+
+from .. import stream as S
+from . import philox as P
+from . import tables as T
+
+
+@triton.jit
+def philox_kernel(counter_ptr, key_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr):
+    """out[i, :] = Philox4x32-10(counter[i, :], key[i, :]) for int64 [n, 4] / [n, 2] inputs holding uint32 words."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_blocks
+    c0 = tl.load(counter_ptr + 4 * i, mask=mask, other=0).to(tl.uint32)
+    c1 = tl.load(counter_ptr + 4 * i + 1, mask=mask, other=0).to(tl.uint32)
+    c2 = tl.load(counter_ptr + 4 * i + 2, mask=mask, other=0).to(tl.uint32)
+    c3 = tl.load(counter_ptr + 4 * i + 3, mask=mask, other=0).to(tl.uint32)
+    k0 = tl.load(key_ptr + 2 * i, mask=mask, other=0).to(tl.uint32)
+    k1 = tl.load(key_ptr + 2 * i + 1, mask=mask, other=0).to(tl.uint32)
+    x0, x1, x2, x3 = P.philox4x32_10(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + 4 * i, x0.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * i + 1, x1.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * i + 2, x2.to(tl.int64), mask=mask)
+    tl.store(out_ptr + 4 * i + 3, x3.to(tl.int64), mask=mask)
+
+
+@triton.jit(do_not_specialize=["first_elem", "numel", "param_index", "step", "k0", "k1"])
+def noise_kernel(out_ptr, first_elem, numel, param_index, step, k0, k1, BLOCK: tl.constexpr):
+    """out[j] = normal of stream element first_elem + j, for j < numel."""
+    window = (first_elem - first_elem % 4) + tl.program_id(0).to(tl.int64) * BLOCK
+    e = window + tl.arange(0, BLOCK)
+    key0, key1 = P.key_words(k0, k1)
+    z = P.normal_tile(window // 4, param_index.to(tl.uint32, bitcast=True), step.to(tl.uint32, bitcast=True),
+                      key0, key1, BLOCK)
+    tl.store(out_ptr + (e - first_elem), z, mask=(e >= first_elem) & (e < first_elem + numel))
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    counter = counter.expand(*shape, 4).contiguous()
+    key = key.expand(*shape, 2).contiguous()
+    out = torch.empty(*shape, 4, dtype=torch.int64, device=counter.device)
+    n_blocks = out.numel() // 4
+    if n_blocks:
+        tile = T.choose_tile([(n_blocks, 1)])
+        T.launch(philox_kernel, triton.cdiv(n_blocks, tile.block), tile, counter.device, counter, key, out, n_blocks)
+    return out
+
+
+def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        tile = T.choose_tile([(numel, 1)])
+        k0, k1 = S.philox_key(seed, stream)
+        T.launch(noise_kernel, triton.cdiv(offset % 4 + numel, tile.block), tile, out.device, out, offset, numel,
+                 P.as_int32(param_index), P.as_int32(S.step_word(step)), P.as_int32(k0), P.as_int32(k1))
+    return out

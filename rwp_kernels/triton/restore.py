@@ -1,0 +1,124 @@
+"""restore_: weights back from the backups (exact) or minus the regenerated noise, plus the optional
+gradient mix (Fisher update, scaling, clean gradient); one launch for all tensors, one program per tile."""
+import torch
+import triton
+import triton.language as tl
+
+from .. import stream as S
+from . import philox as P
+from . import tables as T
+from .rounding import to_dtype, to_float32
+
+# Columns of the parameter table.
+W: tl.constexpr = tl.constexpr(0)
+BACKUP: tl.constexpr = tl.constexpr(1)
+GRAD: tl.constexpr = tl.constexpr(2)
+FISHER: tl.constexpr = tl.constexpr(3)
+CLEAN: tl.constexpr = tl.constexpr(4)
+SIGMA_LEN: tl.constexpr = tl.constexpr(5)  # elements per sigma entry
+SIGMA_OFF: tl.constexpr = tl.constexpr(6)  # first entry of this tensor in the sigma buffer
+PARAM_INDEX: tl.constexpr = tl.constexpr(7)
+NUMEL: tl.constexpr = tl.constexpr(8)
+COLUMNS: tl.constexpr = tl.constexpr(9)
+
+
+@triton.jit
+def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_mask, beta, fisher_scale, grad_scale,
+                 clean_scale, DTYPE: tl.constexpr):
+    """The float32 gradient ``grad * grad_scale (+ clean * clean_scale)`` of the elements ``start + lanes``
+    (``grad_ptr`` points at element ``start``; absent tensors have address 0); with a Fisher state, first
+    ``F <- beta * F + (grad * fisher_scale)**2``, stored where ``fisher_mask``."""
+    g = to_float32(tl.load(grad_ptr + lanes, mask=mask, other=0.0))
+    if fisher_addr != 0:
+        f_ptr = fisher_addr.to(tl.pointer_type(tl.float32)) + start + lanes
+        gf = g * fisher_scale
+        tl.store(f_ptr, beta * tl.load(f_ptr, mask=mask, other=0.0) + gf * gf, mask=fisher_mask)
+    g = g * grad_scale
+    if clean_addr != 0:
+        clean = tl.load(clean_addr.to(tl.pointer_type(DTYPE)) + start + lanes, mask=mask, other=0.0)
+        g += to_float32(clean) * clean_scale
+    return g
+
+
+@triton.jit
+def sigma_entries(lanes, start, sigma_len, BLOCK: tl.constexpr):
+    """Index of the sigma entry of each element ``start + lanes`` of a tile."""
+    first_entry = start // sigma_len
+    if sigma_len >= BLOCK:  # at most one entry boundary inside the tile
+        boundary = tl.minimum((first_entry + 1) * sigma_len - start, BLOCK).to(tl.int32)
+        entry = first_entry + (lanes >= boundary).to(tl.int64)
+    else:
+        rel = (start - first_entry * sigma_len).to(tl.int32) + lanes
+        entry = first_entry + (rel // sigma_len.to(tl.int32)).to(tl.int64)
+    return entry
+
+
+@triton.jit(do_not_specialize=["step", "k0", "k1"])
+def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
+                   fisher_scale_ptr, clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    item = items_ptr + T.ITEM_COLUMNS * pid
+    slot = tl.load(item)
+    start = tl.load(item + 1)
+    count = tl.load(item + 2)
+    row = params_ptr + slot * COLUMNS
+    w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE)) + start
+    backup_addr = tl.load(row + BACKUP)
+
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < count.to(tl.int32)
+    if backup_addr != 0:
+        tl.store(w_ptr + lanes, tl.load(backup_addr.to(tl.pointer_type(DTYPE)) + start + lanes, mask=mask), mask=mask)
+    else:
+        entry = sigma_entries(lanes, start, tl.load(row + SIGMA_LEN), BLOCK)
+        sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)
+        key0, key1 = P.key_words(k0, k1)
+        z = P.normal_tile(start // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
+                          key0, key1, BLOCK)
+        x = to_float32(tl.load(w_ptr + lanes, mask=mask, other=0.0))
+        tl.store(w_ptr + lanes, to_dtype(x - sigma * z, DTYPE), mask=mask)
+    grad_addr = tl.load(row + GRAD)
+    if grad_addr != 0:
+        g_ptr = grad_addr.to(tl.pointer_type(DTYPE)) + start
+        g = mix_gradient(g_ptr, tl.load(row + FISHER), tl.load(row + CLEAN), start, lanes, mask, mask, beta,
+                         fisher_scale * tl.load(fisher_scale_ptr),
+                         grad_scale * tl.load(grad_scale_ptr), clean_scale * tl.load(clean_scale_ptr), DTYPE)
+        tl.store(g_ptr + lanes, to_dtype(g, DTYPE), mask=mask)
+
+
+def _sigma_buffer(sigmas, counts):
+    """One float32 buffer holding every sigma in order: the buffer ``perturb_`` returned views of when the
+    sigmas still sit there, else a concatenated copy."""
+    base, offset = sigmas[0].data_ptr(), 0
+    for s, n in zip(sigmas, counts):
+        if s.data_ptr() != base + s.element_size() * offset:
+            return torch.cat(sigmas)
+        offset += n
+    return sigmas[0]
+
+
+@T.per_dtype
+def restore_(params, *, backups, sigmas, seed, step, stream, param_indices, grads, grad_scale, fisher, beta,
+             fisher_scale, clean_grads, clean_scale):
+    device, dtype = params[0].device, params[0].dtype
+    counts = [s.numel() for s in sigmas] if sigmas is not None else [0] * len(params)
+    rows, offset = [], 0
+    for i, p in enumerate(params):
+        rows.append((
+            T.address(p), T.address(backups[i] if backups is not None else None),
+            T.address(grads[i] if grads is not None else None), T.address(fisher[i] if fisher is not None else None),
+            T.address(clean_grads[i] if clean_grads is not None else None),
+            p.numel() // max(counts[i], 1), offset, param_indices[i], p.numel(),
+        ))
+        offset += counts[i]
+    tile = T.choose_tile([(p.numel(), 1) for p in params])
+    tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
+    regen = dict(step=0, k0=0, k1=0)
+    sigma_buffer = T.constant(device, 0.0)  # unused when restoring from backups
+    if sigmas is not None:
+        sigma_buffer = _sigma_buffer(sigmas, counts)
+        k0, k1 = S.philox_key(seed, stream)
+        regen = dict(step=P.as_int32(S.step_word(step)), k0=P.as_int32(k0), k1=P.as_int32(k1))
+    T.launch_items(restore_kernel, tables, device, sigma_buffer, regen["step"], regen["k0"], regen["k1"], beta,
+                   *T.scale_args(grad_scale, device), *T.scale_args(fisher_scale, device),
+                   *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

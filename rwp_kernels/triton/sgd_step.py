@@ -1,0 +1,85 @@
+"""sgd_step_: optional exact restore, gradient mix and torch.optim.SGD's update, one launch for all tensors.
+
+With a nonzero ``found_inf`` (read on the device, no host synchronization) only the restore is written.
+"""
+import triton
+import triton.language as tl
+
+from . import tables as T
+from .rounding import to_dtype, to_float32
+from .restore import mix_gradient
+
+# Columns of the parameter table.
+W: tl.constexpr = tl.constexpr(0)
+GRAD: tl.constexpr = tl.constexpr(1)
+MOMENTUM_BUFFER: tl.constexpr = tl.constexpr(2)
+BACKUP: tl.constexpr = tl.constexpr(3)
+FISHER: tl.constexpr = tl.constexpr(4)
+CLEAN: tl.constexpr = tl.constexpr(5)
+NUMEL: tl.constexpr = tl.constexpr(6)
+COLUMNS: tl.constexpr = tl.constexpr(7)
+
+
+@triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"])
+def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize,
+                    first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
+                    clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    item = items_ptr + T.ITEM_COLUMNS * pid
+    slot = tl.load(item)
+    start = tl.load(item + 1)
+    count = tl.load(item + 2)
+    row = params_ptr + slot * COLUMNS
+    w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
+    backup_addr = tl.load(row + BACKUP)
+    # Per lane (a scalar flag does not combine with a mask in the interpreter).
+    update = tl.zeros([BLOCK], tl.float32) + tl.load(found_inf_ptr) == 0
+
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < count.to(tl.int32)
+    w_ptr += start
+    source = w_ptr
+    write_w = mask & update  # a restore is written even when the update is skipped
+    if backup_addr != 0:
+        source = backup_addr.to(tl.pointer_type(DTYPE)) + start
+        write_w = mask
+    x = to_float32(tl.load(source + lanes, mask=mask, other=0.0))
+    g = mix_gradient(tl.load(row + GRAD).to(tl.pointer_type(DTYPE)) + start, tl.load(row + FISHER),
+                     tl.load(row + CLEAN), start, lanes, mask, mask & update, beta,
+                     fisher_scale * tl.load(fisher_scale_ptr), grad_scale * tl.load(grad_scale_ptr),
+                     clean_scale * tl.load(clean_scale_ptr), DTYPE)
+    if maximize != 0:
+        g = -g
+    if weight_decay != 0:
+        g += weight_decay * x
+    if momentum != 0:
+        buf_ptr = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE)) + start + lanes
+        buf = g
+        if first_step == 0:
+            buf = to_float32(tl.load(buf_ptr, mask=mask, other=0.0)) * momentum + one_minus_dampening * g
+        tl.store(buf_ptr, to_dtype(buf, DTYPE), mask=mask & update)
+        if nesterov != 0:
+            g += momentum * buf
+        else:
+            g = buf
+    new = tl.where(update, x - lr * g, x)
+    tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
+
+
+@T.per_dtype
+def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale):
+    device, dtype = params[0].device, params[0].dtype
+    rows = [
+        (T.address(p), T.address(grads[i]),
+         T.address(momentum_buffers[i] if momentum_buffers is not None else None),
+         T.address(backups[i] if backups is not None else None), T.address(fisher[i] if fisher is not None else None),
+         T.address(clean_grads[i] if clean_grads is not None else None), p.numel())
+        for i, p in enumerate(params)
+    ]
+    tile = T.choose_tile([(p.numel(), 1) for p in params])
+    tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
+    found = found_inf if found_inf is not None else T.constant(device, 0.0)
+    T.launch_items(sgd_step_kernel, tables, device, lr, momentum, 1.0 - dampening, weight_decay, int(nesterov),
+                   int(maximize), int(is_first_step), found, beta, *T.scale_args(grad_scale, device),
+                   *T.scale_args(fisher_scale, device), *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

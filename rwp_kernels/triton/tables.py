@@ -1,0 +1,194 @@
+"""Host side shared by the Triton ops: tile choice, work-item and address tables (cached), launch helpers.
+
+One launch covers every parameter of a call: its programs find their tensors through a device int64
+table with one row per parameter (addresses, sizes, indices; the columns are defined by each op) and
+their work through a table of items ``(param slot, first element, element count)``. Both tables are
+uploaded in one copy (pinned memory, non-blocking: no host synchronization) and cached for as long as
+the same key (the table contents themselves: addresses, shapes, indices) comes back. Cached device
+tensors are keyed by the stream too: a kernel on another stream never reads a table whose upload on the
+first stream may still be in flight.
+"""
+import functools
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+ITEM_COLUMNS: tl.constexpr = tl.constexpr(3)  # (param slot, first element, element count)
+
+# (elements per program, warps): a program holds its tile in registers, a few elements per thread.
+TILE_MENU = ((512, 4), (1024, 8))
+
+_CACHE_CAPACITY = 16
+
+
+@dataclass(frozen=True)
+class Tile:
+    block: int
+    num_warps: int
+
+
+def choose_tile(units) -> Tile:
+    """The tile for units of work given as ``(length, how many)`` pairs (rows for perturb_, tensors for
+    the elementwise ops).
+
+    The smallest tile that holds the median unit by element count, or the largest one. Longer units
+    loop over several tiles; short rows share a tile (perturb_ packs them), so a tile is never mostly
+    idle except where a whole tensor is shorter than half of it.
+    """
+    units = sorted(units)
+    half, seen = sum(length * n for length, n in units) / 2, 0
+    for length, n in units:
+        seen += length * n
+        if seen >= half:
+            break
+    for block, warps in TILE_MENU:
+        if length <= block:
+            return Tile(block, warps)
+    return Tile(*TILE_MENU[-1])
+
+
+def row_items(slot: int, numel: int, row_len: int, block: int) -> list[tuple[int, int, int]]:
+    """Items for the rows of one tensor: rows that fit a tile (with up to 3 elements of slack in front,
+    since tiles start at a multiple of 4 elements) share it; a longer row is one item, looped over."""
+    per_item = max(1, (block - 3) // row_len)
+    step = per_item * row_len
+    return [(slot, start, min(step, numel - start)) for start in range(0, numel, step)]
+
+
+def chunk_items(slot: int, numel: int, block: int) -> list[tuple[int, int, int]]:
+    """Items covering one tensor in consecutive tiles (elementwise ops)."""
+    return [(slot, start, min(block, numel - start)) for start in range(0, numel, block)]
+
+
+def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, copied without synchronizing the host."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class _LRU:
+    def __init__(self, capacity: int = _CACHE_CAPACITY):
+        self._entries = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, key, build):
+        value = self._entries.get(key)
+        if value is None:
+            value = build()
+            self._entries[key] = value
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return value
+
+    def clear(self):
+        self._entries.clear()
+
+
+@dataclass(frozen=True)
+class Tables:
+    params: torch.Tensor  # int64 [n_params, columns], flattened
+    items: torch.Tensor  # int64 [n_items, ITEM_COLUMNS], flattened
+    n_items: int
+    tile: Tile
+
+
+_tables = _LRU()
+_floats = _LRU()
+_constants = _LRU(64)
+
+
+def _where(device: torch.device) -> tuple:
+    """Device and current stream: where a cached tensor was made and may be read without a race."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return device, stream
+
+
+def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Tables:
+    """The cached device tables for per-parameter ``rows`` (tuples of ints) and the items that
+    ``items_for(slot, row)`` gives for each, in one upload."""
+    def build():
+        items = [item for slot, row in enumerate(rows) for item in items_for(slot, row)]
+        words = [v for row in rows for v in row]
+        n_words = len(words) + len(words) % 2  # the item table starts 16-byte aligned
+        table = upload(words + [0] * (n_words - len(words)) + [v for item in items for v in item], torch.int64, device)
+        return Tables(table[:n_words], table[n_words:], len(items), tile)
+
+    return _tables.get((_where(device), tile, tuple(rows)), build)
+
+
+def float_table(device: torch.device, values: tuple) -> torch.Tensor:
+    """A cached float32 device tensor holding ``values`` (per-parameter hyperparameters)."""
+    return _floats.get((_where(device), values), lambda: upload(list(values), torch.float32, device))
+
+
+def constant(device: torch.device, value: float) -> torch.Tensor:
+    """A cached 0-d float32 tensor on ``device`` (what a Python-number scale multiplies)."""
+    return _constants.get((_where(device), value), lambda: torch.full((), value, dtype=torch.float32, device=device))
+
+
+def scale_args(value, device: torch.device) -> tuple[float, torch.Tensor]:
+    """A scale that is a Python number or a 0-d device tensor, as (number, tensor) whose product is it:
+    the kernels read ``number * tensor[0]`` and never branch on which one it was."""
+    if isinstance(value, torch.Tensor):
+        return 1.0, value
+    return float(value), constant(device, 1.0)
+
+
+def address(t) -> int:
+    """The address of a tensor's first element, or 0 for an absent one."""
+    return 0 if t is None else t.data_ptr()
+
+
+def clear_caches() -> None:
+    _tables.clear()
+    _floats.clear()
+    _constants.clear()
+
+
+def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
+    """One launch of ``kernel`` on ``device``'s current stream."""
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernel[(programs,)](*args, BLOCK=tile.block, num_warps=tile.num_warps, **constexprs)
+
+
+def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
+    """One launch of a table-driven ``kernel(params, items, *args)``, one program per item."""
+    launch(kernel, tables.n_items, tables.tile, device, tables.params, tables.items, *args, **constexprs)
+
+
+def per_dtype(launch_group):
+    """Run an op's launcher once per dtype among its params (one launch per (device, dtype) group).
+
+    Positional and keyword arguments that are lists with one entry per parameter are split with the
+    parameters; the per-parameter results (if any) come back in the order of ``params``.
+    """
+    @functools.wraps(launch_group)
+    def op(params, *args, **kwargs):
+        groups = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.dtype, []).append(i)
+        if len(groups) == 1:
+            return launch_group(params, *args, **kwargs)
+        n = len(params)
+
+        def pick(value, idx):
+            return [value[i] for i in idx] if isinstance(value, list) and len(value) == n else value
+
+        results = [None] * n
+        for idx in groups.values():
+            out = launch_group([params[i] for i in idx], *(pick(a, idx) for a in args),
+                               **{k: pick(v, idx) for k, v in kwargs.items()})
+            for j, i in enumerate(idx):
+                results[i] = None if out is None else out[j]
+        return None if all(r is None for r in results) else results
+
+    return op
