@@ -42,7 +42,9 @@ def _load_reference(device_type: str):
 def _load_cpu(device_type: str):
     if device_type != "cpu":
         raise BackendUnavailableError(f"it runs on CPU tensors, not {device_type} tensors")
-    raise BackendUnavailableError("the C++ extension is not part of this version of rwp_kernels yet")
+    from . import extension
+
+    return extension.backend()[0]
 
 
 def _require_gpu() -> None:
@@ -54,7 +56,12 @@ def _load_cuda(device_type: str):
     if device_type != "cuda":
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
     _require_gpu()
-    raise BackendUnavailableError("the C++/CUDA extension is not part of this version of rwp_kernels yet")
+    from . import extension
+
+    module, ext = extension.backend()
+    if not ext.with_cuda:
+        raise BackendUnavailableError(ext.why_no_cuda)
+    return module
 
 
 def _load_triton(device_type: str):

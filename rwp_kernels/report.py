@@ -53,6 +53,13 @@ def backend_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def extension_rows() -> list[tuple[str, str]]:
+    """The C++/CUDA extension: toolchain, CUDA architectures, build folder and log, what was loaded."""
+    from . import extension
+
+    return list(extension.facts().items())
+
+
 def print_table(rows, out=sys.stdout) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -84,6 +91,8 @@ def main(argv=None) -> int:
     print_table(environment_rows())
     print("backends")
     print_table(backend_rows())
+    print("C++/CUDA extension")
+    print_table(extension_rows())
     if not args.selftest:
         return 0
 

@@ -1,0 +1,408 @@
+// The torch binding: the op schemas (TORCH_LIBRARY(rwp_kernels)), and one implementation per op that
+// turns tensor lists into the kernels' parameter table and calls the CPU or the CUDA kernels.
+// This is the only translation unit that includes torch headers.
+//
+// Absent companions: an empty list (the whole list absent) or an empty tensor (absent for one parameter).
+// Float arguments that may live on the device come as (Tensor? t, float value): t's value if t is given.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "rwp_api.h"
+
+#ifdef RWP_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/cuda_kernels.h"
+#endif
+
+namespace rwp {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using OptTensor = std::optional<Tensor>;
+
+int32_t dtype_code(const Tensor& t, const char* op, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFloat32;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: TORCH_CHECK(false, "rwp_kernels::", op, ": params[", i, "] has unsupported dtype ", t.scalar_type());
+  }
+}
+
+// A dense tensor whose rows (shape[0]) are contiguous runs: the layouts the kernels can walk.
+void check_param(const Tensor& p, const Tensor& first, const char* op, size_t i) {
+  TORCH_CHECK(p.device() == first.device(), "rwp_kernels::", op, ": params[", i, "] is on ", p.device(),
+              " but params[0] is on ", first.device());
+  TORCH_CHECK(p.numel() > 0, "rwp_kernels::", op, ": params[", i, "] is empty");
+  TORCH_CHECK(p.is_non_overlapping_and_dense() && (p.dim() < 2 || p.size(0) == 1 || p.stride(0) == p.numel() / p.size(0)),
+              "rwp_kernels::", op, ": params[", i, "] is not dense with contiguous rows");
+}
+
+// Same strides wherever the size is not 1 (as rwp_kernels._validate compares layouts).
+bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// The companion `list[i]` of params[i] (nullptr if absent), checked to share its dtype, shape and layout.
+void* companion(TensorList list, size_t i, const Tensor& p, const char* op, const char* name,
+                std::optional<at::ScalarType> dtype = std::nullopt) {
+  if (list.empty()) return nullptr;
+  const Tensor& t = list[i];
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.scalar_type() == dtype.value_or(p.scalar_type()) && same_layout(t, p) && t.device() == p.device(),
+              "rwp_kernels::", op, ": ", name, "[", i, "] does not match params[", i, "] in dtype, shape, layout or device");
+  return t.data_ptr();
+}
+
+void check_length(TensorList list, size_t n, const char* op, const char* name) {
+  TORCH_CHECK(list.empty() || list.size() == n, "rwp_kernels::", op, ": ", name, " has ", list.size(),
+              " entries but params has ", n);
+}
+
+ScalarArg scalar_arg(const OptTensor& t, double value, const Tensor& like, const char* op, const char* name) {
+  if (!t.has_value()) return {nullptr, static_cast<float>(value)};
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
+              "rwp_kernels::", op, ": ", name, " must be a one-element float32 tensor on ", like.device());
+  return {t->data_ptr<float>(), 1.0f};
+}
+
+uint32_t word(int64_t v, const char* op, const char* name) {
+  TORCH_CHECK(v >= 0 && v < (int64_t{1} << 32), "rwp_kernels::", op, ": ", name, " must be in [0, 2**32), got ", v);
+  return static_cast<uint32_t>(v);
+}
+
+NoiseKey noise_key(int64_t k0, int64_t k1, int64_t step, const char* op) {
+  return {word(k0, op, "key0"), word(k1, op, "key1"), word(step, op, "step")};
+}
+
+// The parameter table of one call: common fields of every entry; units of kind rows (perturb_) or chunks.
+struct Table {
+  std::vector<ParamEntry> entries;
+  int64_t units = 0;
+  bool cuda = false;
+};
+
+Table make_table(TensorList params, at::IntArrayRef param_indices, bool by_rows, const char* op) {
+  TORCH_CHECK(!params.empty(), "rwp_kernels::", op, ": params is empty");
+  TORCH_CHECK(param_indices.empty() || param_indices.size() == params.size(), "rwp_kernels::", op,
+              ": param_indices has ", param_indices.size(), " entries but params has ", params.size());
+  Table table;
+  table.cuda = params[0].is_cuda();
+  TORCH_CHECK(table.cuda || params[0].is_cpu(), "rwp_kernels::", op, ": tensors on ", params[0].device(),
+              " are not supported");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor& p = params[i];
+    check_param(p, params[0], op, i);
+    ParamEntry e{};
+    e.w = p.data_ptr();
+    e.numel = p.numel();
+    e.row_len = p.dim() >= 2 ? p.numel() / p.size(0) : p.numel();
+    e.whole_tensor = p.dim() < 2;
+    e.dtype = dtype_code(p, op, i);
+    e.param_index = param_indices.empty() ? static_cast<uint32_t>(i) : word(param_indices[i], op, "param_indices");
+    if (by_rows) {
+      e.unit_size = table.cuda ? 1 : cpu::perturb_unit_rows(e.row_len);
+    } else {
+      e.unit_size = table.cuda ? kCudaChunkElems : kCpuChunkElems;
+    }
+    e.first_unit = table.units;
+    table.units += units_of(e.numel, e.row_len, e.unit_size, by_rows);
+    table.entries.push_back(e);
+  }
+  return table;
+}
+
+#ifdef RWP_WITH_CUDA
+// Device copy of a call's table, cached per (op, device, stream) and uploaded again only when its
+// contents change (new addresses, shapes or per-parameter hyperparameters). The upload is an
+// asynchronous copy from pinned memory on the current stream; no host synchronization.
+const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDAStream stream) {
+  struct Cached {
+    std::vector<ParamEntry> host;
+    Tensor device;
+  };
+  static std::mutex mu;
+  static std::map<std::tuple<std::string, int, int64_t>, Cached> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  Cached& c = cache[{op, stream.device_index(), stream.id()}];
+  const size_t bytes = t.entries.size() * sizeof(ParamEntry);
+  if (!(c.device.defined() && c.host.size() == t.entries.size() &&
+        std::memcmp(c.host.data(), t.entries.data(), bytes) == 0)) {
+    Tensor pinned = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(pinned.data_ptr(), t.entries.data(), bytes);
+    c.device = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(stream.device()));
+    c.device.copy_(pinned, /*non_blocking=*/true);
+    c.host = t.entries;
+  }
+  return static_cast<const ParamEntry*>(c.device.data_ptr());
+}
+
+template <class Launch>
+void launch_cuda(const Tensor& like, const Launch& launch) {
+  const c10::cuda::CUDAGuard guard(like.device());
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(like.device().index());
+  C10_CUDA_CHECK(launch(stream));
+}
+#endif
+
+// Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, stream).
+template <class CpuFn, class CudaFn>
+void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
+  const int64_t n = static_cast<int64_t>(t.entries.size());
+  (void)like;
+  if (!t.cuda) {
+    cpu_fn(t.entries.data(), n, t.units);
+    return;
+  }
+#ifdef RWP_WITH_CUDA
+  launch_cuda(like, [&](c10::cuda::CUDAStream stream) { return cuda_fn(device_table(t, op, stream), n, t.units, stream.stream()); });
+#else
+  (void)cuda_fn;
+  TORCH_CHECK(false, "rwp_kernels::", op, ": this build of the extension has no CUDA kernels");
+#endif
+}
+
+// ---- ops -------------------------------------------------------------------------------------------
+
+Tensor philox_op(const Tensor& counter, const Tensor& key) {
+  TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong && counter.dim() == 2 &&
+                  key.dim() == 2 && counter.size(1) == 4 && key.size(1) == 2 && counter.size(0) == key.size(0) &&
+                  counter.device() == key.device(),
+              "rwp_kernels::philox4x32_10: expects int64 counter [n, 4] and key [n, 2] on one device");
+  const Tensor c = counter.contiguous(), k = key.contiguous();
+  Tensor out = at::empty({c.size(0), 4}, c.options());
+  if (c.size(0) == 0) return out;
+  if (c.is_cuda()) {
+#ifdef RWP_WITH_CUDA
+    launch_cuda(c, [&](c10::cuda::CUDAStream s) {
+      return cuda::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0), s.stream());
+    });
+#else
+    TORCH_CHECK(false, "rwp_kernels::philox4x32_10: this build of the extension has no CUDA kernels");
+#endif
+  } else {
+    cpu::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0));
+  }
+  return out;
+}
+
+void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index, int64_t step, int64_t offset) {
+  const char* op = "noise_";
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "rwp_kernels::noise_: out must be a contiguous float32 tensor");
+  TORCH_CHECK(offset >= 0, "rwp_kernels::noise_: offset must be >= 0");
+  const NoiseKey key = noise_key(key0, key1, step, op);
+  const uint32_t pi = word(param_index, op, "param_index");
+  if (out.numel() == 0) return;
+  if (out.is_cuda()) {
+#ifdef RWP_WITH_CUDA
+    launch_cuda(out, [&](c10::cuda::CUDAStream s) {
+      return cuda::noise(out.data_ptr<float>(), out.numel(), offset, pi, key, s.stream());
+    });
+#else
+    TORCH_CHECK(false, "rwp_kernels::noise_: this build of the extension has no CUDA kernels");
+#endif
+  } else {
+    cpu::noise(out.data_ptr<float>(), out.numel(), offset, pi, key);
+  }
+}
+
+Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, TensorList fisher, at::ArrayRef<double> gammas,
+                  at::ArrayRef<double> etas, at::IntArrayRef param_indices, int64_t key0, int64_t key1, int64_t step,
+                  const OptTensor& grad_scale_t, double grad_scale) {
+  const char* op = "perturb_";
+  Table t = make_table(params, param_indices, /*by_rows=*/true, op);
+  const size_t n = params.size();
+  check_length(backups, n, op, "backups");
+  check_length(grads, n, op, "grads");
+  check_length(fisher, n, op, "fisher");
+  TORCH_CHECK(gammas.size() == n && etas.size() == n, "rwp_kernels::perturb_: gammas and etas need one entry per param");
+  int64_t sigma_rows = 0;
+  for (size_t i = 0; i < n; ++i) {
+    ParamEntry& e = t.entries[i];
+    const Tensor& p = params[i];
+    e.backup = companion(backups, i, p, op, "backups");
+    e.grad = companion(grads, i, p, op, "grads");
+    e.fisher = static_cast<float*>(companion(fisher, i, p, op, "fisher", at::kFloat));
+    e.gamma = gammas[i];
+    e.eta = etas[i];
+    e.sigma_per_element = e.whole_tensor && e.fisher != nullptr && e.numel > 1;
+    sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
+  }
+  Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
+  int64_t offset = 0;
+  for (ParamEntry& e : t.entries) {
+    e.sigma_offset = offset;
+    offset += e.sigma_per_element ? e.numel : e.numel / e.row_len;
+  }
+  const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
+                         sigmas.data_ptr<float>()};
+  run(t, params[0], op,
+      [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
+#ifdef RWP_WITH_CUDA
+      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::perturb(table, np, units, args, s); }
+#else
+      nullptr
+#endif
+  );
+  return sigmas;
+}
+
+MixArgs mix_args(const Tensor& like, const char* op, const OptTensor& grad_scale_t, double grad_scale, double beta,
+                 const OptTensor& fisher_scale_t, double fisher_scale, const OptTensor& clean_scale_t, double clean_scale) {
+  return {scalar_arg(grad_scale_t, grad_scale, like, op, "grad_scale"),
+          scalar_arg(fisher_scale_t, fisher_scale, like, op, "fisher_scale"),
+          scalar_arg(clean_scale_t, clean_scale, like, op, "clean_scale"), static_cast<float>(beta)};
+}
+
+// The gradient-mix companions shared by restore_ and sgd_step_.
+void fill_mix(Table& t, TensorList params, TensorList grads, TensorList fisher, TensorList clean_grads, const char* op) {
+  const size_t n = params.size();
+  check_length(grads, n, op, "grads");
+  check_length(fisher, n, op, "fisher");
+  check_length(clean_grads, n, op, "clean_grads");
+  for (size_t i = 0; i < n; ++i) {
+    ParamEntry& e = t.entries[i];
+    e.grad = companion(grads, i, params[i], op, "grads");
+    e.fisher = static_cast<float*>(companion(fisher, i, params[i], op, "fisher", at::kFloat));
+    e.clean = companion(clean_grads, i, params[i], op, "clean_grads");
+    TORCH_CHECK(e.grad || (!e.fisher && !e.clean), "rwp_kernels::", op, ": fisher or clean_grads[", i,
+                "] given without grads[", i, "]");
+  }
+}
+
+void restore_op(TensorList params, TensorList backups, TensorList sigmas, TensorList grads, TensorList fisher,
+                TensorList clean_grads, at::IntArrayRef param_indices, int64_t key0, int64_t key1, int64_t step,
+                const OptTensor& grad_scale_t, double grad_scale, double beta, const OptTensor& fisher_scale_t,
+                double fisher_scale, const OptTensor& clean_scale_t, double clean_scale) {
+  const char* op = "restore_";
+  Table t = make_table(params, param_indices, /*by_rows=*/false, op);
+  const size_t n = params.size();
+  check_length(backups, n, op, "backups");
+  TORCH_CHECK(backups.empty() != sigmas.empty(), "rwp_kernels::restore_: pass either backups or sigmas");
+  TORCH_CHECK(sigmas.empty() || sigmas.size() == n, "rwp_kernels::restore_: sigmas needs one entry per param");
+  fill_mix(t, params, grads, fisher, clean_grads, op);
+  const float* sigma_base = sigmas.empty() ? nullptr : sigmas[0].data_ptr<float>();
+  for (size_t i = 0; i < n; ++i) {
+    ParamEntry& e = t.entries[i];
+    if (!backups.empty()) {
+      e.backup = companion(backups, i, params[i], op, "backups");
+      TORCH_CHECK(e.backup, "rwp_kernels::restore_: backups[", i, "] is missing");
+      continue;
+    }
+    const Tensor& s = sigmas[i];
+    const int64_t rows = e.numel / e.row_len;
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == params[i].device() &&
+                    (s.numel() == rows || (e.whole_tensor && s.numel() == e.numel)),
+                "rwp_kernels::restore_: sigmas[", i, "] does not fit params[", i, "]");
+    // Views of one buffer (as perturb_ returns them) keep the same offsets from step to step.
+    e.sigma_offset = (reinterpret_cast<intptr_t>(s.data_ptr<float>()) - reinterpret_cast<intptr_t>(sigma_base)) /
+                     static_cast<intptr_t>(sizeof(float));
+    e.sigma_per_element = e.whole_tensor && s.numel() == e.numel && e.numel > 1;
+  }
+  const RestoreArgs args{noise_key(key0, key1, step, op), sigma_base,
+                         mix_args(params[0], op, grad_scale_t, grad_scale, beta, fisher_scale_t, fisher_scale,
+                                  clean_scale_t, clean_scale)};
+  run(t, params[0], op,
+      [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::restore(table, np, units, args); },
+#ifdef RWP_WITH_CUDA
+      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::restore(table, np, units, args, s); }
+#else
+      nullptr
+#endif
+  );
+}
+
+void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList backups, TensorList fisher,
+                 TensorList clean_grads, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                 bool maximize, bool is_first_step, const OptTensor& grad_scale_t, double grad_scale,
+                 const OptTensor& found_inf, double beta, const OptTensor& fisher_scale_t, double fisher_scale,
+                 const OptTensor& clean_scale_t, double clean_scale) {
+  const char* op = "sgd_step_";
+  Table t = make_table(params, {}, /*by_rows=*/false, op);
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, "rwp_kernels::sgd_step_: grads needs one entry per param");
+  check_length(momentum_buffers, n, op, "momentum_buffers");
+  check_length(backups, n, op, "backups");
+  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), "rwp_kernels::sgd_step_: momentum needs momentum_buffers");
+  fill_mix(t, params, grads, fisher, clean_grads, op);
+  for (size_t i = 0; i < n; ++i) {
+    ParamEntry& e = t.entries[i];
+    TORCH_CHECK(e.grad, "rwp_kernels::sgd_step_: grads[", i, "] is missing");
+    e.backup = companion(backups, i, params[i], op, "backups");
+    e.buf = momentum != 0.0 ? companion(momentum_buffers, i, params[i], op, "momentum_buffers") : nullptr;
+    TORCH_CHECK(momentum == 0.0 || e.buf, "rwp_kernels::sgd_step_: momentum_buffers[", i, "] is missing");
+  }
+  const SgdScalars sgd{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                       static_cast<float>(weight_decay), nesterov, maximize, is_first_step, momentum != 0.0};
+  const float* inf = nullptr;
+  if (found_inf.has_value()) inf = scalar_arg(found_inf, 0.0, params[0], op, "found_inf").ptr;
+  const SgdArgs args{sgd,
+                     mix_args(params[0], op, grad_scale_t, grad_scale, beta, fisher_scale_t, fisher_scale,
+                              clean_scale_t, clean_scale),
+                     inf};
+  run(t, params[0], op,
+      [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::sgd_step(table, np, units, args); },
+#ifdef RWP_WITH_CUDA
+      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::sgd_step(table, np, units, args, s); }
+#else
+      nullptr
+#endif
+  );
+}
+
+}  // namespace
+}  // namespace rwp
+
+TORCH_LIBRARY(rwp_kernels, m) {
+  m.set_python_module("rwp_kernels.ext_backend");  // holds the fake (meta) implementations
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
+  m.def("noise_(Tensor(a!) out, int key0, int key1, int param_index, int step, int offset) -> ()");
+  m.def(
+      "perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor(c!)[] grads, Tensor[] fisher, float[] gammas, "
+      "float[] etas, int[] param_indices, int key0, int key1, int step, Tensor? grad_scale_tensor, float grad_scale) "
+      "-> Tensor");
+  m.def(
+      "restore_(Tensor(a!)[] params, Tensor[] backups, Tensor[] sigmas, Tensor(b!)[] grads, Tensor(c!)[] fisher, "
+      "Tensor[] clean_grads, int[] param_indices, int key0, int key1, int step, Tensor? grad_scale_tensor, "
+      "float grad_scale, float beta, Tensor? fisher_scale_tensor, float fisher_scale, Tensor? clean_scale_tensor, "
+      "float clean_scale) -> ()");
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] backups, "
+      "Tensor(c!)[] fisher, Tensor[] clean_grads, float lr, float momentum, float dampening, float weight_decay, "
+      "bool nesterov, bool maximize, bool is_first_step, Tensor? grad_scale_tensor, float grad_scale, "
+      "Tensor? found_inf, float beta, Tensor? fisher_scale_tensor, float fisher_scale, Tensor? clean_scale_tensor, "
+      "float clean_scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rwp_kernels, CPU, m) {
+  m.impl("philox4x32_10", &rwp::philox_op);
+  m.impl("noise_", &rwp::noise_op);
+  m.impl("perturb_", &rwp::perturb_op);
+  m.impl("restore_", &rwp::restore_op);
+  m.impl("sgd_step_", &rwp::sgd_step_op);
+}
+
+#ifdef RWP_WITH_CUDA
+TORCH_LIBRARY_IMPL(rwp_kernels, CUDA, m) {
+  m.impl("philox4x32_10", &rwp::philox_op);
+  m.impl("noise_", &rwp::noise_op);
+  m.impl("perturb_", &rwp::perturb_op);
+  m.impl("restore_", &rwp::restore_op);
+  m.impl("sgd_step_", &rwp::sgd_step_op);
+}
+#endif

@@ -1,0 +1,386 @@
+// CUDA kernels: one launch per op for all parameters of a call. The parameter table lives in device
+// memory; block b handles work unit b (perturb_: one row, reduced with cub::BlockReduce; restore_ and
+// sgd_step_: one chunk of kCudaChunkElems elements). A thread works on Philox quads (4 consecutive
+// elements, one Philox block), with one vector load/store per quad where the tensors are aligned.
+// No torch headers here (see binding.cpp); everything is asynchronous on the given stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <type_traits>
+
+#include "cuda_kernels.h"
+
+namespace rwp::cuda {
+namespace {
+
+constexpr int kThreads = kCudaThreads;
+using BlockReduce = cub::BlockReduce<double, kThreads>;
+
+// ---- element types ---------------------------------------------------------------------------------
+
+struct half_bits {
+  uint16_t bits;
+};
+struct bf16_bits {
+  uint16_t bits;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(half_bits h) { return __half2float(__ushort_as_half(h.bits)); }
+__device__ __forceinline__ float to_f32(bf16_bits b) { return __bfloat162float(__ushort_as_bfloat16(b.bits)); }
+__device__ __forceinline__ void from_f32(float x, float* p) { *p = x; }
+__device__ __forceinline__ void from_f32(float x, half_bits* p) { p->bits = __half_as_ushort(__float2half_rn(x)); }
+__device__ __forceinline__ void from_f32(float x, bf16_bits* p) {
+  p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+// Four consecutive elements as one access: 16 bytes for float32, 8 bytes for the 16-bit types.
+template <class T>
+using QuadRaw = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+
+template <class T>
+__device__ __forceinline__ bool quad_aligned(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(QuadRaw<T>) == 0;
+}
+
+// The quad of elements e .. e+3 of p (as floats); elements outside [lo, hi) read as 0. `vec`: the quad
+// lies inside [lo, hi) and p is quad-aligned, so one vector access does.
+template <class T>
+__device__ __forceinline__ void load_quad(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec, float v[4]) {
+  if (vec) {
+    const QuadRaw<T> raw = *reinterpret_cast<const QuadRaw<T>*>(p + e);
+    const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = to_f32(x[j]);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = (e + j >= lo && e + j < hi) ? to_f32(p[e + j]) : 0.0f;
+}
+
+template <class T>
+__device__ __forceinline__ void store_quad(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const float v[4]) {
+  if (vec) {
+    QuadRaw<T> raw;
+    T* x = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) from_f32(v[j], x + j);
+    *reinterpret_cast<QuadRaw<T>*>(p + e) = raw;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (e + j >= lo && e + j < hi) from_f32(v[j], p + e + j);
+}
+
+// dst <- src bit for bit (exact backups and restores).
+template <class T>
+__device__ __forceinline__ void copy_quad(T* dst, const T* src, int64_t e, int64_t lo, int64_t hi, bool vec) {
+  if (vec) {
+    *reinterpret_cast<QuadRaw<T>*>(dst + e) = *reinterpret_cast<const QuadRaw<T>*>(src + e);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (e + j >= lo && e + j < hi) dst[e + j] = src[e + j];
+}
+
+template <class Fn>
+__device__ __forceinline__ void dispatch_dtype(int32_t dtype, const Fn& fn) {
+  switch (dtype) {
+    case kFloat16: fn(half_bits{}); break;
+    case kBFloat16: fn(bf16_bits{}); break;
+    default: fn(float{}); break;
+  }
+}
+
+__device__ __forceinline__ void quad_normals(int64_t q, const ParamEntry& p, const NoiseKey& key, float z[4]) {
+  const uint64_t uq = static_cast<uint64_t>(q);
+  normal_block(static_cast<uint32_t>(uq), static_cast<uint32_t>(uq >> 32), p.param_index, key.step, key.k0, key.k1,
+               z[0], z[1], z[2], z[3]);
+}
+
+// The block's parameter entry (the last whose first unit is <= blockIdx.x), copied to shared memory.
+__device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, ParamEntry& shared) {
+  if (threadIdx.x == 0) {
+    const int64_t unit = blockIdx.x;
+    int64_t lo = 0, hi = num_params - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (table[mid].first_unit <= unit) lo = mid; else hi = mid - 1;
+    }
+    shared = table[lo];
+  }
+  __syncthreads();
+  return shared;
+}
+
+// ---- philox4x32_10 and noise -------------------------------------------------------------------------
+
+__global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t c0 = counter[4 * i], c1 = counter[4 * i + 1], c2 = counter[4 * i + 2], c3 = counter[4 * i + 3];
+    philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
+    out[4 * i] = c0;
+    out[4 * i + 1] = c1;
+    out[4 * i + 2] = c2;
+    out[4 * i + 3] = c3;
+  }
+}
+
+__global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key) {
+  ParamEntry p{};
+  p.param_index = param_index;
+  const int64_t q_begin = offset >> 2, q_end = (offset + numel + 3) >> 2;
+  const bool aligned = (offset & 3) == 0 && quad_aligned<float>(out);
+  for (int64_t q = q_begin + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < q_end;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float z[4];
+    quad_normals(q, p, key, z);
+    const int64_t e = 4 * q - offset;  // index in out of the quad's first element
+    store_quad(out, e, 0, numel, aligned && e + 4 <= numel, z);
+  }
+}
+
+// ---- perturb_ ------------------------------------------------------------------------------------------
+
+template <class T>
+__device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a, BlockReduce::TempStorage& tmp,
+                            double* s_sums) {
+  const int64_t n = p.row_len, lo = row * n, hi = lo + n;
+  T* w = static_cast<T*>(p.w);
+  T* backup = static_cast<T*>(p.backup);
+  const bool adaptive = p.fisher != nullptr;
+  const bool row_fisher = adaptive && !p.sigma_per_element;
+
+  double sumsq = 0.0, fsum = 0.0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const double v = to_f32(w[i]);
+    sumsq += v * v;
+    if (row_fisher) fsum += p.fisher[i];
+  }
+  sumsq = BlockReduce(tmp).Sum(sumsq);
+  __syncthreads();
+  if (row_fisher) fsum = BlockReduce(tmp).Sum(fsum);
+  if (threadIdx.x == 0) {
+    s_sums[0] = sumsq;
+    s_sums[1] = fsum;
+  }
+  __syncthreads();
+  sumsq = s_sums[0];
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, s_sums[1], p.eta);
+  float* sigmas = a.sigma + p.sigma_offset;
+  if (!p.sigma_per_element && threadIdx.x == 0) sigmas[row] = row_sig;
+
+  const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup);
+  for (int64_t q = (lo >> 2) + threadIdx.x; 4 * q < hi; q += blockDim.x) {
+    const int64_t e = 4 * q;
+    const bool vec = vec_ok && e >= lo && e + 4 <= hi;
+    if (backup) copy_quad(backup, w, e, lo, hi, vec);
+    float sg[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sg[j] = row_sig;
+      if (p.sigma_per_element && e + j >= lo && e + j < hi) {
+        sg[j] = row_sigma(sumsq, p.gamma, true, true, p.fisher[e + j], p.eta);
+        sigmas[e + j] = sg[j];
+      }
+    }
+    if (p.gamma == 0.0) continue;
+    float z[4], v[4];
+    quad_normals(q, p, a.key, z);
+    load_quad(w, e, lo, hi, vec, v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = add_noise(v[j], sg[j], z[j]);
+    store_quad(w, e, lo, hi, vec, v);
+  }
+
+  const float grad_scale = a.grad_scale.get();
+  if (p.grad && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f)) {
+    T* g = static_cast<T*>(p.grad);
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) from_f32(to_f32(g[i]) * grad_scale, g + i);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params, PerturbArgs a) {
+  __shared__ ParamEntry entry;
+  __shared__ BlockReduce::TempStorage tmp;
+  __shared__ double sums[2];
+  const ParamEntry& p = block_entry(table, num_params, entry);
+  const int64_t row = blockIdx.x - p.first_unit;
+  dispatch_dtype(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp, sums); });
+}
+
+// ---- restore_ and sgd_step_ ------------------------------------------------------------------------
+
+// The sigma of each element of the quad at e (per row, or per element for 0-D/1-D ARWP parameters).
+__device__ __forceinline__ void quad_sigmas(const ParamEntry& p, const float* sigmas, int64_t e, int64_t hi, float sg[4]) {
+  int64_t row = e / p.row_len;
+  int64_t in_row = e - row * p.row_len;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (in_row == p.row_len) {
+      ++row;
+      in_row = 0;
+    }
+    sg[j] = e + j < hi ? sigmas[p.sigma_per_element ? e + j : row] : 0.0f;
+    ++in_row;
+  }
+}
+
+// Fisher update from the gradient as it arrives, and the mixed gradient, for a quad.
+__device__ __forceinline__ void mix_quad(float (&g)[4], float (&fisher)[4], bool has_fisher, const float (&clean)[4],
+                                         bool has_clean, const MixScalars& mix) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (has_fisher) fisher[j] = fisher_update(fisher[j], g[j], mix);
+    g[j] = mix_grad(g[j], clean[j], has_clean, mix);
+  }
+}
+
+// Calls quad(e, vec) for this thread's quads e, e+1, e+2, e+3 of [lo, hi) (lo is a multiple of 4), with
+// vec a compile-time flag: true for full quads of aligned tensors (one vector access each).
+template <bool V>
+struct VecFlag {
+  static constexpr bool value = V;
+};
+
+template <class Quad>
+__device__ __forceinline__ void for_quads(int64_t lo, int64_t hi, bool aligned, const Quad& quad) {
+  const int64_t full_end = aligned ? lo + (hi - lo) / 4 * 4 : lo;
+  for (int64_t e = lo + 4 * threadIdx.x; e < full_end; e += 4 * blockDim.x) quad(e, VecFlag<true>{});
+  for (int64_t e = full_end + 4 * threadIdx.x; e < hi; e += 4 * blockDim.x) quad(e, VecFlag<false>{});
+}
+
+template <class T>
+__device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, int64_t hi, const RestoreArgs& a) {
+  T* w = static_cast<T*>(p.w);
+  const T* backup = static_cast<const T*>(p.backup);
+  T* grad = static_cast<T*>(p.grad);
+  const T* clean = static_cast<const T*>(p.clean);
+  const MixScalars mix = a.mix.get();
+  const bool aligned = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
+                       quad_aligned<T>(clean) && quad_aligned<float>(p.fisher);
+  for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
+    constexpr bool vec = decltype(flag)::value;
+    if (backup) {
+      copy_quad(w, backup, e, lo, hi, vec);
+    } else {
+      float z[4], sg[4], v[4];
+      quad_normals(e >> 2, p, a.key, z);
+      quad_sigmas(p, a.sigma + p.sigma_offset, e, hi, sg);
+      load_quad(w, e, lo, hi, vec, v);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = remove_noise(v[j], sg[j], z[j]);
+      store_quad(w, e, lo, hi, vec, v);
+    }
+    if (!grad) return;
+    float g[4], c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    load_quad(grad, e, lo, hi, vec, g);
+    if (clean) load_quad(clean, e, lo, hi, vec, c);
+    if (p.fisher) load_quad(p.fisher, e, lo, hi, vec, f);
+    mix_quad(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
+    store_quad(grad, e, lo, hi, vec, g);
+    if (p.fisher) store_quad(p.fisher, e, lo, hi, vec, f);
+  });
+}
+
+template <class T>
+__device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64_t hi, const SgdArgs& a) {
+  T* w = static_cast<T*>(p.w);
+  const T* backup = static_cast<const T*>(p.backup);
+  const T* grad = static_cast<const T*>(p.grad);
+  const T* clean = static_cast<const T*>(p.clean);
+  T* buf = static_cast<T*>(p.buf);
+  const bool aligned = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
+                       quad_aligned<T>(clean) && quad_aligned<T>(buf) && quad_aligned<float>(p.fisher);
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {  // GradScaler overflow: restore only
+    if (backup) {
+      for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
+        copy_quad(w, backup, e, lo, hi, decltype(flag)::value);
+      });
+    }
+    return;
+  }
+  const SgdScalars& s = a.sgd;
+  const MixScalars mix = a.mix.get();
+  const bool read_buf = s.has_momentum && !s.first_step;
+  for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
+    constexpr bool vec = decltype(flag)::value;
+    float g[4], v[4], c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, f[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    load_quad(grad, e, lo, hi, vec, g);
+    if (clean) load_quad(clean, e, lo, hi, vec, c);
+    if (p.fisher) load_quad(p.fisher, e, lo, hi, vec, f);
+    mix_quad(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
+    load_quad(backup ? backup : w, e, lo, hi, vec, v);
+    if (read_buf) load_quad(buf, e, lo, hi, vec, b);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sgd_update(v[j], b[j], g[j], s);
+    store_quad(w, e, lo, hi, vec, v);
+    if (s.has_momentum) store_quad(buf, e, lo, hi, vec, b);
+    if (p.fisher) store_quad(p.fisher, e, lo, hi, vec, f);
+  });
+}
+
+// Runs body(entry, lo, hi) for the block's chunk [lo, hi) of its parameter's elements.
+template <class Body>
+__device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t num_params, const Body& body) {
+  __shared__ ParamEntry entry;
+  const ParamEntry& p = block_entry(table, num_params, entry);
+  const int64_t lo = (static_cast<int64_t>(blockIdx.x) - p.first_unit) * p.unit_size;
+  const int64_t hi = min(p.numel, lo + p.unit_size);
+  body(p, lo, hi);
+}
+
+__global__ void __launch_bounds__(kThreads) restore_kernel(const ParamEntry* table, int64_t num_params, RestoreArgs a) {
+  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
+    dispatch_dtype(p.dtype, [&](auto t) { restore_chunk<decltype(t)>(p, lo, hi, a); });
+  });
+}
+
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const ParamEntry* table, int64_t num_params, SgdArgs a) {
+  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
+    dispatch_dtype(p.dtype, [&](auto t) { sgd_chunk<decltype(t)>(p, lo, hi, a); });
+  });
+}
+
+// One block per work unit: the grid's x dimension holds up to 2^31 - 1 blocks.
+bool too_many(int64_t units) { return units > 0x7FFFFFFF; }
+
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, (items + kThreads - 1) / kThreads), 1 << 20));
+}
+
+}  // namespace
+
+cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t stream) {
+  philox_kernel<<<grid_for(n), kThreads, 0, stream>>>(counter, key, out, n);
+  return cudaGetLastError();
+}
+
+cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t stream) {
+  noise_kernel<<<grid_for((numel + 3) / 4 + 1), kThreads, 0, stream>>>(out, numel, offset, param_index, key);
+  return cudaGetLastError();
+}
+
+cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t stream) {
+  if (too_many(units)) return cudaErrorInvalidConfiguration;
+  perturb_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  return cudaGetLastError();
+}
+
+cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t stream) {
+  if (too_many(units)) return cudaErrorInvalidConfiguration;
+  restore_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  return cudaGetLastError();
+}
+
+cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t stream) {
+  if (too_many(units)) return cudaErrorInvalidConfiguration;
+  sgd_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  return cudaGetLastError();
+}
+
+}  // namespace rwp::cuda

@@ -1,0 +1,94 @@
+// The kernels' interface: plain structs and raw pointers, no torch types, so that the CUDA sources
+// compile without torch headers. binding.cpp fills these from tensors.
+#pragma once
+
+#include <stdint.h>
+
+#include "rwp_common.h"
+
+namespace rwp {
+
+enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One parameter of a call and its companions (nullptr where absent). Plain data: the CUDA kernels
+// read a device copy of the same table, which is cached while its contents stay the same (so the
+// sigmas, new every step, are addressed by offset). Every companion has the parameter's dtype and
+// memory layout, except fisher (float32).
+struct ParamEntry {
+  void* w;
+  void* backup;
+  void* grad;
+  void* clean;          // clean gradient of the mix
+  void* buf;            // momentum buffer
+  float* fisher;        // ARWP Fisher state
+  int64_t numel;
+  int64_t row_len;      // elements of one norm row (numel for a 0-D/1-D parameter)
+  int64_t first_unit;   // index of this parameter's first work unit; units are numbered across the call
+  int64_t unit_size;    // rows per unit (perturb_) or elements per unit (restore_, sgd_step_)
+  int64_t sigma_offset; // index of the parameter's first sigma in the call's sigma array (args.sigma)
+  double gamma;
+  double eta;
+  uint32_t param_index;
+  int32_t dtype;         // DType
+  int32_t whole_tensor;  // 0-D/1-D parameter: norm of the whole tensor, plus kNormEps
+  int32_t sigma_per_element;  // 0-D/1-D parameter with ARWP: one sigma per element
+};
+
+// Number of work units of a parameter (the table's first_unit of the next parameter minus this one's).
+inline int64_t units_of(int64_t numel, int64_t row_len, int64_t unit_size, bool per_row) {
+  const int64_t n = per_row ? numel / row_len : numel;
+  return (n + unit_size - 1) / unit_size;
+}
+
+// A uniform float argument: a value, or a float32 scalar in memory (a device tensor: no host sync).
+struct ScalarArg {
+  const float* ptr;
+  float value;
+  RWP_HD float get() const { return ptr ? *ptr : value; }
+};
+
+struct NoiseKey {
+  uint32_t k0, k1, step;
+};
+
+struct PerturbArgs {
+  NoiseKey key;
+  ScalarArg grad_scale;
+  float* sigma;  // written: sigma of each row (or element, see ParamEntry::sigma_per_element)
+};
+
+struct MixArgs {
+  ScalarArg grad_scale, fisher_scale, clean_scale;
+  float beta;
+  RWP_HD MixScalars get() const { return {grad_scale.get(), fisher_scale.get(), clean_scale.get(), beta}; }
+};
+
+struct RestoreArgs {
+  NoiseKey key;        // used when regenerating the noise (the entries have no backup)
+  const float* sigma;  // with the regenerated noise: the sigmas perturb_ wrote
+  MixArgs mix;
+};
+
+struct SgdArgs {
+  SgdScalars sgd;
+  MixArgs mix;
+  const float* found_inf;  // nonzero: restore only
+};
+
+// Work-unit sizes. CPU: rows are grouped into cache-sized tiles; CUDA: one block per row.
+constexpr int64_t kCpuTileElems = 16384;
+constexpr int64_t kCpuChunkElems = 16384;
+constexpr int64_t kCudaChunkElems = 8192;
+constexpr int kCudaThreads = 256;
+
+// CPU entry points (cpu/cpu_kernels.cpp). `units` is the total over the table.
+namespace cpu {
+int64_t perturb_unit_rows(int64_t row_len);
+void philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n);
+void noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key);
+void perturb(const ParamEntry* table, int64_t num_params, int64_t units, const PerturbArgs& args);
+void restore(const ParamEntry* table, int64_t num_params, int64_t units, const RestoreArgs& args);
+void sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, const SgdArgs& args);
+}  // namespace cpu
+
+}  // namespace rwp

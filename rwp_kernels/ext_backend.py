@@ -1,0 +1,102 @@
+"""The C++/CUDA extension as a backend: the backend functions call ``torch.ops.rwp_kernels.*``.
+
+Importing this module requires the extension to be loaded (``rwp_kernels.extension.load()``); it
+registers the ops' fake (meta) implementations, so the ops work under FakeTensor / torch.compile.
+Absent companions travel as empty lists (whole list) or empty tensors (one parameter); a float that
+may be a device tensor travels as (tensor or None, float).
+"""
+import torch
+
+from . import stream as S
+from .layout import num_sigma_rows
+
+NAME = "extension"
+_ops = torch.ops.rwp_kernels
+
+
+def _list(tensors) -> list:
+    return [] if tensors is None else list(tensors)
+
+
+def _entries(tensors, params) -> list:
+    """A companion list with every None replaced by an empty tensor (absent for that parameter)."""
+    if tensors is None:
+        return []
+    return [p.new_empty(0) if t is None else t for t, p in zip(tensors, params)]
+
+
+def _scalar(value):
+    if isinstance(value, torch.Tensor):
+        return value, 1.0
+    return None, float(value)
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    c = counter.expand(*shape, 4).reshape(-1, 4)
+    k = key.expand(*shape, 2).reshape(-1, 2)
+    return _ops.philox4x32_10(c, k).view(*shape, 4)
+
+
+def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    k0, k1 = S.philox_key(seed, stream)
+    _ops.noise_(out, k0, k1, param_index, S.step_word(step), offset)
+    return out
+
+
+def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups, grads, grad_scale, fisher):
+    k0, k1 = S.philox_key(seed, stream)
+    flat = _ops.perturb_(
+        params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas, param_indices,
+        k0, k1, S.step_word(step), *_scalar(grad_scale),
+    )
+    return list(flat.split([num_sigma_rows(p, adaptive=fisher is not None) for p in params]))
+
+
+def restore_(params, *, backups, sigmas, seed, step, stream, param_indices,
+             grads, grad_scale, fisher, beta, fisher_scale, clean_grads, clean_scale):
+    k0, k1 = S.philox_key(seed, stream) if seed is not None else (0, 0)
+    _ops.restore_(
+        params, _list(backups), _list(sigmas), _entries(grads, params), _list(fisher), _entries(clean_grads, params),
+        param_indices, k0, k1, S.step_word(step or 0), *_scalar(grad_scale), beta, *_scalar(fisher_scale),
+        *_scalar(clean_scale),
+    )
+
+
+def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale):
+    _ops.sgd_step_(
+        params, list(grads), _list(momentum_buffers), _list(backups), _list(fisher), _entries(clean_grads, params),
+        lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step, *_scalar(grad_scale), found_inf,
+        beta, *_scalar(fisher_scale), *_scalar(clean_scale),
+    )
+
+
+# ---- fake (meta) implementations: shapes only, for FakeTensor tracing and torch.compile ----------------
+
+@torch.library.register_fake("rwp_kernels::philox4x32_10")
+def _philox_fake(counter, key):
+    return counter.new_empty(counter.shape)
+
+
+@torch.library.register_fake("rwp_kernels::noise_")
+def _noise_fake(out, key0, key1, param_index, step, offset):
+    return None
+
+
+@torch.library.register_fake("rwp_kernels::perturb_")
+def _perturb_fake(params, backups, grads, fisher, gammas, etas, param_indices, key0, key1, step,
+                  grad_scale_tensor, grad_scale):
+    rows = sum(num_sigma_rows(p, adaptive=bool(fisher)) for p in params)
+    return params[0].new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.register_fake("rwp_kernels::restore_")
+def _restore_fake(*args):
+    return None
+
+
+@torch.library.register_fake("rwp_kernels::sgd_step_")
+def _sgd_step_fake(*args):
+    return None

@@ -1,0 +1,267 @@
+"""The C++/CUDA extension: loaded from an ahead-of-time build, or compiled on first use and cached.
+
+``load()`` returns the loaded library's facts or raises ``ExtensionUnavailable`` with a reason that
+names the build log. It never crashes an import: nothing happens until a backend needs the kernels.
+
+The first use compiles with torch.utils.cpp_extension.load and ninja, in a child process whose output
+goes to ``build.log`` in the build folder, and prints one line saying so and how long it took. The
+folder lives in the torch extensions cache (``TORCH_EXTENSIONS_DIR``) and its name carries a hash of
+the sources, flags and toolchain, so later processes load the cached library without compiling, and a
+changed source never loads a stale build. Concurrent first uses wait for one build (a kernel file lock,
+released even when the builder is killed; ``RWP_KERNELS_BUILD_TIMEOUT`` seconds at most, default 1800).
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _ext_config as C
+from .backends import BackendUnavailableError
+
+LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
+
+
+class ExtensionUnavailable(BackendUnavailableError):
+    """The extension cannot be used here; the message says why (and where the build log is)."""
+
+
+@dataclass(frozen=True)
+class Extension:
+    library: str  # path of the loaded shared library
+    origin: str  # "ahead-of-time build", "cached build" or "compiled now"
+    with_cuda: bool
+    why_no_cuda: str | None
+    build_seconds: float | None = None
+
+
+_outcome: Extension | ExtensionUnavailable | None = None
+_outcome_lock = threading.Lock()
+
+
+def build_dir(cfg: C.Config) -> Path:
+    return C.extensions_root() / cfg.name
+
+
+def log_path(cfg: C.Config) -> Path:
+    return build_dir(cfg) / "build.log"
+
+
+def library_path(cfg: C.Config) -> Path:
+    return build_dir(cfg) / f"{cfg.name}{LIB_SUFFIX}"
+
+
+def _stamp_path(cfg: C.Config) -> Path:
+    return build_dir(cfg) / "built.json"
+
+
+def load(*, rebuild: bool = False) -> Extension:
+    """The loaded extension (building it first if needed); the outcome is remembered for the process."""
+    global _outcome
+    with _outcome_lock:
+        if rebuild and isinstance(_outcome, Extension):
+            raise RuntimeError("the extension is already loaded in this process; rebuild it in a new process")
+        if _outcome is None or rebuild:
+            try:
+                _outcome = _load(rebuild)
+            except ExtensionUnavailable as err:
+                _outcome = err
+        outcome = _outcome
+    if isinstance(outcome, ExtensionUnavailable):
+        raise ExtensionUnavailable(str(outcome))
+    return outcome
+
+
+def backend():
+    """(the backend module over the extension, the loaded extension); compiles it on first use."""
+    ext = load()
+    from . import ext_backend
+
+    return ext_backend, ext
+
+
+def loaded() -> Extension | None:
+    """The extension if this process has loaded it, else None (never builds)."""
+    return _outcome if isinstance(_outcome, Extension) else None
+
+
+def _has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("rwp_kernels::perturb_", "CUDA")
+
+
+def _loaded(path: Path, origin: str, cfg: C.Config, seconds: float | None = None) -> Extension:
+    try:
+        torch.ops.load_library(str(path))
+    except OSError as err:
+        raise ExtensionUnavailable(f"the extension {path} does not load: {err}") from None
+    with_cuda = _has_cuda_kernels()
+    why = None
+    if not with_cuda:
+        why = cfg.why_no_cuda if origin != "ahead-of-time build" else "the ahead-of-time build has no CUDA kernels"
+        why = f"the extension was compiled without CUDA kernels ({why})"
+    return Extension(str(path), origin, with_cuda, why, seconds)
+
+
+def _ahead_of_time_library() -> Path | None:
+    """rwp_kernels/_C*.so from setup.py's ahead-of-time build, if it was built for this torch."""
+    found = sorted(C.PACKAGE_DIR.glob(f"_C*{LIB_SUFFIX}"))
+    stamp = C.PACKAGE_DIR / C.AOT_STAMP
+    if not found or not stamp.is_file():
+        return None
+    built_for = json.loads(stamp.read_text()).get("torch")
+    if built_for != torch.__version__:
+        print(
+            f"rwp_kernels: ignoring the ahead-of-time built extension {found[0]} (built for torch {built_for}, "
+            f"this is torch {torch.__version__}); compiling it for this installation",
+            file=sys.stderr,
+        )
+        return None
+    return found[0]
+
+
+def _load(rebuild: bool) -> Extension:
+    cfg = C.make_config()
+    aot = None if rebuild else _ahead_of_time_library()
+    if aot is not None:
+        try:
+            return _loaded(aot, "ahead-of-time build", cfg)
+        except ExtensionUnavailable as err:
+            print(f"rwp_kernels: {err}; compiling the extension for this installation instead", file=sys.stderr)
+    if not rebuild and _stamp_path(cfg).is_file() and library_path(cfg).is_file():
+        return _loaded(library_path(cfg), "cached build", cfg)
+    _check_toolchain()
+    seconds = _build_locked(cfg, rebuild)
+    return _loaded(library_path(cfg), "compiled now" if seconds is not None else "cached build", cfg, seconds)
+
+
+def _check_toolchain() -> None:
+    cxx = C.cxx_compiler()
+    if shutil.which(cxx) is None:
+        raise ExtensionUnavailable(f"no C++ compiler: {cxx!r} was not found (install g++, or set CXX)")
+    if shutil.which("ninja", path=C.tool_path()) is None:
+        raise ExtensionUnavailable("ninja was not found (pip install ninja)")
+
+
+def _lock_timeout() -> float:
+    value = os.environ.get("RWP_KERNELS_BUILD_TIMEOUT", "1800")
+    try:
+        return float(value)
+    except ValueError:
+        raise ExtensionUnavailable(f"RWP_KERNELS_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def _build_locked(cfg: C.Config, rebuild: bool) -> float | None:
+    """Builds under the folder's lock; None if another process finished the build meanwhile."""
+    from filelock import FileLock, Timeout
+
+    folder = build_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / "rwp_build.lock"))
+    timeout = _lock_timeout()
+    try:
+        lock.acquire(timeout=min(timeout, 5.0))
+    except Timeout:
+        print(f"rwp_kernels: waiting for another process that is building the extension in {folder} ...",
+              file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=max(0.0, timeout - 5.0))
+        except Timeout:
+            raise ExtensionUnavailable(
+                f"another process has been building the extension in {folder} for more than {timeout:.0f} s "
+                "(RWP_KERNELS_BUILD_TIMEOUT); gave up waiting"
+            ) from None
+    try:
+        if not rebuild and _stamp_path(cfg).is_file() and library_path(cfg).is_file():
+            return None
+        # A lock file left by a killed build of an older torch (whose lock was the file's existence).
+        (folder / "lock").unlink(missing_ok=True)
+        _stamp_path(cfg).unlink(missing_ok=True)
+        seconds = _compile_in_child(cfg)
+        _stamp_path(cfg).write_text(json.dumps({"seconds": round(seconds, 1), "config": cfg.__dict__}, indent=1))
+        return seconds
+    finally:
+        lock.release()
+
+
+def _compile_in_child(cfg: C.Config) -> float:
+    """Compiles in a child process (clean output, complete log); returns the seconds it took."""
+    log = log_path(cfg)
+    env = dict(os.environ, PATH=C.tool_path())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(C.PACKAGE_DIR.parent), env.get("PYTHONPATH")]))
+    if cfg.cuda_home:
+        env["CUDA_HOME"] = cfg.cuda_home
+    what = "CPU and CUDA kernels" if cfg.with_cuda else "CPU kernels"
+    print(f"rwp_kernels: compiling the C++ extension ({what}) in {build_dir(cfg)}; once per installation, "
+          "this takes a few minutes ...", end="", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rwp_kernels.build", "--compile-only", "--name", cfg.name],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        print(f" failed after {seconds:.0f} s", file=sys.stderr, flush=True)
+        raise ExtensionUnavailable(f"compiling the C++ extension failed{_first_error(log)}; see the build log {log}")
+    print(f" done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def _first_error(log: Path) -> str:
+    """The log's first compiler error, else its last line (the build's exception), as " (...)"."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if re.search(r"\berror\b:|\bFAILED:", line)]
+    summary = errors[0] if errors else (lines[-1] if lines else "")
+    return f" ({summary[:300]})" if summary else ""
+
+
+def compile_here(cfg: C.Config) -> None:
+    """The build itself (run in the child process): torch.utils.cpp_extension.load with ninja."""
+    cpp = C.cpp_extension(cfg.cuda_home)
+    cpp.load(
+        name=cfg.name,
+        sources=cfg.sources,
+        extra_cflags=cfg.cflags,
+        extra_cuda_cflags=cfg.cuda_cflags,
+        extra_ldflags=cfg.ldflags,
+        build_directory=str(build_dir(cfg)),
+        with_cuda=cfg.with_cuda,
+        is_python_module=False,
+        verbose=True,
+    )
+
+
+def facts() -> dict[str, str]:
+    """What the report shows about the extension (without building it)."""
+    cfg = C.make_config()
+    cxx = C.cxx_compiler()
+    out = {"C++ compiler": f"{cxx} ({shutil.which(cxx) or 'not found'})"}
+    out["nvcc"] = f"{cfg.nvcc or C.find_nvcc()} (CUDA {C.nvcc_version(cfg.nvcc)})" if (cfg.nvcc or C.find_nvcc()) else "not found"
+    out["CUDA_HOME"] = cfg.cuda_home or "-"
+    if cfg.with_cuda:
+        out["CUDA kernels"] = f"compiled for {', '.join('sm_' + a.replace('.', '') for a in cfg.archs)} ({cfg.archs_from})"
+    else:
+        out["CUDA kernels"] = f"not compiled: {cfg.why_no_cuda}"
+    out["build folder"] = str(build_dir(cfg))
+    out["build log"] = str(log_path(cfg)) if log_path(cfg).is_file() else "none (nothing compiled here yet)"
+    ext = loaded()
+    if ext is not None:
+        kind = "with CUDA kernels" if ext.with_cuda else "CPU kernels only"
+        out["extension"] = f"loaded: {ext.library} ({ext.origin}, {kind})"
+    elif isinstance(_outcome, ExtensionUnavailable):
+        out["extension"] = f"unavailable: {_outcome}"
+    elif library_path(cfg).is_file():
+        out["extension"] = "built, not loaded in this process"
+    else:
+        out["extension"] = "not built yet (the first use of backend 'cpu'/'cuda' compiles it)"
+    return out
