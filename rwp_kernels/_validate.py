@@ -72,6 +72,8 @@ def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.stride() == b.stride():
+        return True
     return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
 
 

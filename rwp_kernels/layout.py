@@ -27,6 +27,8 @@ def num_sigma_rows(t: torch.Tensor, adaptive: bool) -> int:
 
 def is_row_dense(t: torch.Tensor) -> bool:
     """True if ``t`` fills one dense block of memory and each of its rows is a contiguous run."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
         if stride != expected:
