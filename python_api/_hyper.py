@@ -1,13 +1,14 @@
 """Checks of the RWP hyperparameters: those that live in param groups and the optimizer-wide options."""
 import math
-import operator
 
 import torch
 
-from rwp_kernels.backends import NAMES as BACKEND_NAMES
+from rwp_kernels._validate import UINT64_LIMIT, check_int
+from rwp_kernels.backends import check_name
+
+_WHO = "rwp_kernels.optim"
 
 RESTORE_MODES = ("exact", "regenerate")
-SEED_LIMIT = 1 << 64
 
 
 def _number(name: str, value, where: str, *, low: float, high: float = math.inf) -> float:
@@ -55,21 +56,8 @@ def check_restore(restore) -> str:
 
 
 def check_backend(backend) -> str:
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}; got {backend!r}")
+    check_name(backend)
     return backend
-
-
-def _integer(name: str, value, high: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got a bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if not 0 <= value < high:
-        raise ValueError(f"{name} is {value}; it must be in [0, {high})")
-    return value
 
 
 def initial_seed(seed) -> int:
@@ -77,8 +65,8 @@ def initial_seed(seed) -> int:
     makes a run reproducible)."""
     if seed is None:
         return int(torch.empty((), dtype=torch.int64).random_())
-    return _integer("seed", seed, SEED_LIMIT)
+    return check_int(_WHO, "seed", seed, high=UINT64_LIMIT)
 
 
 def check_stream(stream) -> int:
-    return _integer("stream", stream, SEED_LIMIT)
+    return check_int(_WHO, "stream", stream, high=UINT64_LIMIT)

@@ -138,7 +138,7 @@ def available_backends(device=None) -> list[str]:
     return [name for name in REGISTRY if any(unavailable_reason(name, t) is None for t in types)]
 
 
-def _check_name(backend: str) -> None:
+def check_name(backend: str) -> None:
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}; got {backend!r}")
 
@@ -165,7 +165,7 @@ def auto_choice(device_type: str) -> tuple[str, list[str]]:
 
 def resolve(backend: str, device: torch.device) -> Backend:
     """The backend that runs on ``device`` for the requested name ("auto" picks the fastest one)."""
-    _check_name(backend)
+    check_name(backend)
     if backend != "auto":
         reason = unavailable_reason(backend, device.type)
         if reason is not None:

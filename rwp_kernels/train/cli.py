@@ -15,7 +15,7 @@ import torch
 
 from .data import DATASETS, DataError, load_data
 from .engine import RunConfig, run
-from .methods import METHODS, SCHEDULES, MethodConfig
+from .methods import METHODS, SCHEDULES, MethodConfig, batches_per_update
 from .netbuild import check_model_name
 
 # What a run uses unless the dataset, a recipe or a flag says otherwise (in that order of precedence).
@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", help="small_cnn, resnet18, vgg16_bn, wrn16_8, wrn28_10, or a torchvision model name")
     a("--optimizer", nargs="+", choices=METHODS, help="optimizers to compare (default: sgd rwp)")
     a("--recipe", choices=sorted(RECIPES), help="the official settings of the paper as a preset")
-    a("--epochs", type=_positive_int)
+    a("--epochs", type=_positive_int,
+      help="SGD's epochs; optimizers that use two batches per update (RWP's consecutive schedule) run "
+           "twice as many data epochs, so that every optimizer makes the same number of updates")
     a("--batch-size", type=_positive_int, help="images per update (RWP's halves schedule splits it in two)")
     a("--lr", type=_non_negative)
     a("--momentum", type=_non_negative)
@@ -144,29 +146,36 @@ def _mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _train_time(history) -> float:
+    """Training time of a run, robust to one slow epoch: the median epoch time times the number of epochs."""
+    return statistics.median(r["epoch_time"] for r in history) * len(history)
+
+
 def summarize(results: dict, reference: str = "sgd") -> list[dict]:
-    """One row per optimizer: final test accuracy/loss and epoch time (mean, std over seeds)."""
+    """One row per optimizer: final test accuracy/loss (mean, std over seeds), the median time per data
+    epoch, and the training time relative to the reference optimizer's (same number of updates)."""
     rows = []
-    base_time = None
-    if reference in results:
-        base_time = statistics.mean(statistics.median(r["epoch_time"] for r in h) for h in results[reference])
+    base_time = statistics.mean(_train_time(h) for h in results[reference]) if reference in results else None
     for method, histories in results.items():
         acc = _mean_std([h[-1]["test_acc"] for h in histories])
         loss = _mean_std([h[-1]["test_loss"] for h in histories])
         epoch_time = statistics.mean(statistics.median(r["epoch_time"] for r in h) for h in histories)
+        train_time = statistics.mean(_train_time(h) for h in histories)
         rows.append(dict(optimizer=method, seeds=len(histories), test_acc_mean=acc[0], test_acc_std=acc[1],
                          test_loss_mean=loss[0], test_loss_std=loss[1], epoch_time=epoch_time,
-                         time_ratio=epoch_time / base_time if base_time else None))
+                         train_time=train_time, time_ratio=train_time / base_time if base_time else None))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'optimizer':<10} {'seeds':>5} {'test acc (%)':>16} {'test loss':>17} {'s/epoch':>9} {'time vs sgd':>12}"]
+    lines = [f"{'optimizer':<10} {'seeds':>5} {'test acc (%)':>16} {'test loss':>17} {'s/epoch':>9} "
+             f"{'train s':>9} {'time vs sgd':>12}"]
     for r in rows:
         acc = f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f}"
         loss = f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}"
         ratio = f"{r['time_ratio']:.2f}x" if r["time_ratio"] is not None else "-"
-        lines.append(f"{r['optimizer']:<10} {r['seeds']:>5} {acc:>16} {loss:>17} {r['epoch_time']:>9.3f} {ratio:>12}")
+        lines.append(f"{r['optimizer']:<10} {r['seeds']:>5} {acc:>16} {loss:>17} {r['epoch_time']:>9.3f} "
+                     f"{r['train_time']:>9.2f} {ratio:>12}")
     return "\n".join(lines)
 
 
@@ -200,7 +209,8 @@ def main(argv=None) -> int:
     results = {}
     for method in s["optimizer"]:
         for seed in s["seeds"]:
-            cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=s["epochs"], batch_size=s["batch_size"],
+            epochs = s["epochs"] * batches_per_update(method, method_cfg)
+            cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=epochs, batch_size=s["batch_size"],
                             lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
                             channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
                             workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress,
