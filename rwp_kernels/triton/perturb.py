@@ -71,12 +71,7 @@ def _apply(w_ptr, backup_addr, grad_addr, tile, lanes, mask, x_raw, sigma, sigma
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"])
 def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
                    DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    item = items_ptr + T.ITEM_COLUMNS * pid
-    slot = tl.load(item)
-    start = tl.load(item + 1)
-    count = tl.load(item + 2)
-    row = params_ptr + slot * COLUMNS
+    slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
     backup_addr = tl.load(row + BACKUP)
     grad_addr = tl.load(row + GRAD)

@@ -56,12 +56,7 @@ def sigma_entries(lanes, start, sigma_len, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["step", "k0", "k1"])
 def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
                    fisher_scale_ptr, clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    item = items_ptr + T.ITEM_COLUMNS * pid
-    slot = tl.load(item)
-    start = tl.load(item + 1)
-    count = tl.load(item + 2)
-    row = params_ptr + slot * COLUMNS
+    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE)) + start
     backup_addr = tl.load(row + BACKUP)
 

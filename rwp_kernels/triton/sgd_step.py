@@ -24,12 +24,7 @@ COLUMNS: tl.constexpr = tl.constexpr(7)
 def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize,
                     first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
                     clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    item = items_ptr + T.ITEM_COLUMNS * pid
-    slot = tl.load(item)
-    start = tl.load(item + 1)
-    count = tl.load(item + 2)
-    row = params_ptr + slot * COLUMNS
+    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
     backup_addr = tl.load(row + BACKUP)
     # Per lane (a scalar flag does not combine with a mask in the interpreter).

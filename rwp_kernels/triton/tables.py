@@ -1,4 +1,5 @@
-"""Host side shared by the Triton ops: tile choice, work-item and address tables (cached), launch helpers.
+"""Shared by the Triton ops: tile choice, work-item and address tables (cached), launch helpers, and the
+device function that reads a program's work item.
 
 One launch covers every parameter of a call: its programs find their tensors through a device int64
 table with one row per parameter (addresses, sizes, indices; the columns are defined by each op) and
@@ -14,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -24,6 +26,17 @@ ITEM_COLUMNS: tl.constexpr = tl.constexpr(3)  # (param slot, first element, elem
 TILE_MENU = ((512, 4), (1024, 8))
 
 _CACHE_CAPACITY = 16
+
+
+@triton.jit
+def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
+    """This program's work item: its parameter's slot, the first element and element count, and the start
+    of the parameter's row in the address table (``COLUMNS`` words per parameter)."""
+    item = items_ptr + ITEM_COLUMNS * tl.program_id(0)
+    slot = tl.load(item)
+    start = tl.load(item + 1)
+    count = tl.load(item + 2)
+    return slot, start, count, params_ptr + slot * COLUMNS
 
 
 @dataclass(frozen=True)
