@@ -37,17 +37,13 @@ def test_default_run_short(tmp_path):
     assert summary["settings"]["dataset"] == "digits"
 
 
-@pytest.mark.parametrize("name", sorted(MODELS) + ["resnet18-torchvision"])
+@pytest.mark.parametrize("name", sorted(MODELS) + ["torchvision:resnet18", "mobilenet_v3_small"])
 def test_every_model_trains_a_step(name):
-    data = load_data("synthetic", synthetic_train=8, synthetic_size=32)
-    if name == "small_cnn":
-        data = load_data("digits")
+    data = load_data("digits") if name == "small_cnn" else load_data("synthetic", synthetic_train=8, synthetic_size=32)
     torch.manual_seed(0)
-    model = build_network("resnet18" if name == "resnet18-torchvision" else name, data)
-    if name == "resnet18-torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model("resnet18", weights=None, num_classes=data.num_classes)
+    model = build_network(name, data)
+    if name.startswith("torchvision:"):
+        assert type(model).__module__.startswith("torchvision"), "the prefix selects torchvision's network"
     x = torch.stack([data.train[i][0] for i in range(4)])
     y = torch.tensor([int(data.train[i][1]) for i in range(4)])
     out = model(x)

@@ -29,7 +29,7 @@ DATASET_DEFAULTS = {
     "digits": dict(model="small_cnn", workers=0),
     "cifar10": dict(model="resnet18", batch_size=256, epochs=200),
     "cifar100": dict(model="resnet18", batch_size=256, epochs=200),
-    "imagenet-folder": dict(model="resnet18", batch_size=256, epochs=90, weight_decay=1e-4),
+    "imagenet-folder": dict(model="torchvision:resnet18", batch_size=256, epochs=90, weight_decay=1e-4),
     "synthetic": dict(model="resnet18", batch_size=128, epochs=1, workers=0),
 }
 RECIPES = {
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
     a("--data-dir", default="data", help="where CIFAR files or the ImageNet-style train/ and val/ folders are")
     a("--download", action="store_true", help="download CIFAR into --data-dir (needs network access)")
-    a("--model", help="small_cnn, resnet18, vgg16_bn, wrn16_8, wrn28_10, or a torchvision model name")
+    a("--model", help="small_cnn, resnet18 (CIFAR-style), vgg16_bn, wrn16_8, wrn28_10, or a torchvision model "
+                      "by name (torchvision:resnet18 for its ImageNet ResNet-18)")
     a("--optimizer", nargs="+", choices=METHODS, help="optimizers to compare (default: sgd rwp)")
     a("--recipe", choices=sorted(RECIPES), help="the official settings of the paper as a preset")
     a("--epochs", type=_positive_int,
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     method_cfg = MethodConfig(lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
                               nesterov=s["nesterov"], gamma=s["gamma"], alpha=s["alpha"], eta=s["eta"], beta=s["beta"],
                               rho=s["rho"], schedule=s["rwp_schedule"], backend=args.backend)
-    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model']}")
+    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model'].replace(':', '-')}")
     print(f"rwp_kernels.train: {s['dataset']} ({len(data.train)} train / {len(data.test)} test images), "
           f"model {s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, device {s['device']}; "
           f"optimizers {' '.join(s['optimizer'])}; seeds {' '.join(map(str, s['seeds']))}; output {experiment}")
