@@ -13,9 +13,13 @@ The training loop (docs/optim.md has the details)::
 What p.grad holds between perturb() and step(): the clean gradient times (1 - alpha) / alpha plus the
 perturbed gradient, i.e. the mix divided by alpha; for ARWP with 0 < alpha < 1 the perturbed gradient
 alone (the clean one is kept aside). ``opt.clip_grad_norm_`` clips the true mix.
+
+``ParallelRWP`` (torch.distributed) computes the clean and the perturbed gradient on different ranks at
+the same time (docs/distributed.md).
 """
 from .bn import freeze_bn_stats
+from .distributed import ParallelRWP
 from .sgd import RWPSGD
 from .wrapper import RWP
 
-__all__ = ["RWPSGD", "RWP", "freeze_bn_stats"]
+__all__ = ["RWPSGD", "RWP", "ParallelRWP", "freeze_bn_stats"]

@@ -38,6 +38,9 @@ class _RWPOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self._window: Window | None = None
         self._backups: dict = {}  # param -> its backup buffer (restore="exact"), kept across steps
+        # Parallel mode (rwp_kernels.optim.distributed): the alpha this process applies itself instead of
+        # the groups' alpha, whose mixing then happens between processes.
+        self._local_alpha: float | None = None
 
     # ----------------------------------------------------------------------------------------- subclass API
     def _check_group(self, group: dict, where: str) -> None:
@@ -112,7 +115,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
         entries, index = [], 0
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {gi}: ")
-            alpha, adaptive = group["alpha"], group["adaptive"]
+            alpha = group["alpha"] if self._local_alpha is None else self._local_alpha
+            adaptive = group["adaptive"]
             mode = SPLIT if adaptive and 0.0 < alpha < 1.0 else SCALED
             for p in group["params"]:
                 if p.requires_grad and p.numel():
@@ -263,6 +267,9 @@ class _RWPOptimizer(torch.optim.Optimizer):
     def _step_with_closure(self, closure):
         if self._window is not None:
             raise RuntimeError("step(closure) runs both passes itself; do not call it between perturb() and step()")
+        if self._local_alpha is not None:
+            raise RuntimeError("step(closure) runs both passes in this process; in parallel mode (ParallelRWP) run "
+                               "the pass inside par.pass_() and call step() without a closure")
         alphas = [group["alpha"] for group in self.param_groups]
         loss = None
         if any(a < 1.0 for a in alphas):

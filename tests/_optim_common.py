@@ -1,8 +1,11 @@
 """Helpers shared by the tests of rwp_kernels.optim (test_optim_*.py)."""
 import copy
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import rwp_kernels
@@ -72,3 +75,20 @@ def stream_noise(p: torch.Tensor, index: int, step: int, seed: int, stream: int 
                           backend="reference")
     )
     return z
+
+
+def spawn_gloo(worker, world: int, args: tuple, timeout_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes; fail the test if they do not all finish
+    within ``timeout_s`` (a hung collective must not hang the suite) and kill what is left."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    context = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} processes did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()

@@ -8,18 +8,15 @@ loss of the whole batch is the mean of the per-rank losses (in training mode eac
 with its own half batch and no single-process run could match).
 """
 import os
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWPSGD
 
-from _optim_common import backward, batches, one_torch_thread  # noqa: F401
+from _optim_common import backward, batches, one_torch_thread, spawn_gloo  # noqa: F401
 
 WORLD = 2
 STEPS = 4
@@ -80,19 +77,7 @@ def _single_process():
 
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP processes did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    spawn_gloo(_worker, WORLD, (str(tmp_path / "init"), str(tmp_path)), TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert all(r["all_reduces"] == [0] * STEPS for r in results), "expected one all-reduce (one bucket) per step"
     for a, b in zip(results[0]["params"], results[1]["params"]):
