@@ -83,9 +83,16 @@ def test_resume_matches_the_uninterrupted_run(tmp_path):
         (["--dataset", "imagenet-folder", "--data-dir", "nowhere"], "imagenet-folder expects"),
         (["--batch-size", "5000"], "--batch-size 5000 is larger than the 1433 training images"),
         (["--out-dir", "afile/sub"], "afile"),
+        (["--parallel"], "--parallel runs one process per device under torchrun"),
+        (["--parallel", "--optimizer", "rwp", "arwp"], "--parallel does not run arwp"),
+        (["--parallel", "--optimizer", "sam"], "--parallel does not run sam"),
+        (["--parallel", "--alpha", "1"], "--parallel needs 0 < --alpha < 1"),
+        (["--parallel", "--rwp-schedule", "consecutive"], "--rwp-schedule consecutive does not apply to --parallel"),
     ],
 )
 def test_bad_input_fails_fast_with_one_line(tmp_path, monkeypatch, capsys, args, message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "afile").write_text("not a directory")
     monkeypatch.chdir(tmp_path)
     out_dir = [] if "--out-dir" in args else ["--out-dir", str(tmp_path / "out")]

@@ -5,6 +5,7 @@ CNN, SGD vs RWP with the same seed and the same number of updates, and a table o
 loss and time per epoch. Bad input is reported in one line, before any long work starts.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import sys
 
 import torch
 
+from . import parallel
 from .data import DATASETS, DataError, load_data
 from .engine import RunConfig, run
 from .methods import METHODS, SCHEDULES, MethodConfig, batches_per_update
@@ -97,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channels-last", action="store_true", default=None)
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--seeds", nargs="+", type=int, help="one run per seed; mean and std are reported")
-    a("--device", help="default: cuda if available, else cpu")
+    a("--device", help="default: cuda if available, else cpu (--parallel: cuda:<local rank>)")
+    a("--parallel", action="store_true",
+      help="run under torchrun, one process per device: sgd as data parallelism, rwp with the clean and the "
+           "perturbed pass on different processes at once (odd ranks perturbed); --batch-size is split over them")
     a("--workers", type=int, help="DataLoader worker processes")
     a("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
       help="rwp_kernels backend of the RWP optimizers")
@@ -137,7 +142,7 @@ def _fail(message: str) -> int:
 
 def _check_out_dir(path: str) -> None:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write-test")
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
     with open(probe, "w") as f:
         f.write("ok")
     os.remove(probe)
@@ -195,18 +200,48 @@ def main(argv=None) -> int:
             raise ValueError(f"--batch-size {s['batch_size']} is larger than the {len(data.train)} training images")
         if s["amp"] == "fp16" and "sam" in s["optimizer"]:
             raise ValueError("the SAM baseline does not support --amp fp16 (GradScaler); use --amp bf16")
-        if s["batch_size"] < 2 and any(m in ("rwp", "arwp") for m in s["optimizer"]) and s["alpha"] < 1:
+        if args.parallel:
+            ranks = _check_parallel(args, s)
+        elif s["batch_size"] < 2 and any(m in ("rwp", "arwp") for m in s["optimizer"]) and s["alpha"] < 1:
             raise ValueError("RWP's halves schedule needs --batch-size >= 2")
+        else:
+            ranks = parallel.Ranks()
     except (ValueError, DataError, OSError, RuntimeError) as err:
         return _fail(str(err))
+    with parallel.process_group(torch.device(s["device"])) if ranks.parallel else contextlib.nullcontext():
+        return _train(args, s, data, ranks)
 
+
+def _check_parallel(args: argparse.Namespace, s: dict) -> parallel.Ranks:
+    """The checks of --parallel that need no other process; sets the device of this rank."""
+    for method in s["optimizer"]:
+        if method in parallel.UNSUPPORTED:
+            raise ValueError(f"--parallel does not run {method}: {parallel.UNSUPPORTED[method]}")
+    if "rwp" in s["optimizer"] and not 0 < s["alpha"] < 1:
+        raise ValueError(f"--parallel needs 0 < --alpha < 1 (clean and perturbed ranks both contribute), got {s['alpha']}")
+    if args.rwp_schedule == "consecutive":
+        raise ValueError("--rwp-schedule consecutive does not apply to --parallel: the clean and the perturbed "
+                         "pass run on different processes, each on its share of every batch")
+    ranks = parallel.ranks_from_env()
+    if s["batch_size"] % ranks.world:
+        raise ValueError(f"--batch-size {s['batch_size']} does not split evenly over {ranks.world} processes")
+    s["device"] = str(parallel.device_of(ranks, args.device))
+    s["rwp_schedule"] = "halves"
+    return ranks
+
+
+def _train(args: argparse.Namespace, s: dict, data, ranks: parallel.Ranks) -> int:
     method_cfg = MethodConfig(lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
                               nesterov=s["nesterov"], gamma=s["gamma"], alpha=s["alpha"], eta=s["eta"], beta=s["beta"],
                               rho=s["rho"], schedule=s["rwp_schedule"], backend=args.backend)
-    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model'].replace(':', '-')}")
-    print(f"rwp_kernels.train: {s['dataset']} ({len(data.train)} train / {len(data.test)} test images), "
-          f"model {s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, device {s['device']}; "
-          f"optimizers {' '.join(s['optimizer'])}; seeds {' '.join(map(str, s['seeds']))}; output {experiment}")
+    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model'].replace(':', '-')}"
+                              + (f"-parallel{ranks.world}" if ranks.parallel else ""))
+    where = (f"{ranks.world} processes ({len(range(1, ranks.world, 2))} perturbed), device {s['device'].split(':')[0]}"
+             if ranks.parallel else f"device {s['device']}")
+    if ranks.is_main:
+        print(f"rwp_kernels.train: {s['dataset']} ({len(data.train)} train / {len(data.test)} test images), "
+              f"model {s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, {where}; "
+              f"optimizers {' '.join(s['optimizer'])}; seeds {' '.join(map(str, s['seeds']))}; output {experiment}")
     results = {}
     for method in s["optimizer"]:
         for seed in s["seeds"]:
@@ -215,12 +250,17 @@ def main(argv=None) -> int:
                             lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
                             channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
                             workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress,
-                            stop_after=args.stop_after)
-            history = run(cfg, data, os.path.join(experiment, f"{method}-seed{seed}"), resume=args.resume)
+                            stop_after=args.stop_after, world_size=ranks.world)
+            history = run(cfg, data, os.path.join(experiment, f"{method}-seed{seed}"), resume=args.resume,
+                          ranks=ranks)
+            if not ranks.is_main:
+                continue
             last = history[-1]
             print(f"  {method:<5} seed {seed}: test acc {100 * last['test_acc']:.2f}%, test loss {last['test_loss']:.4f}, "
                   f"{statistics.median(r['epoch_time'] for r in history):.3f} s/epoch", flush=True)
             results.setdefault(method, []).append(history)
+    if not ranks.is_main:
+        return 0
 
     rows = summarize(results)
     print(format_table(rows))

@@ -127,54 +127,81 @@ def load_data(name: str, *, data_dir: str = "data", download: bool = False, cuto
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-class TensorBatches:
-    """Shuffled mini-batches of an in-memory TensorDataset, without DataLoader's per-sample overhead."""
+class EpochBatches:
+    """The index batches of one epoch: the order depends only on (seed, epoch). With ``shard=(rank, world)``
+    each batch is the share ``rank::world`` of the global batch of ``batch_size`` (``--parallel``: the ranks
+    split every update's batch)."""
 
-    def __init__(self, dataset: TensorDataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
-        self.tensors, self.batch_size = dataset.tensors, batch_size
-        self.shuffle, self.drop_last, self.seed, self.epoch = shuffle, drop_last, seed, 0
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, shard=(0, 1)):
+        self.n, self.batch_size, self.shuffle, self.drop_last, self.seed = n, batch_size, shuffle, drop_last, seed
+        self.rank, self.world = shard
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.tensors[0])
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self):
-        n = len(self.tensors[0])
-        order = torch.arange(n)
+        order = torch.arange(self.n)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
+
+
+class TensorBatches:
+    """Mini-batches of an in-memory TensorDataset, without DataLoader's per-sample overhead."""
+
+    def __init__(self, dataset: TensorDataset, indices: EpochBatches):
+        self.tensors, self.indices = dataset.tensors, indices
+
+    def set_epoch(self, epoch: int) -> None:
+        self.indices.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        for idx in self.indices:
             yield tuple(t[idx] for t in self.tensors)
 
 
-class SeededLoader:
-    """A DataLoader whose shuffling and worker seeds come from (seed, epoch)."""
+class _IndexLists:
+    """EpochBatches as the lists of ints DataLoader's batch_sampler yields."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, workers: int):
-        self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
-        self.seed, self.workers, self.epoch = seed, workers, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _loader(self) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return DataLoader(self.dataset, self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
-                          num_workers=self.workers, generator=gen, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False)
+    def __init__(self, indices: EpochBatches):
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self._loader())
+        return len(self.indices)
 
     def __iter__(self):
-        return iter(self._loader())
+        return (idx.tolist() for idx in self.indices)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int):
+class SeededLoader:
+    """A DataLoader whose batches and worker seeds come from (seed, epoch)."""
+
+    def __init__(self, dataset: Dataset, indices: EpochBatches, *, workers: int):
+        self.dataset, self.indices, self.workers = dataset, indices, workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.indices.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.indices.seed * 100003 + self.indices.epoch)
+        return iter(DataLoader(self.dataset, batch_sampler=_IndexLists(self.indices), num_workers=self.workers,
+                               generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=False))
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int, shard=(0, 1)):
+    """Batches of ``dataset`` (shuffled, full batches only, when ``train``); ``shard``: see EpochBatches."""
+    indices = EpochBatches(len(dataset), batch_size, shuffle=train, drop_last=train, seed=seed, shard=shard)
     if isinstance(dataset, TensorDataset):
-        return TensorBatches(dataset, batch_size, shuffle=train, drop_last=train, seed=seed)
-    return SeededLoader(dataset, batch_size, shuffle=train, drop_last=train, seed=seed, workers=workers)
+        return TensorBatches(dataset, indices)
+    return SeededLoader(dataset, indices, workers=workers)

@@ -1,5 +1,6 @@
 """One training run (one optimizer, one seed): epochs with a progress bar, evaluation, a JSON-lines log,
-a checkpoint after every epoch, and a bit-exact resume from it."""
+a checkpoint after every epoch, and a bit-exact resume from it. Under ``--parallel`` every rank trains on
+its share of each batch, and rank 0 alone evaluates, logs and checkpoints."""
 import json
 import os
 import time
@@ -8,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..optim import ParallelRWP
+from . import parallel
 from .data import Data, make_loader
 from .methods import MethodConfig, Stepper, autocast_factory, batches_per_update, build_optimizer
 from .netbuild import build_network
@@ -33,6 +36,7 @@ class RunConfig:
     method_cfg: MethodConfig
     progress: bool = True
     stop_after: int | None = None  # end this invocation after that epoch (continue later with resume)
+    world_size: int = 1  # processes of a --parallel run
 
 
 def _scheduler(optimizer, schedule: str, epochs: int):
@@ -87,41 +91,50 @@ def _grouped(loader, size: int):
             group = []
 
 
-def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> list[dict]:
-    """Train, evaluate after every epoch, and return the per-epoch records (also in run_dir/log.jsonl)."""
+def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False,
+        ranks: parallel.Ranks = parallel.Ranks()) -> list[dict]:
+    """Train, evaluate after every epoch, and return the per-epoch records (also in run_dir/log.jsonl);
+    under --parallel the records on rank 0 only (the other ranks return an empty list)."""
     from tqdm.auto import tqdm
 
     device = torch.device(cfg.device)
     os.makedirs(run_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = build_network(cfg.model, data).to(device)
+    net = build_network(cfg.model, data).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    model = parallel.wrap(net, device) if ranks.parallel else net
     forward = torch.compile(model) if cfg.compile else model
+    # DDP's forward is collective: rank 0 evaluates the plain network alone.
+    evaluated = forward if not ranks.parallel else net
     optimizer = build_optimizer(cfg.method, model, cfg.method_cfg, cfg.seed)
     scheduler = _scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     autocast = autocast_factory(cfg.amp, device)
-    stepper = Stepper(cfg.method, forward, optimizer, criterion, cfg.method_cfg, autocast=autocast, scaler=scaler)
+    par = ParallelRWP(model, optimizer) if ranks.parallel and cfg.method == "rwp" else None
+    stepper = Stepper(cfg.method, forward, optimizer, criterion, cfg.method_cfg, autocast=autocast, scaler=scaler,
+                      parallel=par)
     group = batches_per_update(cfg.method, cfg.method_cfg)
-    train_loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers)
+    train_loader = make_loader(data.train, cfg.batch_size, train=True, seed=cfg.seed, workers=cfg.workers,
+                               shard=(ranks.rank, ranks.world))
     test_loader = make_loader(data.test, max(cfg.batch_size, 256), train=False, seed=cfg.seed, workers=cfg.workers)
 
     history, start = [], 0
     ckpt_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     if resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         history, start = ckpt["history"], ckpt["epoch"]
-    with open(log_path, "w") as log:  # rewritten from the history, so a resumed log has no duplicates
-        for record in history:
-            log.write(json.dumps(record) + "\n")
+    if ranks.is_main:
+        with open(log_path, "w") as log:  # rewritten from the history, so a resumed log has no duplicates
+            for record in history:
+                log.write(json.dumps(record) + "\n")
 
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(start, last):
@@ -129,7 +142,7 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> li
         model.train()
         steps = len(train_loader) // group
         bar = tqdm(total=steps, desc=f"{cfg.method} seed {cfg.seed} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
+                   disable=None if cfg.progress and ranks.is_main else True, leave=False, dynamic_ncols=True)
         totals = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -152,7 +165,11 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> li
         bar.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        test_loss, test_acc = evaluate(forward, test_loader, criterion, device, autocast)
+        if ranks.parallel:
+            totals = parallel.sum_over_ranks(totals, device)
+            if not ranks.is_main:
+                continue
+        test_loss, test_acc = evaluate(evaluated, test_loader, criterion, device, autocast)
         record = dict(
             method=cfg.method, seed=cfg.seed, epoch=epoch + 1, lr=lr,
             train_loss=totals.loss_sum.item() / totals.count, train_acc=totals.correct.item() / totals.count,
@@ -162,7 +179,7 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False) -> li
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
         _save_atomically(dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            model=net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None, rng=_rng_state(), history=history,
             epoch=epoch + 1, config=asdict(cfg),
         ), ckpt_path)

@@ -7,6 +7,9 @@
   batches, as the official single-device m-RWP code). BatchNorm running statistics come from the clean
   pass. alpha=1 is the 1x variant: only the perturbed pass, on the whole batch.
 - ``sam``: the SAM baseline, two sequential passes on the same batch.
+
+With ``--parallel`` (rwp_kernels.train.parallel) ``rwp`` runs on several processes: each runs one pass on
+its share of the batch, the clean or the perturbed one, through ``ParallelRWP``.
 """
 import contextlib
 from dataclasses import dataclass
@@ -67,10 +70,11 @@ class Stepper:
     """Runs one update of ``method`` on a list of batches (``batches_per_update`` of them)."""
 
     def __init__(self, method: str, model: nn.Module, optimizer, criterion, cfg: MethodConfig, *,
-                 autocast, scaler):
+                 autocast, scaler, parallel=None):
         self.method, self.model, self.opt, self.criterion, self.cfg = method, model, optimizer, criterion, cfg
         self.autocast = autocast  # a callable returning a context manager
         self.scaler = scaler  # torch.amp.GradScaler or None
+        self.parallel = parallel  # rwp_kernels.optim.ParallelRWP for rwp with --parallel
 
     def _forward_backward(self, x, y) -> StepResult:
         with self.autocast():
@@ -107,6 +111,11 @@ class Stepper:
         return result
 
     def _rwp(self, batches) -> StepResult:
+        if self.parallel is not None:  # this rank's one pass, clean or perturbed; the hook mixes
+            with self.parallel.pass_():
+                result = self._forward_backward(*batches[0])
+            self._apply(self.opt.step)
+            return result
         if self.cfg.alpha == 1.0:  # the 1x variant: the perturbed pass alone, BN statistics from it
             with self.opt.perturbed():
                 result = self._forward_backward(*batches[0])
