@@ -55,9 +55,19 @@ def _state(module) -> dict:
 def _train_parallel(rank: int, world: int, perturbed, backend: str) -> dict:
     model = DistributedDataParallel(_model())
     opt = RWPSGD(model.parameters(), **SGD, gamma=GAMMA, alpha=ALPHA, seed=SEED + rank, backend=backend)
+    errors = []
+    for bad in ([0], [world]):
+        try:
+            ParallelRWP(model, opt, perturbed_ranks=bad)
+        except ValueError as err:
+            errors.append(str(err))
     par = ParallelRWP(model, opt, perturbed_ranks=perturbed)
+    try:
+        opt.step(lambda: backward(model, _data(world)[rank]))
+    except RuntimeError as err:
+        errors.append(str(err))
     data = _data(world)
-    record = dict(seed=opt.seed, stream=opt.stream, perturbed=par.is_perturbed_rank)
+    record = dict(seed=opt.seed, stream=opt.stream, perturbed=par.is_perturbed_rank, errors=errors)
     for t in range(STEPS):
         if t == FAIL_AT:
             clean = [p.detach().clone() for p in model.parameters()]
@@ -172,6 +182,11 @@ def test_parallel_rwp(tmp_path, world, perturbed, backend, official):
     assert [o["seed"] for o in ours] == [SEED] * world, "every rank must use rank 0's seed"
     assert [o["stream"] for o in ours] == list(range(world)), "the noise stream of a rank is its rank"
     assert [r for r in range(world) if ours[r]["perturbed"]] == perturbed_ranks
+    for o in ours:
+        assert len(o["errors"]) == 3, o["errors"]
+        assert "rank 0 must be a clean rank" in o["errors"][0]
+        assert f"are not all in 0..{world - 1}" in o["errors"][1]
+        assert "in parallel mode (ParallelRWP)" in o["errors"][2]
 
     # the mix of one step, against the single-process computation
     expected = _single_process(world, perturbed_ranks, CHECK_AT)
@@ -200,3 +215,29 @@ def test_parallel_rwp(tmp_path, world, perturbed, backend, official):
         drift = max((a - b).abs().max().item() for a, b in zip(runs[0]["official"], runs[1]["official"]))
         print(f"\nafter {STEPS} steps: official scheme's replicas differ by up to {drift:.3g}; ParallelRWP's by 0")
         assert drift > 0, "the official sub_ restore was expected to let the replicas drift apart"
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda m: (m, RWPSGD(m.parameters(), lr=0.1)), TypeError, "needs a DistributedDataParallel model"),
+    (lambda m: (DistributedDataParallel(m), torch.optim.SGD(m.parameters(), lr=0.1)), TypeError,
+     "needs an rwp_kernels.optim optimizer"),
+    (lambda m: (DistributedDataParallel(m), RWPSGD(m.parameters(), lr=0.1, adaptive=True)), ValueError,
+     "does not support adaptive=True"),
+    (lambda m: (DistributedDataParallel(m), RWPSGD(m.parameters(), lr=0.1, restore="regenerate")), ValueError,
+     "needs restore='exact'"),
+    (lambda m: (DistributedDataParallel(m), RWPSGD(m.parameters(), lr=0.1)), ValueError,
+     "at least one perturbed and one clean rank; world size 1"),
+])
+def test_parallel_rwp_rejects(one_process_group, make, error, message):
+    model, opt = make(_model())
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ParallelRWP(model, opt)
