@@ -10,6 +10,8 @@ on its own batches, then compares in this process:
 - after 32 steps, the weights of all ranks, bit for bit;
 - a pass that raises on every rank, after the perturbed forward: the perturbed ranks' weights are back to
   the clean ones bit for bit, and training goes on;
+- with 2 processes, RWP around AdamW, and RWPSGD under a GradScaler whose step overflows on one rank:
+  the replicas stay identical too;
 - with 2 processes, the official scheme (perturbed rank adds its noise, losses scaled by 2 alpha and
   2 (1 - alpha), DDP's averaging all-reduce, ``p.sub_(noise)``, torch.optim.SGD): its replicas drift apart.
 """
@@ -25,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import rwp_kernels
 from rwp_kernels.models import small_cnn
-from rwp_kernels.optim import ParallelRWP, RWPSGD, freeze_bn_stats
+from rwp_kernels.optim import RWP, ParallelRWP, RWPSGD, freeze_bn_stats
 
 from _optim_common import CPU_BACKENDS, backward, batches, one_torch_thread, spawn_gloo  # noqa: F401
 
@@ -90,6 +92,47 @@ def _train_parallel(rank: int, world: int, perturbed, backend: str) -> dict:
     return record
 
 
+def _train_parallel_adamw(rank: int, world: int, backend: str) -> list[torch.Tensor]:
+    """The RWP wrapper around AdamW in parallel mode (default split)."""
+    model = DistributedDataParallel(_model())
+    opt = RWP(model.parameters(), torch.optim.AdamW, lr=1e-3, gamma=GAMMA, alpha=ALPHA, seed=SEED, backend=backend)
+    par = ParallelRWP(model, opt)
+    data = _data(world)
+    for t in range(10):
+        opt.zero_grad()
+        with par.pass_():
+            backward(model, data[t * world + rank])
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _train_parallel_amp(rank: int, world: int, backend: str) -> dict:
+    """RWPSGD under a GradScaler in parallel mode; at step 3 rank 1's gradient overflows (its loss is
+    multiplied by inf): the mixed gradient is inf on every rank, so every rank skips the update and the
+    perturbed rank restores its weights."""
+    model = DistributedDataParallel(_model())
+    opt = RWPSGD(model.parameters(), **SGD, gamma=GAMMA, alpha=ALPHA, seed=SEED, backend=backend)
+    par = ParallelRWP(model, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    data = _data(world)
+    record = {}
+    for t in range(6):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        with par.pass_():
+            x, y = data[t * world + rank]
+            loss = F.cross_entropy(model(x), y) * (float("inf") if t == 3 and rank == 1 else 1.0)
+            scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if t == 3:
+            record["skipped"] = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            record["scale_halved"] = scaler.get_scale() == scale / 2
+    record["final"] = [p.detach().clone() for p in model.parameters()]
+    return record
+
+
 def _official_noise(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The official code's noise: N(0, (gamma * ||filter||)^2) per output filter, whole tensor for 1-D."""
     if p.dim() > 1:
@@ -132,6 +175,8 @@ def _worker(rank, world, perturbed, backend, official, init_file, out_dir):
         result = {"ours": _train_parallel(rank, world, perturbed, backend)}
         if official:
             result["official"] = _train_official(rank, world)
+            result["adamw"] = _train_parallel_adamw(rank, world, backend)
+            result["amp"] = _train_parallel_amp(rank, world, backend)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -212,6 +257,14 @@ def test_parallel_rwp(tmp_path, world, perturbed, backend, official):
             assert torch.equal(a, b), f"rank {r}, parameter {i}: max diff {(a - b).abs().max().item():.3g}"
 
     if official:
+        start = list(_model().parameters())
+        assert max((a - s).abs().max().item() for a, s in zip(runs[0]["adamw"], start)) > 1e-3
+        for a, b in zip(runs[0]["adamw"], runs[1]["adamw"]):
+            assert torch.equal(a, b), "RWP(AdamW): the replicas must stay identical"
+        for r, run in enumerate(runs):
+            assert run["amp"]["skipped"] and run["amp"]["scale_halved"], f"GradScaler overflow on rank {r}"
+        for a, b in zip(runs[0]["amp"]["final"], runs[1]["amp"]["final"]):
+            assert torch.equal(a, b), "GradScaler: the replicas must stay identical"
         drift = max((a - b).abs().max().item() for a, b in zip(runs[0]["official"], runs[1]["official"]))
         print(f"\nafter {STEPS} steps: official scheme's replicas differ by up to {drift:.3g}; ParallelRWP's by 0")
         assert drift > 0, "the official sub_ restore was expected to let the replicas drift apart"
