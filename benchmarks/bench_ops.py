@@ -1,10 +1,13 @@
 """Microbenchmark: the fused ops against the reference backend and the official per-parameter loop.
 
-    python benchmarks/bench_ops.py [--models resnet18 wrn28_10 resnet50] [--repeats 5] [--threads N]
-                                   [--device cpu|cuda] [--backends cpu reference] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--models resnet18 wrn28_10 resnet50] [--repeats 5] [--rounds 3]
+                                   [--threads N] [--device cpu|cuda] [--backends cpu reference]
+                                   [--out benchmarks/results]
 
 On the parameter shapes of real models (float32), in one run, medians of ``--repeats`` timed calls
-after a warm-up:
+after a warm-up; the whole measurement runs ``--rounds`` times and each figure is the median of its
+rounds, so that a slow phase of a shared machine does not fall on one op alone (the ratios of every
+round are printed too):
 - official: the per-parameter loop of the RWP reference code (row norms, repeat, torch.normal, add_;
   sub_ to restore) plus torch.optim.SGD's step (foreach, momentum 0.9, weight decay);
 - torch.optim.SGD's step alone (foreach and fused);
@@ -14,7 +17,9 @@ after a warm-up:
   of every parameter element, next to torch.normal_ on as many floats (both fill a preallocated
   tensor; the reference backend has no in-place form and allocates);
 - the memory-traffic floor: copying 20 bytes per parameter element (40 bytes moved: what the two
-  fused launches of the exact mode read and write), as one tensor copy.
+  fused launches of the exact mode read and write), as one tensor copy; and, per fused backend, the
+  ratio perturb+step / floor as the median over back-to-back pairs of calls (robust to a shared
+  machine's slow phases, which the ratio of two separately measured medians is not).
 Prints a table and writes bench_ops.csv and bench_ops.png under --out.
 """
 import argparse
@@ -94,7 +99,25 @@ def timer(device):
                 times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3, min(times) * 1e3
 
+    measure.sync = sync
     return measure
+
+
+def paired_ratio(fn, baseline, pairs, sync, warmup=2):
+    """Median over ``pairs`` back-to-back (fn, baseline) calls of time(fn) / time(baseline): both calls of
+    a pair see the same state of a shared machine, which the medians of separate series do not."""
+    ratios = []
+    for i in range(warmup + pairs):
+        times = []
+        for f in (fn, baseline):
+            sync()
+            start = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - start)
+        if i >= warmup:
+            ratios.append(times[0] / times[1])
+    return statistics.median(ratios)
 
 
 class State:
@@ -127,6 +150,7 @@ def official_loop(params, gamma):
 
 def bench_model(name, shapes, device, repeats, backend_names):
     measure = timer(device)
+    sync = measure.sync
     st = State(shapes, device)
     rows = []
 
@@ -156,8 +180,9 @@ def bench_model(name, shapes, device, repeats, backend_names):
         add("copy 20 B/elem (floor)", "torch", lambda: dst.copy_(src))
         normal_out = torch.empty(st.numel, device=device)
         add("noise", "torch.normal_", normal_out.normal_)
-        del src, dst, normal_out
+        del normal_out
 
+        floor = lambda: dst.copy_(src)  # noqa: E731
         for backend in backend_names:
             reps = repeats if backend != "reference" else max(1, min(repeats, 2))
             counter = iter(range(1, 1 << 30))
@@ -184,6 +209,12 @@ def bench_model(name, shapes, device, repeats, backend_names):
             add("sgd_step_", backend, step, reps=reps)
             add("restore_ (regenerated)", backend, regen, setup=perturb, reps=reps)
             add("noise", backend, noise_fn(backend, st.numel, device), reps=reps)
+            if backend != "reference":
+                ratio = paired_ratio(both, floor, 3 * repeats, sync)
+                rows.append(dict(model=name, op="perturb+step / floor (paired)", backend=backend, median_ms=ratio,
+                                 min_ms=ratio, repeats=3 * repeats, threads=torch.get_num_threads(), numel=st.numel,
+                                 device=device.type))
+                print(f"  {'perturb+step / floor, paired':<28} {backend:<10} {ratio:9.2f} x", flush=True)
     return rows
 
 
@@ -194,6 +225,16 @@ def noise_fn(backend, numel, device):
     out = torch.empty(numel, device=device)
     k0, k1 = stream.philox_key(1, 0)
     return lambda: torch.ops.rwp_kernels.noise_(out, k0, k1, 0, 0, 0)
+
+
+def median_over_rounds(rounds):
+    """One row per (model, op, backend): the median of its rounds' medians, the best time of all rounds."""
+    rows = []
+    for i, first in enumerate(rounds[0]):
+        mine = [rows_of_round[i] for rows_of_round in rounds]
+        rows.append(dict(first, median_ms=statistics.median(r["median_ms"] for r in mine),
+                         min_ms=min(r["min_ms"] for r in mine), rounds=len(rounds)))
+    return rows
 
 
 def summarize(rows):
@@ -209,10 +250,12 @@ def summarize(rows):
                 continue
             fused = by[(model, "perturb+step", backend)]
             noise = by[(model, "noise", backend)]
+            paired = by.get((model, "perturb+step / floor (paired)", backend))
+            paired = f" (paired: {paired:4.2f}x)" if paired is not None else ""
             lines.append(
                 f"{model:<9} {backend:<10} perturb+step {fused:8.2f} ms: {official / fused:5.1f}x faster than the "
-                f"official loop + SGD ({official:.1f} ms), {fused / floor:4.2f}x the copy floor ({floor:.1f} ms); "
-                f"noise {normal / noise:4.1f}x torch.normal_'s throughput"
+                f"official loop + SGD ({official:.1f} ms), {fused / floor:4.2f}x the copy floor ({floor:.1f} ms)"
+                f"{paired}; noise {normal / noise:4.1f}x torch.normal_'s throughput"
             )
     return lines
 
@@ -248,6 +291,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat the whole measurement; medians over rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", nargs="+", default=None,
@@ -265,13 +309,23 @@ def main(argv=None):
             sys.exit(f"backend {name!r} is unavailable for {device.type} tensors: {reason}")
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, backends {names}")
 
-    rows = []
-    for model in args.models:
-        shapes = MODELS[model]()
-        print(f"{model}: {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters")
-        rows += bench_model(model, shapes, device, args.repeats, names)
+    rounds = []
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}")
+        rows = []
+        for model in args.models:
+            shapes = MODELS[model]()
+            print(f"{model}: {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes) / 1e6:.1f}M parameters")
+            rows += bench_model(model, shapes, device, args.repeats, names)
+        rounds.append(rows)
 
-    print()
+    if args.rounds > 1:
+        for r, rows in enumerate(rounds):
+            print(f"\nround {r + 1}:")
+            for line in summarize(rows):
+                print(line)
+        print(f"\nmedians over {args.rounds} rounds:")
+    rows = median_over_rounds(rounds)
     for line in summarize(rows):
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)
