@@ -73,6 +73,9 @@ def process_group(device: torch.device):
         dist.init_process_group("gloo")
     try:
         yield
+        # Leave together: a rank that tears its group down while rank 0 still evaluates and writes the
+        # checkpoint can abort in gloo's threads. (On an error torchrun stops every rank anyway.)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
