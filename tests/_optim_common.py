@@ -67,6 +67,14 @@ def max_param_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+def official_sigma(w: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The noise std of the official code, broadcastable to ``w``: gamma * ||row|| per output filter,
+    gamma * (||w|| + 1e-16) for a 0-D/1-D tensor."""
+    if w.dim() > 1:
+        return gamma * w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+    return gamma * (w.norm() + 1e-16)
+
+
 def stream_noise(p: torch.Tensor, index: int, step: int, seed: int, stream: int = 0) -> torch.Tensor:
     """The noise z of parameter ``p`` as the fused ops draw it (element e = offset e in memory order)."""
     z = torch.empty_like(p, dtype=torch.float32)

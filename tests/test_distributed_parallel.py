@@ -29,7 +29,7 @@ import rwp_kernels
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWP, ParallelRWP, RWPSGD, freeze_bn_stats
 
-from _optim_common import CPU_BACKENDS, backward, batches, one_torch_thread, spawn_gloo  # noqa: F401
+from _optim_common import CPU_BACKENDS, backward, batches, official_sigma, one_torch_thread, spawn_gloo  # noqa: F401
 
 STEPS = 32
 CHECK_AT = 3  # steps compared with the single-process computation (rounding grows with more)
@@ -133,15 +133,6 @@ def _train_parallel_amp(rank: int, world: int, backend: str) -> dict:
     return record
 
 
-def _official_noise(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The official code's noise: N(0, (gamma * ||filter||)^2) per output filter, whole tensor for 1-D."""
-    if p.dim() > 1:
-        sigma = GAMMA * p.reshape(p.shape[0], -1).norm(dim=1).view(-1, *[1] * (p.dim() - 1))
-    else:
-        sigma = GAMMA * (p.norm() + 1e-16)
-    return torch.randn(p.shape, generator=generator) * sigma
-
-
 def _train_official(rank: int, world: int) -> list[torch.Tensor]:
     model = DistributedDataParallel(_model())
     sgd = torch.optim.SGD(model.parameters(), **SGD)
@@ -154,7 +145,7 @@ def _train_official(rank: int, world: int) -> list[torch.Tensor]:
         if perturbed:
             with torch.no_grad():
                 for p in model.parameters():
-                    noise.append(_official_noise(p, generator))
+                    noise.append(torch.randn(p.shape, generator=generator) * official_sigma(p, GAMMA))
                     p.add_(noise[-1])
         x, y = data[t * world + rank]
         with freeze_bn_stats(model) if perturbed else contextlib.nullcontext():

@@ -26,7 +26,7 @@ from rwp_kernels import backends
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
 from _optim_common import (CPU_BACKENDS, backward, batches, model_pair, one_torch_thread,  # noqa: F401
-                           params_of, stream_noise)
+                           official_sigma, params_of, stream_noise)
 
 STEPS = 10
 SEED = 1234
@@ -209,11 +209,7 @@ def test_perturbation_is_the_official_noise(backend):
     opt.perturb()
     for i, (p, w) in enumerate(zip(model.parameters(), clean)):
         z = stream_noise(p, i, 0, SEED)
-        if w.dim() > 1:
-            sigma = 0.02 * w.reshape(w.shape[0], -1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
-        else:
-            sigma = 0.02 * (w.norm() + 1e-16)
-        torch.testing.assert_close(p.detach(), w + sigma * z, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p.detach(), w + official_sigma(w, 0.02) * z, atol=1e-6, rtol=1e-5)
         assert not torch.equal(p.detach(), w)
     opt.restore()
     for p, w in zip(model.parameters(), clean):
