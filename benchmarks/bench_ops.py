@@ -154,10 +154,13 @@ def bench_model(name, shapes, device, repeats, backend_names):
     st = State(shapes, device)
     rows = []
 
-    def add(op, backend, fn, setup=None, reps=repeats):
-        median, best = measure(fn, reps, setup, warmup=2 if reps > 2 else 1)
+    def record(op, backend, median, best, reps):
         rows.append(dict(model=name, op=op, backend=backend, median_ms=median, min_ms=best, repeats=reps,
                          threads=torch.get_num_threads(), numel=st.numel, device=device.type))
+
+    def add(op, backend, fn, setup=None, reps=repeats):
+        median, best = measure(fn, reps, setup, warmup=2 if reps > 2 else 1)
+        record(op, backend, median, best, reps)
         print(f"  {op:<28} {backend:<10} {median:9.2f} ms", flush=True)
 
     ref_params = [torch.nn.Parameter(p.clone()) for p in st.params]
@@ -211,9 +214,7 @@ def bench_model(name, shapes, device, repeats, backend_names):
             add("noise", backend, noise_fn(backend, st.numel, device), reps=reps)
             if backend != "reference":
                 ratio = paired_ratio(both, floor, 3 * repeats, sync)
-                rows.append(dict(model=name, op="perturb+step / floor (paired)", backend=backend, median_ms=ratio,
-                                 min_ms=ratio, repeats=3 * repeats, threads=torch.get_num_threads(), numel=st.numel,
-                                 device=device.type))
+                record("perturb+step / floor (paired)", backend, ratio, ratio, 3 * repeats)
                 print(f"  {'perturb+step / floor, paired':<28} {backend:<10} {ratio:9.2f} x", flush=True)
     return rows
 
