@@ -152,29 +152,42 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
   return static_cast<const ParamEntry*>(c.device.data_ptr());
 }
 
+#endif
+
+// RWP_CUDA(code): the code in a build with CUDA kernels, nullptr in one without (where it could not compile).
+#ifdef RWP_WITH_CUDA
+#define RWP_CUDA(...) __VA_ARGS__
+#else
+#define RWP_CUDA(...) nullptr
+#endif
+
+// launch(stream) on the current stream of like's device; in a build without CUDA kernels (launch is
+// then nullptr) a clear error instead.
 template <class Launch>
-void launch_cuda(const Tensor& like, const Launch& launch) {
+void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
+#ifdef RWP_WITH_CUDA
   const c10::cuda::CUDAGuard guard(like.device());
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(like.device().index());
   C10_CUDA_CHECK(launch(stream));
-}
+#else
+  (void)like;
+  (void)launch;
+  TORCH_CHECK(false, "rwp_kernels::", op, ": this build of the extension has no CUDA kernels");
 #endif
+}
 
 // Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, stream).
 template <class CpuFn, class CudaFn>
 void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
   const int64_t n = static_cast<int64_t>(t.entries.size());
-  (void)like;
   if (!t.cuda) {
     cpu_fn(t.entries.data(), n, t.units);
     return;
   }
-#ifdef RWP_WITH_CUDA
-  launch_cuda(like, [&](c10::cuda::CUDAStream stream) { return cuda_fn(device_table(t, op, stream), n, t.units, stream.stream()); });
-#else
   (void)cuda_fn;
-  TORCH_CHECK(false, "rwp_kernels::", op, ": this build of the extension has no CUDA kernels");
-#endif
+  launch_cuda(like, op, RWP_CUDA([&](c10::cuda::CUDAStream stream) {
+    return cuda_fn(device_table(t, op, stream), n, t.units, stream.stream());
+  }));
 }
 
 // ---- ops -------------------------------------------------------------------------------------------
@@ -188,13 +201,9 @@ Tensor philox_op(const Tensor& counter, const Tensor& key) {
   Tensor out = at::empty({c.size(0), 4}, c.options());
   if (c.size(0) == 0) return out;
   if (c.is_cuda()) {
-#ifdef RWP_WITH_CUDA
-    launch_cuda(c, [&](c10::cuda::CUDAStream s) {
+    launch_cuda(c, "philox4x32_10", RWP_CUDA([&](c10::cuda::CUDAStream s) {
       return cuda::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0), s.stream());
-    });
-#else
-    TORCH_CHECK(false, "rwp_kernels::philox4x32_10: this build of the extension has no CUDA kernels");
-#endif
+    }));
   } else {
     cpu::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0));
   }
@@ -209,13 +218,9 @@ void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index
   const uint32_t pi = word(param_index, op, "param_index");
   if (out.numel() == 0) return;
   if (out.is_cuda()) {
-#ifdef RWP_WITH_CUDA
-    launch_cuda(out, [&](c10::cuda::CUDAStream s) {
+    launch_cuda(out, op, RWP_CUDA([&](c10::cuda::CUDAStream s) {
       return cuda::noise(out.data_ptr<float>(), out.numel(), offset, pi, key, s.stream());
-    });
-#else
-    TORCH_CHECK(false, "rwp_kernels::noise_: this build of the extension has no CUDA kernels");
-#endif
+    }));
   } else {
     cpu::noise(out.data_ptr<float>(), out.numel(), offset, pi, key);
   }
@@ -253,12 +258,9 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
                          sigmas.data_ptr<float>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
-#ifdef RWP_WITH_CUDA
-      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::perturb(table, np, units, args, s); }
-#else
-      nullptr
-#endif
-  );
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
+        return cuda::perturb(table, np, units, args, s);
+      }));
   return sigmas;
 }
 
@@ -319,12 +321,9 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::restore(table, np, units, args); },
-#ifdef RWP_WITH_CUDA
-      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::restore(table, np, units, args, s); }
-#else
-      nullptr
-#endif
-  );
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
+        return cuda::restore(table, np, units, args, s);
+      }));
 }
 
 void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList backups, TensorList fisher,
@@ -357,12 +356,9 @@ void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffer
                      inf};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::sgd_step(table, np, units, args); },
-#ifdef RWP_WITH_CUDA
-      [&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) { return cuda::sgd_step(table, np, units, args, s); }
-#else
-      nullptr
-#endif
-  );
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
+        return cuda::sgd_step(table, np, units, args, s);
+      }));
 }
 
 }  // namespace
