@@ -1,11 +1,11 @@
 // Shared math of the C++ CPU and CUDA kernels: Philox4x32-10, the uint32 -> uniform conversion,
 // Box-Muller, and the per-element perturb / restore / gradient-mix / SGD formulas.
 //
-// Everything is a template over the lane type, so one definition serves three instantiations:
-//   float / uint32_t on the GPU, float / uint32_t on the CPU (row ends, scalar builds) and the AVX2
-//   eight-lane types of cpu/simd_avx2.h. The CPU tests therefore execute the very code the GPU runs.
+// Everything is a template over the lane type, so one definition serves every instantiation:
+//   float / uint32_t on the GPU, float / uint32_t on the CPU (row ends, scalar builds) and the AVX2 and
+//   AVX-512 lane types of cpu/cpu_vec.h. The CPU tests therefore execute the very code the GPU runs.
 // Every multiply-add that is meant to be fused is an explicit fma and nothing else may be
-// contracted (-ffp-contract=off on the host, --fmad=false for nvcc), so the three instantiations
+// contracted (-ffp-contract=off on the host, --fmad=false for nvcc), so all instantiations
 // produce the same bits.
 //
 // The stream (see rwp_kernels/stream.py): element e of a parameter is lane e % 4 of the Philox block
@@ -85,7 +85,7 @@ RWP_HD void mulhilo(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
 
 // ---- Philox4x32-10 ---------------------------------------------------------------------------------
 
-// Ten rounds on the counter words c0..c3 (lane type U: uint32_t or an eight-lane vector) with the
+// Ten rounds on the counter words c0..c3 (lane type U: uint32_t or a vector of lanes) with the
 // uniform key (k0, k1); the output replaces the counter.
 template <class U>
 RWP_HD void philox4x32_10(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
@@ -197,7 +197,7 @@ RWP_HD float row_sigma(double sumsq, double gamma, bool whole_tensor, bool adapt
   return static_cast<float>(sigma);
 }
 
-// ---- per-element updates (F: float or an eight-lane vector) ------------------------------------------
+// ---- per-element updates (F: float or a vector of lanes) ------------------------------------------------
 // The noise and gradient-mix formulas follow the reference op for op (no fusion), so with the same
 // noise they give the same bits; the SGD update fuses where ATen's vectorized add(alpha=) does.
 

@@ -62,7 +62,7 @@ void scalar_block(uint64_t q, const Stream& s, float z[4]) {
 }
 
 // Spreads prefetches of the bytes [next, end) over the iterations of a compute-bound loop, so that
-// the memory reads of the following pass overlap the computation.
+// the memory reads of the following pass overlap the computation; a call covers 64 normals' worth.
 struct Prefetcher {
   const char* next;
   const char* end;
@@ -73,8 +73,34 @@ struct Prefetcher {
   }
 };
 
-// out[i] = normal of element e + i of the stream, i in [0, n). Sixteen or eight blocks at a time with
-// the vector lane types, a block at a time (the GPU's code path) at the ends; all give the same bits.
+#if RWP_CPU_AVX2
+// The normals of the Philox blocks q, q + 1, ... (one per lane of U) into out, in stream order.
+template <class U>
+void vector_blocks(float* out, uint64_t q, const Stream& s) {
+  U lo, hi;
+  block_counters(q, lo, hi);
+  decltype(to_float(lo)) z0, z1, z2, z3;
+  normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
+  store_blocks(out, z0, z1, z2, z3);
+}
+
+// The same for two vectors' worth of blocks, computed in lockstep.
+template <class U>
+void vector_block_pairs(float* out, uint64_t q, const Stream& s) {
+  constexpr int kBlocks = sizeof(U) / sizeof(uint32_t);
+  Pair<U> lo, hi;
+  block_counters(q, lo.a, hi.a);
+  block_counters(q + kBlocks, lo.b, hi.b);
+  Pair<decltype(to_float(lo.a))> z0, z1, z2, z3;
+  normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
+  store_blocks(out, z0.a, z1.a, z2.a, z3.a);
+  store_blocks(out + 4 * kBlocks, z0.b, z1.b, z2.b, z3.b);
+}
+#endif
+
+// out[i] = normal of element e + i of the stream, i in [0, n). Two vectors of blocks at a time with the
+// widest lane type, then single vectors of the narrower ones, a block at a time (the GPU's code path)
+// at the ends; all give the same bits.
 void fill_normals(float* out, int64_t e, int64_t n, const Stream& s, Prefetcher* pf = nullptr) {
   uint64_t q = static_cast<uint64_t>(e) >> 2;
   auto partial = [&](int from) {
@@ -87,23 +113,15 @@ void fill_normals(float* out, int64_t e, int64_t n, const Stream& s, Prefetcher*
   };
   if (e & 3) partial(static_cast<int>(e & 3));
 #if RWP_CPU_AVX2
-  for (; n >= 64; n -= 64, out += 64, q += 16) {
-    if (pf) pf->advance();
-    Pair<V8u> lo, hi;
-    block_counters(q, lo.a, hi.a);
-    block_counters(q + 8, lo.b, hi.b);
-    Pair<V8f> z0, z1, z2, z3;
-    normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
-    store_blocks(out, z0.a, z1.a, z2.a, z3.a);
-    store_blocks(out + 32, z0.b, z1.b, z2.b, z3.b);
+  constexpr int64_t kPairNormals = 8 * kLanes;  // 2 vectors x kLanes blocks x 4 normals
+  for (; n >= kPairNormals; n -= kPairNormals, out += kPairNormals, q += 2 * kLanes) {
+    if (pf) pf->advance(kPairNormals / 64);
+    vector_block_pairs<VecU>(out, q, s);
   }
-  for (; n >= 32; n -= 32, out += 32, q += 8) {
-    V8u lo, hi;
-    block_counters(q, lo, hi);
-    V8f z0, z1, z2, z3;
-    normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
-    store_blocks(out, z0, z1, z2, z3);
-  }
+#if RWP_CPU_AVX512
+  for (; n >= 64; n -= 64, out += 64, q += 16) vector_blocks<V16u>(out, q, s);
+#endif
+  for (; n >= 32; n -= 32, out += 32, q += 8) vector_blocks<V8u>(out, q, s);
 #endif
   while (n > 0) partial(0);
   if (pf) pf->advance(pf->end - pf->next);
@@ -165,7 +183,7 @@ double sum_squares(const T* x, int64_t n) {
   __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   for (; i + 16 <= n; i += 16) {
     for (int h = 0; h < 2; ++h) {
-      const __m256 v = load_lanes(x + i + 8 * h).v;
+      const __m256 v = load8(x + i + 8 * h).v;
       const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
       const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
       acc[2 * h] = _mm256_fmadd_pd(lo, lo, acc[2 * h]);

@@ -1,5 +1,6 @@
-// Lane types for the CPU kernels: eight-lane AVX2 vectors where the build has AVX2 and FMA
-// (-march=native), else plain scalars. They provide the primitives rwp_common.h's templates use, plus
+// Lane types for the CPU kernels: sixteen-lane AVX-512 vectors where the build has AVX-512
+// (-march=native), eight-lane AVX2 vectors where it has AVX2 and FMA (also used beside AVX-512 for
+// shorter runs), else plain scalars. They provide the primitives rwp_common.h's templates use, plus
 // loads and stores that convert fp16/bf16 storage to and from float32 (round to nearest even, as torch).
 #pragma once
 
@@ -14,6 +15,11 @@
 #include <immintrin.h>
 #else
 #define RWP_CPU_AVX2 0
+#endif
+#if RWP_CPU_AVX2 && defined(__AVX512F__) && defined(__AVX512DQ__)
+#define RWP_CPU_AVX512 1
+#else
+#define RWP_CPU_AVX512 0
 #endif
 
 namespace rwp::cpu {
@@ -167,14 +173,11 @@ template <class T> inline void mulhilo(Pair<T> x, uint32_t m, Pair<T>& hi, Pair<
   mulhilo(x.b, m, hi.b, lo.b);
 }
 
-using VecF = V8f;
-constexpr int kLanes = 8;
-
-inline V8f load_lanes(const float* p) { return _mm256_loadu_ps(p); }
-inline V8f load_lanes(const half_t* p) {
+inline V8f load8(const float* p) { return _mm256_loadu_ps(p); }
+inline V8f load8(const half_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline V8f load_lanes(const bf16_t* p) {
+inline V8f load8(const bf16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
@@ -192,7 +195,7 @@ template <class T>
 inline void store_lanes(T* p, V8f x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_lanes(p, x));
 }
-// Non-temporal stores (p aligned to 32 bytes): for data the next op reads from memory anyway.
+// Non-temporal stores (p aligned to the vector's size): for data the next op reads from memory anyway.
 inline void stream_lanes(float* p, V8f x) { _mm256_stream_ps(p, x.v); }
 template <class T>
 inline void stream_lanes(T* p, V8f x) {
@@ -230,6 +233,140 @@ inline void block_counters(uint64_t q, V8u& lo, V8u& hi) {
   }
 }
 
+
+#if RWP_CPU_AVX512
+
+// ---- sixteen-lane types ----------------------------------------------------------------------------
+
+struct V16u {
+  __m512i v;
+  V16u() = default;
+  V16u(__m512i x) : v(x) {}
+  V16u(uint32_t x) : v(_mm512_set1_epi32(static_cast<int32_t>(x))) {}
+};
+struct V16f {
+  __m512 v;
+  V16f() = default;
+  V16f(__m512 x) : v(x) {}
+  V16f(float x) : v(_mm512_set1_ps(x)) {}
+};
+struct M16 {
+  __mmask16 m;
+};
+
+inline V16u operator^(V16u a, V16u b) { return _mm512_xor_si512(a.v, b.v); }
+inline V16u operator^(V16u a, uint32_t b) { return a ^ V16u(b); }
+inline V16u operator&(V16u a, uint32_t b) { return _mm512_and_si512(a.v, V16u(b).v); }
+inline V16u operator|(V16u a, uint32_t b) { return _mm512_or_si512(a.v, V16u(b).v); }
+inline V16u operator+(V16u a, V16u b) { return _mm512_add_epi32(a.v, b.v); }
+inline V16u operator+(V16u a, uint32_t b) { return a + V16u(b); }
+inline V16u operator-(V16u a, uint32_t b) { return _mm512_sub_epi32(a.v, V16u(b).v); }
+inline V16u operator>>(V16u a, int s) { return _mm512_srli_epi32(a.v, s); }
+inline V16u operator<<(V16u a, int s) { return _mm512_slli_epi32(a.v, s); }
+
+inline V16f operator+(V16f a, V16f b) { return _mm512_add_ps(a.v, b.v); }
+inline V16f operator-(V16f a, V16f b) { return _mm512_sub_ps(a.v, b.v); }
+inline V16f operator*(V16f a, V16f b) { return _mm512_mul_ps(a.v, b.v); }
+inline V16f operator-(V16f a) { return _mm512_xor_ps(a.v, _mm512_set1_ps(-0.0f)); }
+
+inline V16f fmadd(V16f a, V16f b, V16f c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline V16f vsqrt(V16f x) { return _mm512_sqrt_ps(x.v); }
+inline M16 less(V16f a, V16f b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline V16f select(M16 m, V16f a, V16f b) { return _mm512_mask_blend_ps(m.m, b.v, a.v); }
+inline M16 nonzero(V16u x) { return {_mm512_test_epi32_mask(x.v, x.v)}; }
+inline V16u mask_bits(M16 m) { return _mm512_movm_epi32(m.m); }
+inline V16f to_float(V16u x) { return _mm512_cvtepi32_ps(x.v); }
+inline V16u round_to_int(V16f x) { return _mm512_cvtps_epi32(x.v); }  // MXCSR default: nearest even
+inline V16u as_bits(V16f x) { return _mm512_castps_si512(x.v); }
+inline V16f from_bits(V16u x) { return _mm512_castsi512_ps(x.v); }
+
+// The 64-bit products of the even and of the odd lanes, then one two-source permute gathers each half.
+inline void mulhilo(V16u a, uint32_t m, V16u& hi, V16u& lo) {
+  const __m512i mv = _mm512_set1_epi32(static_cast<int32_t>(m));
+  const __m512i even = _mm512_mul_epu32(a.v, mv);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a.v, 32), mv);
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+  const __m512i hi_idx = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  lo = _mm512_permutex2var_epi32(even, lo_idx, odd);
+  hi = _mm512_permutex2var_epi32(even, hi_idx, odd);
+}
+
+inline V16f load16(const float* p) { return _mm512_loadu_ps(p); }
+inline V16f load16(const half_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline V16f load16(const bf16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m256i pack_lanes(half_t*, V16f x) {
+  return _mm512_cvtps_ph(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m256i pack_lanes(bf16_t*, V16f x) {
+  const __m512i u = _mm512_castps_si512(x.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store_lanes(float* p, V16f x) { _mm512_storeu_ps(p, x.v); }
+template <class T>
+inline void store_lanes(T* p, V16f x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_lanes(p, x));
+}
+inline void stream_lanes(float* p, V16f x) { _mm512_stream_ps(p, x.v); }
+template <class T>
+inline void stream_lanes(T* p, V16f x) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_lanes(p, x));
+}
+
+// Stores the normals of sixteen consecutive Philox blocks (lane i of z_j is normal j of block i) in
+// stream order: 64 floats. Within each 128-bit lane k the unpacks and shuffles build blocks 4k .. 4k+3,
+// then a 4x4 transpose of the 128-bit lanes puts the blocks in order.
+inline void store_blocks(float* out, V16f z0, V16f z1, V16f z2, V16f z3) {
+  const __m512 t0 = _mm512_unpacklo_ps(z0.v, z1.v);
+  const __m512 t1 = _mm512_unpackhi_ps(z0.v, z1.v);
+  const __m512 t2 = _mm512_unpacklo_ps(z2.v, z3.v);
+  const __m512 t3 = _mm512_unpackhi_ps(z2.v, z3.v);
+  const __m512 b0 = _mm512_shuffle_ps(t0, t2, 0x44);  // lane k: block 4k
+  const __m512 b1 = _mm512_shuffle_ps(t0, t2, 0xEE);  // block 4k + 1
+  const __m512 b2 = _mm512_shuffle_ps(t1, t3, 0x44);
+  const __m512 b3 = _mm512_shuffle_ps(t1, t3, 0xEE);
+  const __m512 u0 = _mm512_shuffle_f32x4(b0, b1, 0x44);  // b0.0 b0.1 b1.0 b1.1
+  const __m512 u1 = _mm512_shuffle_f32x4(b0, b1, 0xEE);  // b0.2 b0.3 b1.2 b1.3
+  const __m512 u2 = _mm512_shuffle_f32x4(b2, b3, 0x44);
+  const __m512 u3 = _mm512_shuffle_f32x4(b2, b3, 0xEE);
+  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(u0, u2, 0x88));  // blocks 0-3
+  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(u1, u3, 0x88));
+  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+}
+
+// Lane i holds the 32-bit words of q + i (low word, high word).
+inline void block_counters(uint64_t q, V16u& lo, V16u& hi) {
+  const uint32_t lo0 = static_cast<uint32_t>(q);
+  lo = V16u(lo0) + V16u(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  if (lo0 <= 0xFFFFFFF0u) {
+    hi = V16u(static_cast<uint32_t>(q >> 32));
+  } else {  // the low word wraps inside this group
+    alignas(64) uint32_t h[16];
+    for (int i = 0; i < 16; ++i) h[i] = static_cast<uint32_t>((q + i) >> 32);
+    hi = V16u(_mm512_load_si512(h));
+  }
+}
+
+using VecF = V16f;
+using VecU = V16u;
+constexpr int kLanes = 16;
+
+#else
+
+using VecF = V8f;
+using VecU = V8u;
+constexpr int kLanes = 8;
+
+#endif  // RWP_CPU_AVX512
+
 #else
 
 using VecF = float;
@@ -242,8 +379,12 @@ template <class F, class T>
 inline F load(const T* p) {
   if constexpr (sizeof(F) == sizeof(float)) {
     return to_f32(*p);
+#if RWP_CPU_AVX512
+  } else if constexpr (sizeof(F) == sizeof(V16f)) {
+    return load16(p);
+#endif
   } else {
-    return load_lanes(p);
+    return load8(p);
   }
 }
 
@@ -258,16 +399,17 @@ inline void store(T* p, F x) {
 
 // Runs body.template operator()<F, Stream>(i) over [0, n): with F = VecF on groups of kLanes elements,
 // with F = float on the rest. The split depends only on n, and with Aligned on the address of
-// anchor + i: Stream is true on the vector groups, whose anchor + i is then 32-byte aligned (for
+// anchor + i: Stream is true on the vector groups, whose anchor + i is then aligned to the vector's bytes (for
 // non-temporal stores). Never on the thread count.
 template <bool Aligned = false, class T = float, class Body>
 inline void for_lanes(int64_t n, Body&& body, const T* anchor = nullptr) {
   int64_t i = 0;
   if constexpr (kLanes > 1) {
     if constexpr (Aligned) {
-      const int64_t head = std::min<int64_t>(n, (32 - reinterpret_cast<uintptr_t>(anchor) % 32) % 32 / sizeof(T));
+      constexpr uintptr_t align = kLanes * sizeof(T);  // what the vector's non-temporal store needs
+      const int64_t head = std::min<int64_t>(n, (align - reinterpret_cast<uintptr_t>(anchor) % align) % align / sizeof(T));
       for (; i < head; ++i) body.template operator()<float, false>(i);
-      if (reinterpret_cast<uintptr_t>(anchor + i) % 32 == 0) {
+      if (reinterpret_cast<uintptr_t>(anchor + i) % align == 0) {
         for (; i + kLanes <= n; i += kLanes) body.template operator()<VecF, true>(i);
       }
     }
