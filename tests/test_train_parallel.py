@@ -1,6 +1,7 @@
 """The training command with --parallel under torchrun (2 gloo processes on the CPU): the SGD and RWP
 runs, rank 0 alone reporting, and a resumed parallel run equal to the uninterrupted one."""
 import json
+import os
 import subprocess
 import sys
 
@@ -12,13 +13,19 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(tmp_path, out_dir, *args):
+    # PYTHONFAULTHANDLER: a rank that dies of a signal prints the Python stacks of its threads.
     return subprocess.run([*TORCHRUN, "-m", "rwp_kernels.train", "--parallel", "--no-progress", "--out-dir",
-                           str(tmp_path / out_dir), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           str(tmp_path / out_dir), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+
+
+def failed(run: subprocess.CompletedProcess) -> str:
+    return f"exit code {run.returncode}\n--- stdout\n{run.stdout[-3000:]}\n--- stderr\n{run.stderr[-6000:]}"
 
 
 def test_parallel_sgd_and_rwp(tmp_path):
     out = torchrun(tmp_path, "out", "--epochs", "2")
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failed(out)
     assert out.stdout.count("rwp_kernels.train: digits") == 1, "only rank 0 reports"
     assert "2 processes (1 perturbed)" in out.stdout
     experiment = tmp_path / "out" / "digits-small_cnn-parallel2"
@@ -36,9 +43,9 @@ def test_parallel_sgd_and_rwp(tmp_path):
 
 def test_parallel_resume_matches_the_uninterrupted_run(tmp_path):
     common = ["--optimizer", "rwp", "--epochs", "2"]
-    assert (a := torchrun(tmp_path, "a", *common)).returncode == 0, a.stderr[-3000:]
-    assert (b := torchrun(tmp_path, "b", *common, "--stop-after", "1")).returncode == 0, b.stderr[-3000:]
-    assert (c := torchrun(tmp_path, "b", *common, "--resume")).returncode == 0, c.stderr[-3000:]
+    assert (a := torchrun(tmp_path, "a", *common)).returncode == 0, failed(a)
+    assert (b := torchrun(tmp_path, "b", *common, "--stop-after", "1")).returncode == 0, failed(b)
+    assert (c := torchrun(tmp_path, "b", *common, "--resume")).returncode == 0, failed(c)
     ckpts = [torch.load(tmp_path / d / "digits-small_cnn-parallel2" / "rwp-seed0" / "checkpoint.pt", weights_only=False)
              for d in ("a", "b")]
     assert ckpts[0]["epoch"] == ckpts[1]["epoch"] == 2

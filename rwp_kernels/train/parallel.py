@@ -7,6 +7,7 @@ and one all-reduce mixes them. Both make the same number of updates on the same 
 compare directly. Rank 0 evaluates, logs and writes checkpoints; BatchNorm statistics are rank 0's.
 """
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,8 +74,10 @@ def process_group(device: torch.device):
         dist.init_process_group("gloo")
     try:
         yield
-        # Leave together: a rank that tears its group down while rank 0 still evaluates and writes the
-        # checkpoint can abort in gloo's threads. (On an error torchrun stops every rank anyway.)
+        # DistributedDataParallel sits in a reference cycle: its reducer, and through it the process
+        # group, would otherwise live on until some later garbage collection, possibly during the
+        # interpreter's shutdown while the other ranks have gone. Free them now, then leave together.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
