@@ -1,0 +1,52 @@
+"""Smoke runs of the benchmark scripts with small settings: they run to the end and write every row the
+README's tables are made of. Nothing here asserts a time."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import requires
+from rwp_kernels import backends
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--threads", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_step_quick(tmp_path):
+    run = run_script("bench_step.py", tmp_path, "--quick")
+    rows = read_rows(tmp_path / "bench_step.csv")
+    methods = {(r["section"], r["method"]) for r in rows}
+    assert {("optimizer", m) for m in ("SGD foreach", "SGD fused", "RWPSGD perturb+step", "official loop")} <= methods
+    assert {("training", m) for m in ("SGD", "RWP two half batches", "RWP whole batch twice", "official loop, halves",
+                                      "SAM")} <= methods
+    assert all(float(r["ms"]) > 0 for r in rows)
+    rwp = next(r for r in rows if r["method"] == "RWPSGD perturb+step")
+    split = next(r for r in rows if r["method"] == "RWP two half batches")
+    assert float(rwp["paired_x_foreach"]) > 0 and float(rwp["paired_x_fused"]) > 0 and float(split["paired_x_sgd"]) > 0
+    assert "target resnet18: RWPSGD/SGD foreach" in run.stdout
+    assert (tmp_path / "bench_step.png").stat().st_size > 0
+
+
+def test_bench_ops_one_round(tmp_path):
+    reason = backends.unavailable_reason("cpu", "cpu")
+    requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")
+    run_script("bench_ops.py", tmp_path, "--models", "resnet18", "--repeats", "1", "--rounds", "1", "--backends", "cpu")
+    rows = read_rows(tmp_path / "bench_ops.csv")
+    ops = {(r["op"], r["backend"]) for r in rows}
+    assert {("perturb+step", "official"), ("sgd step (fused)", "torch"), ("copy 20 B/elem (floor)", "torch"),
+            ("noise", "torch.normal_")} <= ops
+    assert {(op, "cpu") for op in ("perturb+step", "perturb_", "sgd_step_", "restore_ (regenerated)", "noise",
+                                   "perturb+step / floor (paired)")} <= ops
+    assert all(float(r["median_ms"]) > 0 and r["numel"] == "11173962" for r in rows)
+    assert (tmp_path / "bench_ops.png").stat().st_size > 0
