@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rwp_kernels import models
 from rwp_kernels.optim import ParallelRWP, RWPSGD
+from rwp_kernels.train.parallel import exit_process
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -73,6 +74,8 @@ def _worker(rank: int, config: str, args: argparse.Namespace, init_file: str, ou
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if world > 1:
+        exit_process(0)  # skips the interpreter's shutdown, where gloo's threads can abort the process
 
 
 def measure(config: str, args: argparse.Namespace) -> float:

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import rwp_kernels
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWP, ParallelRWP, RWPSGD, freeze_bn_stats
+from rwp_kernels.train.parallel import exit_process
 
 from _optim_common import CPU_BACKENDS, backward, batches, official_sigma, one_torch_thread, spawn_gloo  # noqa: F401
 
@@ -171,6 +172,7 @@ def _worker(rank, world, perturbed, backend, official, init_file, out_dir):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # skips the interpreter's shutdown, where gloo's threads can abort the process
 
 
 def _single_process(world: int, perturbed_ranks, steps: int, *, gamma: float = GAMMA) -> dict:

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWPSGD
+from rwp_kernels.train.parallel import exit_process
 
 from _optim_common import backward, batches, one_torch_thread, spawn_gloo  # noqa: F401
 
@@ -61,6 +62,7 @@ def _worker(rank, init_file, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_process(0)  # skips the interpreter's shutdown, where gloo's threads can abort the process
 
 
 def _single_process():

@@ -1,5 +1,11 @@
 import sys
 
-from .cli import main
+from torch import distributed
 
-sys.exit(main())
+from .cli import main
+from .parallel import exit_process
+
+code = main()
+if distributed.is_torchelastic_launched():  # under torchrun: see exit_process
+    exit_process(code)
+sys.exit(code)

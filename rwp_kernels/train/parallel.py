@@ -7,9 +7,10 @@ and one all-reduce mixes them. Both make the same number of updates on the same 
 compare directly. Rank 0 evaluates, logs and writes checkpoints; BatchNorm statistics are rank 0's.
 """
 import contextlib
-import gc
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,13 +75,25 @@ def process_group(device: torch.device):
         dist.init_process_group("gloo")
     try:
         yield
-        # DistributedDataParallel sits in a reference cycle: its reducer, and through it the process
-        # group, would otherwise live on until some later garbage collection, possibly during the
-        # interpreter's shutdown while the other ranks have gone. Free them now, then leave together.
-        gc.collect()
-        dist.barrier()
+        dist.barrier()  # leave together (on an error torchrun stops every rank anyway)
     finally:
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process now that its work is done and its process group destroyed: flush the output and
+    ``os._exit``, skipping the interpreter's shutdown.
+
+    A gloo worker thread may still hold the last collectives' work, with tensors whose Python objects it
+    now owns (the all-reduced totals, a DDP comm hook's bucket). If it releases them while the
+    interpreter shuts down, it asks for the GIL, Python ends the thread, and the unwinding aborts the
+    process ("terminate called without an active exception"): a finished run reported as failed.
+    DistributedDataParallel keeps the process group, and so those threads, alive past
+    ``destroy_process_group``, so this is the reliable way out.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
