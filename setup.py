@@ -74,7 +74,7 @@ setup(
         "train": TRAIN,
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["rwp-train = rwp_kernels.train.cli:main"]},
+    entry_points={"console_scripts": ["rwp-train = rwp_kernels.train.cli:command"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: C++",

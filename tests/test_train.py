@@ -3,6 +3,7 @@ resume, and bad input rejected in one line before any work."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,4 +106,12 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, monkeypatch, capsys, args,
 
 def test_bad_input_exit_status_from_the_command_line(tmp_path):
     out = train(tmp_path, "--model", "nope")
+    assert out.returncode == 2 and "unknown model 'nope'" in out.stderr
+
+
+def test_console_script_is_the_same_command(tmp_path):
+    script = Path(sys.executable).with_name("rwp-train")
+    assert script.exists(), f"pip install puts the rwp-train script next to {sys.executable}"
+    out = subprocess.run([str(script), "--out-dir", str(tmp_path / "out"), "--model", "nope"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown model 'nope'" in out.stderr

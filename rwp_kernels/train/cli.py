@@ -185,6 +185,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def command() -> None:
+    """The process entry of ``python -m rwp_kernels.train`` and ``rwp-train``: ``main()``, then exit (under
+    torchrun through ``parallel.exit_process``, which skips the interpreter's shutdown)."""
+    code = main()
+    if torch.distributed.is_torchelastic_launched():
+        parallel.exit_process(code)
+    sys.exit(code)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = resolve(args)
