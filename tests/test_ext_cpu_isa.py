@@ -66,8 +66,8 @@ def build_and_run(march: str, tmp_path: Path) -> dict:
 def native():
     reason = backends.unavailable_reason("cpu", "cpu")
     requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")
-    requires(platform.machine() in ("x86_64", "AMD64"), f"x86-64 targets only, this is {platform.machine()}",
-             "cpp-ext")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"the variants are x86-64 targets; this machine is {platform.machine()}")
     return workload()
 
 
