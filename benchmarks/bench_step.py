@@ -203,7 +203,8 @@ def training_step(model_name: str, device, backend: str, batch: int, image: int,
                          numel=sum(p.numel() for p in params)))
         print(f"  {model_name:10s} {name:22s} {ms:10.2f} ms")
     split = next(r for r in rows if r["method"] == "RWP two half batches")
-    split["paired_x_sgd"] = paired_ratio(cases[1][1], sgd_step, 3 * reps, lambda: _sync(device), warmup)
+    split["paired_x_sgd"] = paired_ratio(dict(cases)["RWP two half batches"], sgd_step, 3 * reps, lambda: _sync(device),
+                                         warmup)
     print(f"  {model_name:10s} RWP two half batches / SGD, paired {split['paired_x_sgd']:7.2f} x")
     return rows
 

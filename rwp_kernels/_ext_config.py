@@ -126,15 +126,21 @@ def openmp_link_flags() -> list[str]:
     return ["-fopenmp"]
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's feature flags (a shared cache may serve other machines)."""
+def cpu_flags() -> list[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (sorted), or None where it does not list them."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^(flags|Features)\s*:(.*)$", text, re.MULTILINE)
-        if match:
-            return platform.machine() + ":" + " ".join(sorted(match.group(2).split()))
     except OSError:
-        pass
+        return None
+    match = re.search(r"^(flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    return sorted(match.group(2).split()) if match else None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's feature flags (a shared cache may serve other machines)."""
+    flags = cpu_flags()
+    if flags is not None:
+        return platform.machine() + ":" + " ".join(flags)
     return platform.machine() + ":" + platform.processor()
 
 

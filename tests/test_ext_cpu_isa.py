@@ -8,21 +8,18 @@ with this process's build: bit for bit, except the sigmas of the scalar build, w
 squares run in another order (relative 1e-6, as against the reference), and the weights perturbed and
 restored with them.
 """
-import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import requires
-from rwp_kernels import backends, noise, restore_, sgd_step_
+from rwp_kernels import _ext_config, backends, noise, restore_, sgd_step_
+from test_ext_build import run_child
 from test_ext_cpu import DTYPES, SEED, STEP, STREAM, assert_bitwise, like, make_params, run_perturb, ulp
 
 TESTS = Path(__file__).resolve().parent
-CHILD_TIMEOUT = 600
 
 
 def workload() -> dict:
@@ -50,14 +47,14 @@ def workload() -> dict:
 
 def build_and_run(march: str, tmp_path: Path) -> dict:
     result = tmp_path / f"{march}.pt"
-    env = dict(os.environ, RWP_KERNELS_MARCH=march, RWP_KERNELS_BUILD_CUDA="0",
-               TORCH_EXTENSIONS_DIR=str(tmp_path / f"ext-{march}"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-    code = ("import sys, torch\nfrom rwp_kernels import _ext_config\nfrom test_ext_cpu_isa import workload\n"
-            f"assert '-march={march}' in _ext_config.make_config().cflags\n"
-            f"torch.save(workload(), {str(result)!r})\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                         timeout=CHILD_TIMEOUT)
+    out = run_child(f"""
+        import sys, torch
+        sys.path.insert(0, {str(TESTS)!r})
+        from rwp_kernels import _ext_config
+        from test_ext_cpu_isa import workload
+        assert '-march={march}' in _ext_config.make_config().cflags
+        torch.save(workload(), {str(result)!r})
+    """, {"RWP_KERNELS_MARCH": march, "RWP_KERNELS_BUILD_CUDA": "0", "TORCH_EXTENSIONS_DIR": str(tmp_path / f"ext-{march}")})
     assert out.returncode == 0, out.stderr[-3000:]
     return torch.load(result)
 
@@ -71,14 +68,8 @@ def native():
     return workload()
 
 
-def cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def test_avx2_build_is_bitwise_the_native_build(native, tmp_path):
-    missing = {"avx2", "fma", "f16c"} - cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - set(_ext_config.cpu_flags() or ())
     if missing:
         pytest.skip(f"this CPU cannot run an AVX2 (haswell) build: no {', '.join(sorted(missing))}")
     other = build_and_run("haswell", tmp_path)

@@ -143,10 +143,14 @@ class EpochBatches:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
+    def generator(self) -> torch.Generator:
+        """The epoch's random generator (the shuffle here; DataLoader's worker seeds in SeededLoader)."""
+        return torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+
     def __iter__(self):
         order = torch.arange(self.n)
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+            order = torch.randperm(self.n, generator=self.generator())
         for b in range(len(self)):
             yield order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world]
 
@@ -194,9 +198,8 @@ class SeededLoader:
         return len(self.indices)
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.indices.seed * 100003 + self.indices.epoch)
         return iter(DataLoader(self.dataset, batch_sampler=_IndexLists(self.indices), num_workers=self.workers,
-                               generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=False))
+                               generator=self.indices.generator(), pin_memory=torch.cuda.is_available(), persistent_workers=False))
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int, shard=(0, 1)):

@@ -166,7 +166,7 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False,
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if ranks.parallel:
-            totals = parallel.sum_over_ranks(totals, device)
+            totals = parallel.sum_over_ranks(totals)
             if not ranks.is_main:
                 continue
         test_loss, test_acc = evaluate(evaluated, test_loader, criterion, device, autocast)

@@ -100,10 +100,9 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def sum_over_ranks(result: StepResult, device: torch.device) -> StepResult:
-    """The epoch's training totals of all ranks (one all-reduce)."""
+def sum_over_ranks(result: StepResult) -> StepResult:
+    """The epoch's training totals of all ranks (one all-reduce, on the device they were computed on)."""
     totals = torch.stack([result.loss_sum.double(), result.correct.double(),
                           torch.tensor(float(result.count), dtype=torch.float64, device=result.loss_sum.device)])
-    totals = totals.to(device)
     dist.all_reduce(totals)
     return StepResult(totals[0], totals[1].round().long(), int(totals[2].item()))
