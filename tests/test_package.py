@@ -17,6 +17,24 @@ def test_import_roots():
         assert callable(getattr(rwp_kernels, name)), name
 
 
+def test_checkout_resolves_optim_without_the_install_mapping():
+    """The clone's root on sys.path (a command run there) and no installer's finder: rwp_kernels.optim still
+    imports, from the checkout's python_api/, as after a regular install where the checkout shadows it."""
+    code = (
+        "import sys; "
+        "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]; "
+        f"sys.path.insert(0, {str(ROOT)!r}); "
+        "import rwp_kernels, rwp_kernels.optim, rwp_kernels.optim.sgd; "
+        "print(rwp_kernels.__file__); print(rwp_kernels.optim.__file__); print(rwp_kernels.optim.RWPSGD.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    package, optim, module = out.stdout.split()
+    assert Path(package) == ROOT / "rwp_kernels" / "__init__.py"
+    assert Path(optim) == ROOT / "python_api" / "__init__.py"
+    assert module == "rwp_kernels.optim.sgd"
+
+
 def test_setup_py_does_not_need_torch():
     blocker = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
     run = "import runpy; runpy.run_path('setup.py', run_name='__main__')"
