@@ -13,6 +13,7 @@ from .layout import is_row_dense, num_rows
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UINT32_LIMIT = 1 << 32
+INT64_LIMIT = 1 << 63  # element offsets and counts: int64 on every backend
 UINT64_LIMIT = 1 << 64
 
 
@@ -32,6 +33,8 @@ def _as_list(op: str, name: str, value) -> list:
 def _check_dense_float(op: str, name: str, t, *, dtypes=PARAM_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise TypeError(f"{op}: {describe(name, t)} is a meta tensor, which has no data; the ops need real tensors")
     if t.layout != torch.strided:
         raise TypeError(f"{op}: {describe(name, t)} is {t.layout}; only dense (strided) tensors are supported")
     if t.dtype not in dtypes:
@@ -50,7 +53,6 @@ def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
     if not params:
         raise ValueError(f"{op}: params is empty; pass at least one tensor")
     device = None
-    seen = {}
     for i, p in enumerate(params):
         name = f"params[{i}]"
         _check_dense_float(op, name, p)
@@ -63,11 +65,6 @@ def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
                 f"{op}: {describe(name, p)} is on {p.device} but params[0] is on {device}; "
                 "one call takes tensors of one device"
             )
-        if p.data_ptr() in seen:
-            raise ValueError(
-                f"{op}: {name} shares its memory with params[{seen[p.data_ptr()]}]; pass each tensor once"
-            )
-        seen[p.data_ptr()] = i
     return params, device
 
 
@@ -106,8 +103,6 @@ def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_n
                 f"{op}: {describe(entry, t)} has strides {t.stride()} but params[{i}] has {p.stride()}; "
                 "create it with torch.empty_like(param) or give it the parameter's memory format"
             )
-        if t.data_ptr() == p.data_ptr():
-            raise ValueError(f"{op}: {entry} is the same memory as params[{i}]")
     return tensors
 
 
@@ -192,10 +187,15 @@ def check_param_indices(op: str, param_indices, n: int) -> list[int]:
 
 
 def check_scale(op: str, name: str, value, device: torch.device):
-    """A gradient multiplier: a Python number, or a one-element floating tensor (moved to ``device``)."""
+    """A gradient multiplier: a Python number, or a one-element floating tensor (moved to ``device``).
+
+    Finite where that can be seen without a host sync: numbers and CPU tensors. The value of a GPU tensor
+    (GradScaler's inverse scale) is not read."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
+        if value.numel() != 1 or not value.is_floating_point() or value.is_meta:
             raise ValueError(f"{op}: {describe(name, value)} must be a one-element floating tensor")
+        if value.device.type == "cpu" and not math.isfinite(value.item()):
+            raise ValueError(f"{op}: {name} is {value.item()}; it must be finite")
         return value.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
     return check_float(op, name, value)
 
@@ -206,3 +206,38 @@ def check_found_inf(op: str, found_inf, device: torch.device):
     if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
         raise TypeError(f"{op}: found_inf must be a one-element tensor (as GradScaler provides) or None")
     return found_inf.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+def check_no_aliasing(op: str, arguments) -> None:
+    """No tensor that the op writes shares memory with any other tensor of the call.
+
+    ``arguments``: ``(name, value, written)`` triples, ``value`` a list of tensors (None entries are
+    skipped), one tensor, or None. The memory spans are sorted by start address, so a call costs
+    O(n log n) and no host synchronization; every tensor is dense (validated before), so a tensor's span
+    is its ``nbytes`` from its data pointer.
+    """
+    spans = []  # (start, end, written, name, index in the list or None)
+    for name, value, written in arguments:
+        if isinstance(value, torch.Tensor):
+            spans.append((value.data_ptr(), value.data_ptr() + value.nbytes, written, name, None))
+        elif value is not None:
+            spans += [(t.data_ptr(), t.data_ptr() + t.nbytes, written, name, i) for i, t in enumerate(value)
+                      if t is not None]
+    spans.sort(key=lambda span: span[0])
+    furthest = furthest_written = None  # of the spans that start before the current one, the one ending last
+    for span in spans:
+        other = furthest if span[2] else furthest_written
+        if other is not None and other[1] > span[0]:
+            raise ValueError(
+                f"{op}: {_span_label(span)} overlaps {_span_label(other)} in memory; a tensor that {op} writes "
+                "must not share memory with any other tensor of the call"
+            )
+        if furthest is None or span[1] > furthest[1]:
+            furthest = span
+        if span[2] and (furthest_written is None or span[1] > furthest_written[1]):
+            furthest_written = span
+
+
+def _span_label(span) -> str:
+    name, index = span[3], span[4]
+    return name if index is None else f"{name}[{index}]"

@@ -9,8 +9,30 @@ import torch
 from . import _validate as V
 from . import backends
 
+# The tensor arguments each op writes; it only reads the others.
+WRITES = {
+    "perturb_": {"params", "backups", "grads"},
+    "restore_": {"params", "grads", "fisher"},
+    "sgd_step_": {"params", "momentum_buffers", "fisher"},
+}
+
+
+def _tensor_arguments(op: str, params, per_param: dict, shared: dict) -> list:
+    """(name, tensors or tensor, written) for every tensor argument of a validated call."""
+    named = [("params", params)]
+    named += [(k, v) for k, v in per_param.items() if v is not None and any(isinstance(t, torch.Tensor) for t in v)]
+    named += [(k, v) for k, v in shared.items() if isinstance(v, torch.Tensor)]
+    return [(name, value, name in WRITES[op]) for name, value in named]
+
+
 def _run(op: str, backend: str, params, device, per_param: dict, shared: dict):
-    """Call ``op`` of the planned backend(s); per-parameter results come back in the order of ``params``."""
+    """Call ``op`` of the planned backend(s); per-parameter results come back in the order of ``params``.
+
+    Before: no written tensor may share memory with another argument. After: the version counter of
+    every written tensor is bumped, as torch's in-place ops do, so autograd sees the change.
+    """
+    arguments = _tensor_arguments(op, params, per_param, shared)
+    V.check_no_aliasing(op, arguments)
     results = [None] * len(params)
     with torch.no_grad():
         for module, idx in backends.plan(backend, device, [p.dtype for p in params]):
@@ -18,6 +40,9 @@ def _run(op: str, backend: str, params, device, per_param: dict, shared: dict):
             out = getattr(module, op)([params[i] for i in idx], **sub, **shared)
             for j, i in enumerate(idx):
                 results[i] = None if out is None else out[j]
+    torch.autograd.graph.increment_version(
+        [t for _, value, written in arguments if written for t in value if t is not None]
+    )
     return results
 
 
@@ -59,13 +84,18 @@ def philox4x32_10(counter, key, *, backend="auto") -> torch.Tensor:
     op = "philox4x32_10"
     counter = torch.as_tensor(counter)
     key = torch.as_tensor(key, device=counter.device)
+    words = {}
     for name, t, width in (("counter", counter, 4), ("key", key, 2)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
+        if t.is_meta:
+            raise TypeError(f"{op}: {name} is a meta tensor, which has no data")
         if t.dim() == 0 or t.shape[-1] != width:
             raise ValueError(f"{op}: {name} must have shape [..., {width}], got {tuple(t.shape)}")
+        words[name] = t = t.to(torch.int64)  # uint64 words of 2**63 and above wrap negative: refused below
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > V.UINT32_LIMIT - 1):
             raise ValueError(f"{op}: {name} words must lie in [0, 2**32)")
+    counter, key = words["counter"], words["key"]
     try:
         torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
     except RuntimeError:
@@ -73,22 +103,24 @@ def philox4x32_10(counter, key, *, backend="auto") -> torch.Tensor:
             f"{op}: counter {tuple(counter.shape)} and key {tuple(key.shape)} do not broadcast"
         ) from None
     module = backends.resolve(backend, counter.device).module(counter.device.type)
-    return module.philox4x32_10(counter.to(torch.int64), key.to(torch.int64))
+    return module.philox4x32_10(counter, key)
 
 
 def noise(numel, *, seed, param_index=0, step=0, stream=0, offset=0, device="cpu", backend="auto") -> torch.Tensor:
     """Elements ``offset .. offset + numel - 1`` of the normal stream of one parameter (float32)."""
     op = "noise"
-    numel = V.check_int(op, "numel", numel)
+    numel = V.check_int(op, "numel", numel, high=V.INT64_LIMIT)
     device = torch.device(device)
     args = dict(
         seed=V.check_seed(op, seed),
         param_index=V.check_int(op, "param_index", param_index, high=V.UINT32_LIMIT),
         step=V.check_int(op, "step", step),
         stream=V.check_int(op, "stream", stream),
-        offset=V.check_int(op, "offset", offset),
+        offset=V.check_int(op, "offset", offset, high=V.INT64_LIMIT),
         device=device,
     )
+    if args["offset"] + numel > V.INT64_LIMIT:
+        raise ValueError(f"{op}: offset + numel is {args['offset'] + numel}; it must be at most 2**63 (offsets are int64)")
     module = backends.resolve(backend, device).module(device.type)
     return module.noise(numel, **args)
 

@@ -58,8 +58,8 @@ def bad_param_cases():
         "sparse tensor": ([p[0], torch.eye(3).to_sparse()], r"params\[1\] .*sparse"),
         "transposed": ([p[0], torch.randn(3, 5).t()], r"params\[1\] .*not dense"),
         "strided slice": ([torch.randn(8)[::2], p[1]], r"params\[0\] .*not dense"),
-        "mixed devices": ([p[0], torch.empty(3, device="meta")], r"params\[1\] .*is on meta but params\[0\] is on cpu"),
-        "same tensor twice": ([p[0], p[0]], r"params\[1\] shares its memory with params\[0\]"),
+        "meta tensor": ([p[0], torch.empty(3, device="meta")], r"params\[1\] .*is a meta tensor, which has no data"),
+        "same tensor twice": ([p[0], p[0]], r"params\[1\] overlaps params\[0\] in memory"),
         "not a tensor": ([p[0], [1.0, 2.0]], r"params\[1\] must be a torch.Tensor"),
         "single tensor": (p[0], "must be a list of tensors"),
     }

@@ -34,7 +34,8 @@ def noise_kernel(out_ptr, first_elem, numel, param_index, step, k0, k1, BLOCK: t
     key0, key1 = P.key_words(k0, k1)
     z = P.normal_tile(window // 4, param_index.to(tl.uint32, bitcast=True), step.to(tl.uint32, bitcast=True),
                       key0, key1, BLOCK)
-    tl.store(out_ptr + (e - first_elem), z, mask=(e >= first_elem) & (e < first_elem + numel))
+    j = e - first_elem  # no first_elem + numel: it wraps for i32 arguments and at 2**63
+    tl.store(out_ptr + j, z, mask=(j >= 0) & (j < numel))
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
