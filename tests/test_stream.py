@@ -1,7 +1,7 @@
 """The noise stream of the reference backend against independent facts.
 
 Philox against the published Random123 known-answer vectors; the normals against a scalar
-pure-Python rendering of the stream written from DESIGN.md section 3 (no code shared with the
+pure-Python rendering of the stream written from docs/spec.md section 3 (no code shared with the
 package); the distribution against N(0, 1); independence between streams.
 """
 import math

@@ -2,7 +2,7 @@
 
 tests/conftest.py switches the interpreter on (TRITON_INTERPRET=1) where there is no GPU, before any kernel
 is created. Tolerances (the reference computes normals and norms in float64, the kernels in float32):
-Philox integers and plain copies bit for bit; normals within 1e-5 * (1 + |z|) (DESIGN section 3); sigmas
+Philox integers and plain copies bit for bit; normals within 1e-5 * (1 + |z|) (docs/spec.md section 3); sigmas
 within a relative 1e-5; float32 results within 1e-6 relative + 1e-5 absolute (noise differences of
 1e-5 * sigma * (1 + |z|) with sigma < 1 here); float16/bfloat16 results within one rounding step of the
 dtype (the float32 values before the final rounding differ by a few ulps).

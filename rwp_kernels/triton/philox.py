@@ -1,4 +1,4 @@
-"""Device functions of the noise stream (rwp_kernels/stream.py, DESIGN section 3) in Triton.
+"""Device functions of the noise stream (rwp_kernels/stream.py, docs/spec.md section 3) in Triton.
 
 Philox4x32-10 is written out with ``tl.umulhi`` (``tl.randn`` has a 32-bit counter and spends a
 whole Philox call per normal). Each call yields four normals: element ``e`` of a parameter is lane
