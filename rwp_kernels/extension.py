@@ -7,8 +7,10 @@ The first use compiles with torch.utils.cpp_extension.load and ninja, in a child
 goes to ``build.log`` in the build folder, and prints one line saying so and how long it took. The
 folder lives in the torch extensions cache (``TORCH_EXTENSIONS_DIR``) and its name carries a hash of
 the sources, flags and toolchain, so later processes load the cached library without compiling, and a
-changed source never loads a stale build. Concurrent first uses wait for one build (a kernel file lock,
-released even when the builder is killed; ``RWP_KERNELS_BUILD_TIMEOUT`` seconds at most, default 1800).
+changed source never loads a stale build. Concurrent first uses wait for one build (a kernel file lock that
+the compile inherits, so it is held until the compile ends, even when the builder is killed;
+``RWP_KERNELS_BUILD_TIMEOUT`` seconds at most, default 1800). A cache folder that cannot be created or
+written makes the extension unavailable, with the folder and the error as the reason.
 """
 import json
 import os
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,11 +137,22 @@ def _load(rebuild: bool) -> Extension:
             return _loaded(aot, "ahead-of-time build", cfg)
         except ExtensionUnavailable as err:
             print(f"rwp_kernels: {err}; compiling the extension for this installation instead", file=sys.stderr)
-    if not rebuild and _stamp_path(cfg).is_file() and library_path(cfg).is_file():
+    try:
+        return _load_cached_or_build(cfg, rebuild)
+    except OSError as err:  # the cache folder cannot be created, locked or written (or the compiler not started)
+        raise ExtensionUnavailable(f"cannot build the extension in {build_dir(cfg)}: {err}") from None
+
+
+def _load_cached_or_build(cfg: C.Config, rebuild: bool) -> Extension:
+    if not rebuild and _is_built(cfg):
         return _loaded(library_path(cfg), "cached build", cfg)
     _check_toolchain()
     seconds = _build_locked(cfg, rebuild)
     return _loaded(library_path(cfg), "compiled now" if seconds is not None else "cached build", cfg, seconds)
+
+
+def _is_built(cfg: C.Config) -> bool:
+    return _stamp_path(cfg).is_file() and library_path(cfg).is_file()
 
 
 def _check_toolchain() -> None:
@@ -159,39 +173,70 @@ def _lock_timeout() -> float:
 
 def _build_locked(cfg: C.Config, rebuild: bool) -> float | None:
     """Builds under the folder's lock; None if another process finished the build meanwhile."""
-    from filelock import FileLock, Timeout
-
     folder = build_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / "rwp_build.lock"))
-    timeout = _lock_timeout()
+    with _build_lock(folder) as lock_fd:
+        if not rebuild and _is_built(cfg):
+            return None
+        # torch's own lock, left by a killed compile under a torch whose lock is the file's existence. Nothing
+        # compiles here while we hold ours, so it is stale.
+        (folder / "lock").unlink(missing_ok=True)
+        _stamp_path(cfg).unlink(missing_ok=True)
+        seconds = _compile_in_child(cfg, lock_fd)
+        _stamp_path(cfg).write_text(json.dumps({"seconds": round(seconds, 1), "config": cfg.__dict__}, indent=1))
+        return seconds
+
+
+@contextmanager
+def _build_lock(folder: Path):
+    """Holds the flock of the folder's rwp_build.lock; yields the locked file descriptor.
+
+    A flock belongs to the open file, not to a process: it is released when the last process holding the
+    descriptor exits. The compile inherits it (see _compile_in_child), so a builder that is killed leaves
+    the lock held until its compiler has finished, and the next builder waits instead of compiling beside it.
+    """
+    fd = os.open(folder / "rwp_build.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     try:
-        lock.acquire(timeout=min(timeout, 5.0))
-    except Timeout:
-        print(f"rwp_kernels: waiting for another process that is building the extension in {folder} ...",
-              file=sys.stderr, flush=True)
-        try:
-            lock.acquire(timeout=max(0.0, timeout - 5.0))
-        except Timeout:
+        _wait_for_lock(fd, folder)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _wait_for_lock(fd: int, folder: Path) -> None:
+    timeout = _lock_timeout()
+    start = time.monotonic()
+    announced = False
+    while not _try_lock(fd):
+        waited = time.monotonic() - start
+        if waited >= min(timeout, 5.0) and not announced:  # a short wait needs no message
+            print(f"rwp_kernels: waiting for another process that is building the extension in {folder} ...",
+                  file=sys.stderr, flush=True)
+            announced = True
+        if waited >= timeout:
             raise ExtensionUnavailable(
                 f"another process has been building the extension in {folder} for more than {timeout:.0f} s "
                 "(RWP_KERNELS_BUILD_TIMEOUT); gave up waiting"
-            ) from None
+            )
+        time.sleep(0.1)
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
     try:
-        if not rebuild and _stamp_path(cfg).is_file() and library_path(cfg).is_file():
-            return None
-        # A lock file left by a killed build of an older torch (whose lock was the file's existence).
-        (folder / "lock").unlink(missing_ok=True)
-        _stamp_path(cfg).unlink(missing_ok=True)
-        seconds = _compile_in_child(cfg)
-        _stamp_path(cfg).write_text(json.dumps({"seconds": round(seconds, 1), "config": cfg.__dict__}, indent=1))
-        return seconds
-    finally:
-        lock.release()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
-def _compile_in_child(cfg: C.Config) -> float:
-    """Compiles in a child process (clean output, complete log); returns the seconds it took."""
+def _compile_in_child(cfg: C.Config, lock_fd: int) -> float:
+    """Compiles in a child process (clean output, complete log); returns the seconds it took.
+
+    The child's stdin is the locked build lock: ninja inherits stdin from it, so the lock stays held while
+    the child or its ninja runs, whatever happens to this process. (ninja gives the compilers /dev/null.)
+    """
     log = log_path(cfg)
     env = dict(os.environ, PATH=C.tool_path())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(C.PACKAGE_DIR.parent), env.get("PYTHONPATH")]))
@@ -204,7 +249,7 @@ def _compile_in_child(cfg: C.Config) -> float:
     with open(log, "w") as out:
         proc = subprocess.run(
             [sys.executable, "-m", "rwp_kernels.build", "--compile-only", "--name", cfg.name],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=out, stderr=subprocess.STDOUT, stdin=lock_fd, env=env,
         )
     seconds = time.monotonic() - start
     if proc.returncode != 0:
@@ -253,14 +298,15 @@ def facts() -> dict[str, str]:
     else:
         out["CUDA kernels"] = f"not compiled: {cfg.why_no_cuda}"
     out["build folder"] = str(build_dir(cfg))
-    out["build log"] = str(log_path(cfg)) if log_path(cfg).is_file() else "none (nothing compiled here yet)"
+    # os.path.isfile: False, not an error, where the cache folder cannot be read
+    out["build log"] = str(log_path(cfg)) if os.path.isfile(log_path(cfg)) else "none (nothing compiled here yet)"
     ext = loaded()
     if ext is not None:
         kind = "with CUDA kernels" if ext.with_cuda else "CPU kernels only"
         out["extension"] = f"loaded: {ext.library} ({ext.origin}, {kind})"
     elif isinstance(_outcome, ExtensionUnavailable):
         out["extension"] = f"unavailable: {_outcome}"
-    elif library_path(cfg).is_file():
+    elif os.path.isfile(library_path(cfg)):
         out["extension"] = "built, not loaded in this process"
     else:
         out["extension"] = "not built yet (the first use of backend 'cpu'/'cuda' compiles it)"

@@ -4,6 +4,7 @@ locks, the CUDA toolkit behind a wrapper nvcc, architectures, and setup.py's ahe
 Builds that must fail run in child processes with a temporary TORCH_EXTENSIONS_DIR and a broken
 compiler, so they fail within seconds; the one real extra build is setup.py's (CPU kernels only).
 """
+import fcntl
 import json
 import os
 import shutil
@@ -135,12 +136,11 @@ def test_missing_compiler_is_reported_without_building(tmp_path):
 
 
 def test_a_build_held_by_another_process_is_waited_for_with_a_limit(tmp_path, monkeypatch):
-    from filelock import FileLock
-
     env = fallback_env(tmp_path, shutil.which("false") or "/bin/false")
     folder = folder_for(monkeypatch, env)
     folder.mkdir(parents=True)
-    with FileLock(str(folder / "rwp_build.lock")):
+    with open(folder / "rwp_build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
         out = run_child(FALLBACK_CHILD, {**env, "RWP_KERNELS_BUILD_TIMEOUT": "1"}, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
