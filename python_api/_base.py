@@ -6,16 +6,21 @@ A subclass provides ``_check_group`` (its param-group hyperparameters) and ``_up
 param_index), clipping of the mixed gradient, zero_grad and the state dict, lives here.
 """
 import contextlib
+import re
 import warnings
 
 import torch
 
 import rwp_kernels
+from rwp_kernels._validate import check_companions, check_params
 
-from . import _hyper
+from . import _hyper, _state_dict
 from ._amp import LossScale
 from ._window import SCALED, SPLIT, Entry, Window, group_by, like_param, same_layout
 from .clip import clip_weighted_grad_norm_
+
+# How an op's error message names the tensors of one launch: "params[3]", "grads[0]", ...
+_LAUNCH_INDEX = re.compile(r"\b(\w+)\[(\d+)\]")
 
 
 class _RWPOptimizer(torch.optim.Optimizer):
@@ -23,6 +28,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     # Top-level state-dict entries of a subclass (written by _extra_state_dict).
     _EXTRA_STATE_KEYS: tuple[str, ...] = ()
+    # The per-parameter state entries that have the parameter's shape (checked by load_state_dict).
+    _PER_ELEMENT_STATE: tuple[str, ...] = ("fisher",)
 
     def __init__(self, params, defaults: dict, *, seed, stream, restore, backend):
         restore = _hyper.check_restore(restore)
@@ -87,6 +94,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         Call it after the clean backward. Per row: sigma = gamma * ||row|| (ARWP: divided by
         sqrt(1 + eta * rowsum(F))), w <- w + sigma * z, and the clean gradient is prepared for the mix
         (see the module docs of ``rwp_kernels.optim``). A no-op when alpha is 0 in every param group.
+        If it raises, nothing is pending and weights and gradients are as they were (see docs/optim.md).
         """
         if self._window is not None:
             if self._window.perturbed:
@@ -100,11 +108,15 @@ class _RWPOptimizer(torch.optim.Optimizer):
             return
         window = Window(step=self._steps, entries=entries)
         calls = group_by(entries, lambda e: (e.param.device, e.clean_scale if e.mode == SCALED else None, e.adaptive))
+        self._check_launches("perturb_", [([e.param for e in members], {}) for members in calls.values()])
+        scaled_grads = _copies_of_scaled_grads(list(calls.items())[:-1])
         try:
             for (_, grad_scale, adaptive), members in calls.items():
                 self._perturb_call(window, members, grad_scale, adaptive)
         except BaseException:
             self._restore_weights(window, entries)
+            for grad, saved in scaled_grads:
+                grad.copy_(saved)
             raise
         for e in entries:
             if e.mode == SPLIT:
@@ -153,12 +165,13 @@ class _RWPOptimizer(torch.optim.Optimizer):
         if grad_scale is not None and any(p.grad is not None for p in params):
             grads = [p.grad for p in params]
         backups = [self._backup(p) for p in params] if self._restore_mode == "exact" else None
-        sigmas = rwp_kernels.perturb_(
-            params, gamma=[e.group["gamma"] for e in members], eta=[e.group["eta"] for e in members],
-            seed=self._seed, step=window.step, stream=self._stream, param_indices=[e.index for e in members],
-            backups=backups, grads=grads, grad_scale=1.0 if grad_scale is None else grad_scale,
-            fisher=[self._fisher(p) for p in params] if adaptive else None, backend=self._backend,
-        )
+        with self._naming_launch_errors(params):
+            sigmas = rwp_kernels.perturb_(
+                params, gamma=[e.group["gamma"] for e in members], eta=[e.group["eta"] for e in members],
+                seed=self._seed, step=window.step, stream=self._stream, param_indices=[e.index for e in members],
+                backups=backups, grads=grads, grad_scale=1.0 if grad_scale is None else grad_scale,
+                fisher=[self._fisher(p) for p in params] if adaptive else None, backend=self._backend,
+            )
         for i, e in enumerate(members):
             e.perturbed = True
             if backups is None:
@@ -182,6 +195,38 @@ class _RWPOptimizer(torch.optim.Optimizer):
             f = state["fisher"] = like_param(p, f)
         return f
 
+    # ----------------------------------------------------------------------------------------- launches
+    def _check_launches(self, op: str, launches: list[tuple[list, dict]]) -> None:
+        """Refuse, before the first of several launches of ``op`` runs, what ``op`` would refuse in any of them:
+        its parameters, and the optimizer state it updates. ``launches``: (params, state) pairs, state
+        {argument name: (tensors or None, their dtype, None for the parameter's)}."""
+        if len(launches) < 2:
+            return  # the op checks all its arguments before it writes anything
+        for params, state in launches:
+            with self._naming_launch_errors(params):
+                check_params(op, params)
+                for name, (tensors, dtype) in state.items():
+                    check_companions(op, name, tensors, params, dtype=dtype)
+
+    @contextlib.contextmanager
+    def _naming_launch_errors(self, params: list[torch.Tensor]):
+        """An op's error about ``params[i]`` (``grads[i]``, ...) of one launch names the optimizer's parameter:
+        its param group, its index in the group."""
+        try:
+            yield
+        except (TypeError, ValueError) as error:
+            names = {p: f"param group {i}, parameter {j}"
+                     for i, group in enumerate(self.param_groups) for j, p in enumerate(group["params"])}
+
+            def name(match):
+                argument, k = match[1], int(match[2])
+                if k >= len(params) or params[k] not in names:
+                    return match[0]
+                return names[params[k]] if argument == "params" else f"{argument} of {names[params[k]]}"
+
+            error.args = (_LAUNCH_INDEX.sub(name, str(error)), *error.args[1:])
+            raise
+
     # ----------------------------------------------------------------------------------------- restore
     @torch.no_grad()
     def restore(self) -> None:
@@ -200,13 +245,14 @@ class _RWPOptimizer(torch.optim.Optimizer):
     def _restore_call(self, window: Window, members: list[Entry], **mix) -> None:
         """One restore_ launch for perturbed ``members`` (all on one device), with an optional gradient mix."""
         params = [e.param for e in members]
-        if self._restore_mode == "exact":
-            rwp_kernels.restore_(params, backups=[e.backup for e in members], backend=self._backend, **mix)
-        else:
-            rwp_kernels.restore_(
-                params, sigmas=[e.sigma for e in members], seed=self._seed, step=window.step, stream=self._stream,
-                param_indices=[e.index for e in members], backend=self._backend, **mix,
-            )
+        with self._naming_launch_errors(params):
+            if self._restore_mode == "exact":
+                rwp_kernels.restore_(params, backups=[e.backup for e in members], backend=self._backend, **mix)
+            else:
+                rwp_kernels.restore_(
+                    params, sigmas=[e.sigma for e in members], seed=self._seed, step=window.step,
+                    stream=self._stream, param_indices=[e.index for e in members], backend=self._backend, **mix,
+                )
         for e in members:
             e.perturbed = False
 
@@ -347,36 +393,42 @@ class _RWPOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def _extra_state_dict(self) -> dict:
-        """The ``_EXTRA_STATE_KEYS`` entries of the state dict (loaded by ``_load_extra_state_dict``)."""
+        """The ``_EXTRA_STATE_KEYS`` entries of the state dict (loaded by ``_check_extra_state_dict``)."""
         return {}
 
-    def _load_extra_state_dict(self, state_dict: dict) -> None:
-        pass
+    def _check_extra_state_dict(self, extra: dict, groups: list[dict], params: dict):
+        """Check the ``_EXTRA_STATE_KEYS`` entries of a state dict (``groups`` and ``params`` as
+        ``_state_dict.param_groups`` returns them); return the function that loads them, which
+        load_state_dict calls once everything is checked."""
+        return lambda: None
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict plus the RWP entries. Everything is checked before anything is loaded: on
+        an error (a state dict of another model, a corrupted one) the optimizer is left unchanged."""
         if self._window is not None:
             raise RuntimeError("load_state_dict(): a perturbation is pending; call step() or restore() and zero_grad() first")
         state_dict = dict(state_dict)
         rwp = state_dict.pop("rwp", None)
         extra = {key: state_dict.pop(key) for key in self._EXTRA_STATE_KEYS if key in state_dict}
+        # The groups are completed with the defaults: e.g. a torch.optim.SGD state dict has no RWP hyperparameters.
+        groups, params = _state_dict.param_groups(state_dict, self.param_groups, self.defaults, self._check_group)
+        state = _state_dict.param_state("state", _state_dict.required(state_dict, "state"), params,
+                                        self._PER_ELEMENT_STATE)
+        seed, steps = _state_dict.rwp_counters(rwp, self._seed, self._steps)
+        load_extra = self._check_extra_state_dict(extra, groups, params)
+
         # torch casts floating state to the parameter's dtype; the Fisher state stays float32.
-        fisher = {}
-        state = {}
-        for key, value in state_dict["state"].items():
-            value = dict(value)
-            if "fisher" in value:
-                fisher[key] = value.pop("fisher")
-            state[key] = value
-        state_dict["state"] = state
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # e.g. a torch.optim.SGD checkpoint has no RWP hyperparameters
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for key, f in fisher.items():
-            p = params[key]
+        fisher = {saved_id: entry.pop("fisher") for saved_id, entry in state.items() if entry.get("fisher") is not None}
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        for saved_id, f in fisher.items():
+            p, _ = params[saved_id]
             self.state[p]["fisher"] = torch.empty_like(p, dtype=torch.float32).copy_(f)
-        if rwp is not None:
-            self._seed = _hyper.initial_seed(rwp["seed"])
-            self._steps = int(rwp["steps"])
-        self._load_extra_state_dict({**extra, "param_groups": state_dict["param_groups"]})
+        self._seed, self._steps = seed, steps
+        load_extra()
+
+
+def _copies_of_scaled_grads(calls) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(p.grad, a copy of it) for each gradient that these perturb() launches ((key, entries) pairs) scale by
+    a factor other than 1: what puts the gradients back if a later launch fails."""
+    return [(e.param.grad, e.param.grad.clone()) for (_, grad_scale, _), members in calls
+            if grad_scale not in (None, 1.0) for e in members if e.param.grad is not None]

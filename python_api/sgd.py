@@ -27,6 +27,8 @@ class RWPSGD(_RWPOptimizer):
     backend: "auto", "cpu", "cuda", "triton" or "reference" (see rwp_kernels).
     """
 
+    _PER_ELEMENT_STATE = ("momentum_buffer", "fisher")
+
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                  *, gamma=0.01, alpha=0.5, adaptive=False, eta=0.1, beta=0.99, seed=None, stream=0,
                  restore="exact", backend="auto"):
@@ -42,8 +44,6 @@ class RWPSGD(_RWPOptimizer):
 
     def _update(self, window, scale) -> None:
         entries = self._step_entries()
-        if window is not None and self.restore_mode == "regenerate":
-            self._restore_weights(window, window.entries)
         members, restore_only = [], []
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {i}: ")
@@ -58,7 +58,7 @@ class RWPSGD(_RWPOptimizer):
                 first = group["momentum"] != 0 and "momentum_buffer" not in self.state[p]
                 key = (
                     p.device, hyper, first,
-                    e is not None and e.perturbed,  # restore from the backup in the same launch
+                    e is not None and e.perturbed and e.backup is not None,  # restore from the backup in the launch
                     group["beta"] if e is not None and e.adaptive else None,  # Fisher update
                     e is not None and e.stash is not None,  # clean gradient kept aside (ARWP)
                     e.alpha if e is not None else 1.0,  # multiplier of p.grad
@@ -66,8 +66,18 @@ class RWPSGD(_RWPOptimizer):
                 members.append((key, p, grad, e))
         if window is not None:
             scale.include([e.stash for e in window.entries if e.stash is not None])
-        for key, call in group_by(members, lambda m: m[0]).items():
-            self._sgd_call(key, [m[1:] for m in call], scale)
+        launches = [self._sgd_launch(key, [m[1:] for m in call], scale)
+                    for key, call in group_by(members, lambda m: m[0]).items()]
+        self._check_launches("sgd_step_", [
+            (params, {"momentum_buffers": (args["momentum_buffers"], None), "fisher": (args["fisher"], torch.float32)})
+            for params, args, _ in launches
+        ])
+        if window is not None and self.restore_mode == "regenerate":
+            self._restore_weights(window, window.entries)
+        for params, args, done in launches:
+            with self._naming_launch_errors(params):
+                rwp_kernels.sgd_step_(params, **args)
+            done()
         if window is not None:
             self._restore_weights(window, restore_only)
 
@@ -80,13 +90,14 @@ class RWPSGD(_RWPOptimizer):
             buf = self.state[p]["momentum_buffer"] = like_param(p, buf)
         return buf
 
-    def _sgd_call(self, key, call, scale) -> None:
+    def _sgd_launch(self, key, call, scale):
+        """One sgd_step_ launch, prepared: its params, its other arguments, and what to record once it ran."""
         device, (lr, momentum, dampening, weight_decay, nesterov, maximize), first, restore, beta, clean, alpha = key
         params = [p for p, _, _ in call]
         entries = [e for _, _, e in call]
         buffers = [self._momentum_buffer(p, first) for p in params] if momentum != 0 else None
-        rwp_kernels.sgd_step_(
-            params, [g for _, g, _ in call], buffers,
+        args = dict(
+            grads=[g for _, g, _ in call], momentum_buffers=buffers,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, is_first_step=first,
             grad_scale=scale.factor(alpha, device), found_inf=scale.found_inf_on(device),
@@ -97,9 +108,13 @@ class RWPSGD(_RWPOptimizer):
             clean_scale=scale.factor(1.0 - alpha, device) if clean else 0.0,
             backend=self.backend,
         )
-        if first:
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
-        if restore:
-            for e in entries:
-                e.perturbed = False
+
+        def done():
+            if first:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+            if restore:
+                for e in entries:
+                    e.perturbed = False
+
+        return params, args, done

@@ -1,9 +1,11 @@
 """``RWP``: the RWP perturbation around any torch optimizer (AdamW, SGD, ...)."""
+import copy
+
 import torch
 
 import rwp_kernels
 
-from . import _hyper
+from . import _hyper, _state_dict
 from ._base import _RWPOptimizer
 from ._window import group_by
 
@@ -62,7 +64,9 @@ class RWP(_RWPOptimizer):
         def key(e):
             return (e.param.device, e.perturbed, e.alpha, e.group["beta"] if e.adaptive else None, e.stash is not None)
 
-        for (device, perturbed, alpha, beta, clean), members in group_by(with_grad, key).items():
+        calls = group_by(with_grad, key)
+        self._check_launches("restore_", [([e.param for e in members], {}) for members in calls.values()])
+        for (device, perturbed, alpha, beta, clean), members in calls.items():
             mix = dict(
                 grads=[e.param.grad for e in members], grad_scale=scale.factor(alpha, device),
                 fisher=[self._fisher(e.param) for e in members] if beta is not None else None,
@@ -77,14 +81,25 @@ class RWP(_RWPOptimizer):
                 params = [e.param for e in members]
                 clean_weights = [e.backup if e.backup is not None else torch.empty_like(p).copy_(p)
                                  for e, p in zip(members, params)]
-                rwp_kernels.restore_(params, backups=clean_weights, backend=self.backend, **mix)
+                with self._naming_launch_errors(params):
+                    rwp_kernels.restore_(params, backups=clean_weights, backend=self.backend, **mix)
         self._restore_weights(window, without_grad)
 
     def _extra_state_dict(self) -> dict:
         return {"base_state": self.base_optimizer.state_dict()["state"]}
 
-    def _load_extra_state_dict(self, state_dict: dict) -> None:
-        self.base_optimizer.load_state_dict(
-            {"state": state_dict.get("base_state", {}), "param_groups": state_dict["param_groups"]}
-        )
-        self.base_optimizer.param_groups = self.param_groups
+    def _check_extra_state_dict(self, extra: dict, groups: list[dict], params: dict):
+        base_state_dict = {
+            "state": _state_dict.param_state("base_state", extra.get("base_state", {}), params,
+                                             _state_dict.TORCH_PER_ELEMENT_STATE),
+            "param_groups": groups,
+        }
+        # Whatever else the base optimizer's load_state_dict refuses, it refuses on a copy (which shares no
+        # state with it once loaded).
+        copy.copy(self.base_optimizer).load_state_dict(base_state_dict)
+
+        def load():
+            self.base_optimizer.load_state_dict(base_state_dict)
+            self.base_optimizer.param_groups = self.param_groups
+
+        return load

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import rwp_kernels
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
@@ -357,3 +358,100 @@ def test_freeze_bn_stats():
     model.eval()
     with freeze_bn_stats(model):
         torch.testing.assert_close(model(x), copy.deepcopy(model).eval()(x))
+
+
+def _two_launch_groups(bad=None):
+    """Two param groups with different alpha and lr (two perturb_ launches, two sgd_step_ launches); ``bad``
+    (if given) becomes parameter 1 of group 1."""
+    torch.manual_seed(0)
+    second = [nn.Parameter(torch.randn(3)), bad if bad is not None else nn.Parameter(torch.randn(4, 10))]
+    groups = [{"params": [nn.Parameter(torch.randn(4, 10)), nn.Parameter(torch.randn(4))], "alpha": 0.25},
+              {"params": second, "alpha": 0.75, "lr": 0.02}]
+    params = [p for group in groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return groups, params
+
+
+def _make_groups(kind, groups, **kw):
+    kw = {**RWP_KW, **kw}
+    if kind == "rwpsgd":
+        return RWPSGD(groups, lr=0.05, momentum=0.9, **kw)
+    return RWP(groups, torch.optim.SGD, lr=0.05, momentum=0.9, **kw)
+
+
+def _copies(tensors) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def _assert_unchanged(params, weights, grads):
+    for i, (p, w, g) in enumerate(zip(params, weights, grads)):
+        assert torch.equal(p.detach(), w), f"parameter {i}: weights changed"
+        assert torch.equal(p.grad, g), f"parameter {i}: gradient changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("restore", ["exact", "regenerate"])
+def test_perturb_refused_in_a_later_launch_changes_nothing(kind, restore):
+    """A transposed weight (rows not contiguous: the ops refuse it) in the second launch: refused before the
+    first launch runs, named as the optimizer's parameter; weights and gradients stay bit for bit."""
+    groups, params = _two_launch_groups(bad=nn.Parameter(torch.randn(10, 4).t()))
+    opt = _make_groups(kind, groups, restore=restore)
+    weights, grads = _copies(params), _copies(p.grad for p in params)
+    for _ in range(2):  # nothing is left pending: the second try fails the same way
+        with pytest.raises(ValueError, match=r"perturb_: param group 1, parameter 1 \(shape \(4, 10\), torch.float32"
+                                             r".*not dense with contiguous rows"):
+            opt.perturb()
+        assert not opt.is_perturbed
+        _assert_unchanged(params, weights, grads)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_perturb_failing_in_a_later_launch_is_undone(kind, monkeypatch):
+    """A failure the checks cannot foresee (here: out of memory) in the second launch, after the first one
+    perturbed its weights and scaled its gradients by (1 - alpha) / alpha: all of it is undone, bit for bit."""
+    groups, params = _two_launch_groups()
+    opt = _make_groups(kind, groups)
+    weights, grads = _copies(params), _copies(p.grad for p in params)
+    perturb_, launches = rwp_kernels.perturb_, []
+
+    def second_launch_fails(*args, **kwargs):
+        launches.append(args)
+        if len(launches) == 2:
+            raise RuntimeError("out of memory")
+        return perturb_(*args, **kwargs)
+
+    monkeypatch.setattr(rwp_kernels, "perturb_", second_launch_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.perturb()
+    assert len(launches) == 2 and not opt.is_perturbed
+    _assert_unchanged(params, weights, grads)
+    monkeypatch.undo()
+    opt.perturb()  # training goes on
+    opt.step()
+
+
+@pytest.mark.parametrize("perturbed", [False, True])
+def test_step_refused_in_a_later_launch_updates_no_group(perturbed):
+    """A momentum buffer of the wrong dtype (the parameters were cast after the first step) in the second
+    sgd_step_ launch: refused before the first launch runs, named as the optimizer's parameter; no group is
+    updated, the weights are the clean ones."""
+    groups, params = _two_launch_groups()
+    opt = _make_groups("rwpsgd", groups)
+    opt.step()  # creates the momentum buffers
+    opt.state[params[3]]["momentum_buffer"] = opt.state[params[3]]["momentum_buffer"].double()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    weights, grads = _copies(params), _copies(p.grad for p in params)
+    buffers = _copies(opt.state[p]["momentum_buffer"] for p in params)
+    if perturbed:
+        opt.perturb()
+    with pytest.raises(TypeError, match=r"sgd_step_: momentum_buffers of param group 1, parameter 1 \(shape \(4, 10\), "
+                                        r"torch.float64"):
+        opt.step()
+    assert not opt.is_perturbed and opt.steps == 1
+    for i, (p, w, b) in enumerate(zip(params, weights, buffers)):
+        assert torch.equal(p.detach(), w), f"parameter {i}: weights changed"
+        assert torch.equal(opt.state[p]["momentum_buffer"], b), f"parameter {i}: momentum buffer changed"
+    if not perturbed:
+        _assert_unchanged(params, weights, grads)
