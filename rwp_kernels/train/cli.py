@@ -6,6 +6,7 @@ loss and time per epoch. Bad input is reported in one line, before any long work
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -13,12 +14,14 @@ import statistics
 import sys
 
 import torch
+from torch import nn
 
-from . import parallel
-from .data import DATASETS, DataError, load_data
-from .engine import RunConfig, run
-from .methods import METHODS, SCHEDULES, MethodConfig, batches_per_update
-from .netbuild import check_model_name
+from ..backends import unavailable_reason
+from . import checkpoint, parallel
+from .data import DATASETS, Data, DataError, load_data
+from .engine import CHECKPOINT, LOG, RunConfig, run
+from .methods import METHODS, SCHEDULES, MethodConfig, autocast_factory, batches_per_update, build_optimizer
+from .netbuild import build_network, check_model_name
 
 # What a run uses unless the dataset, a recipe or a flag says otherwise (in that order of precedence).
 DEFAULTS = dict(
@@ -42,12 +45,38 @@ RECIPES = {
     "imagenet-rwp": dict(dataset="imagenet-folder", optimizer=["rwp"], gamma=0.005, alpha=0.5, weight_decay=1e-4,
                          batch_size=256, lr=0.1, schedule="cosine", epochs=90, momentum=0.9),
 }
+# The settings that decide what a run computes: those of every run, of its optimizer and of its dataset.
+# --resume refuses a checkpoint made with other values; the other flags (--workers, the output flags, the
+# index of a --device) may change.
+RUN_SETTINGS = ("dataset", "model", "epochs", "batch_size", "schedule", "label_smoothing", "amp", "channels_last",
+                "compile", "device")
+SGD_SETTINGS = ("lr", "momentum", "weight_decay", "nesterov")
+RWP_SETTINGS = SGD_SETTINGS + ("gamma", "alpha", "rwp_schedule", "backend")
+METHOD_SETTINGS = {"sgd": SGD_SETTINGS, "sam": SGD_SETTINGS + ("rho",), "rwp": RWP_SETTINGS,
+                   "arwp": RWP_SETTINGS + ("eta", "beta")}
+DATA_SETTINGS = {"cifar10": ("cutout",), "cifar100": ("cutout",), "synthetic": ("synthetic_train", "synthetic_size")}
+# The data order of a run is seeded with seed * 100003 + epoch, which must stay below 2**64.
+SEED_LIMIT = 2**32
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
 
 
@@ -98,16 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", choices=("off", "bf16", "fp16"), help="autocast dtype (fp16 uses a GradScaler)")
     a("--channels-last", action="store_true", default=None)
     a("--compile", action="store_true", default=None, help="torch.compile the model")
-    a("--seeds", nargs="+", type=int, help="one run per seed; mean and std are reported")
+    a("--seeds", nargs="+", type=_seed, help="one run per seed; mean and std are reported")
     a("--device", help="default: cuda if available, else cpu (--parallel: cuda:<local rank>)")
     a("--parallel", action="store_true",
       help="run under torchrun, one process per device: sgd as data parallelism, rwp with the clean and the "
            "perturbed pass on different processes at once (odd ranks perturbed); --batch-size is split over them")
-    a("--workers", type=int, help="DataLoader worker processes")
+    a("--workers", type=_non_negative_int, help="DataLoader worker processes")
     a("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
       help="rwp_kernels backend of the RWP optimizers")
     a("--out-dir", default="rwp_runs", help="logs, checkpoints, summary.json and the plot go here")
-    a("--resume", action="store_true", help="continue each run from its last checkpoint in --out-dir")
+    a("--resume", action="store_true",
+      help="continue each run from its last checkpoint in --out-dir (with the same settings)")
     a("--stop-after", type=_positive_int, metavar="EPOCH",
       help="end each run after this epoch (e.g. for time-limited jobs; continue with --resume)")
     a("--plot", action="store_true", help="write curves.png with loss and accuracy per optimizer")
@@ -132,7 +162,24 @@ def resolve(args: argparse.Namespace) -> dict:
         if value is not None:
             settings[key] = value
     settings["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings["backend"] = args.backend
+    if dataset == "synthetic":
+        settings.update(synthetic_train=args.synthetic_train, synthetic_size=args.synthetic_size)
     return settings
+
+
+def run_settings(s: dict, method: str) -> dict:
+    """The settings that decide what ``method``'s runs compute (kept in their checkpoints)."""
+    keys = RUN_SETTINGS + METHOD_SETTINGS[method] + DATA_SETTINGS.get(s["dataset"], ())
+    settings = {key: s[key] for key in keys}
+    settings["device"] = torch.device(s["device"]).type
+    return settings
+
+
+def setting_changes(saved: dict, current: dict) -> list[str]:
+    """``--flag old -> new`` for every setting of ``current`` that differs from ``saved``."""
+    return [f"--{key.replace('_', '-')} {saved.get(key)} -> {value}" for key, value in current.items()
+            if saved.get(key) != value]
 
 
 def _fail(message: str) -> int:
@@ -140,12 +187,21 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _check_out_dir(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
-    with open(probe, "w") as f:
-        f.write("ok")
-    os.remove(probe)
+def _method_config(s: dict) -> MethodConfig:
+    return MethodConfig(lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"], nesterov=s["nesterov"],
+                        gamma=s["gamma"], alpha=s["alpha"], eta=s["eta"], beta=s["beta"], rho=s["rho"],
+                        schedule=s["rwp_schedule"], backend=s["backend"])
+
+
+def _experiment_dir(out_dir: str, s: dict, ranks: parallel.Ranks) -> str:
+    return os.path.join(out_dir, f"{s['dataset']}-{s['model'].replace(':', '-')}"
+                        + (f"-parallel{ranks.world}" if ranks.parallel else ""))
+
+
+def _runs(experiment: str, s: dict) -> list[tuple[str, int, str]]:
+    """(optimizer, seed, run folder) of every run, in the order they train."""
+    return [(method, seed, os.path.join(experiment, f"{method}-seed{seed}"))
+            for method in s["optimizer"] for seed in s["seeds"]]
 
 
 def _mean_std(values):
@@ -198,27 +254,135 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = resolve(args)
     try:
-        check_model_name(s["model"])
-        if s["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {s['device']} asked for, but no CUDA GPU is visible to torch")
-        torch.device(s["device"])
-        _check_out_dir(args.out_dir)
-        data = load_data(s["dataset"], data_dir=args.data_dir, download=args.download, cutout=s["cutout"],
-                         synthetic_size=args.synthetic_size, synthetic_train=args.synthetic_train)
-        if s["batch_size"] > len(data.train):
-            raise ValueError(f"--batch-size {s['batch_size']} is larger than the {len(data.train)} training images")
-        if s["amp"] == "fp16" and "sam" in s["optimizer"]:
-            raise ValueError("the SAM baseline does not support --amp fp16 (GradScaler); use --amp bf16")
-        if args.parallel:
-            ranks = _check_parallel(args, s)
-        elif s["batch_size"] < 2 and any(m in ("rwp", "arwp") for m in s["optimizer"]) and s["alpha"] < 1:
-            raise ValueError("RWP's halves schedule needs --batch-size >= 2")
-        else:
-            ranks = parallel.Ranks()
+        data, ranks = _check_all(args, s)
     except (ValueError, DataError, OSError, RuntimeError) as err:
         return _fail(str(err))
     with parallel.process_group(torch.device(s["device"])) if ranks.parallel else contextlib.nullcontext():
         return _train(args, s, data, ranks)
+
+
+def _check_all(args: argparse.Namespace, s: dict) -> tuple[Data, parallel.Ranks]:
+    """Every check of the input, before the first run trains; the data and this process's ranks. The checks
+    that need no data come first (loading it can take a while)."""
+    check_model_name(s["model"])
+    _check_unique(s)
+    ranks = _check_parallel(args, s) if args.parallel else parallel.Ranks()
+    _check_device(s)
+    _check_amp(s)
+    _check_backend(s)
+    _check_optimizer_settings(s)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'rwp-kernels[train]'")
+    experiment = _experiment_dir(args.out_dir, s, ranks)
+    _check_writable(experiment, ("summary.json", "curves.png"))
+    for _, _, run_dir in _runs(experiment, s):
+        _check_writable(run_dir, (CHECKPOINT, CHECKPOINT + ".tmp", LOG))
+    if args.resume:
+        _check_resume(s, experiment)
+    data = load_data(s["dataset"], data_dir=args.data_dir, download=args.download, cutout=s["cutout"],
+                     synthetic_size=args.synthetic_size, synthetic_train=args.synthetic_train)
+    _check_batch_size(s, data, ranks)
+    _check_network(s, data)
+    return data, ranks
+
+
+def _check_unique(s: dict) -> None:
+    for flag, values in (("--optimizer", s["optimizer"]), ("--seeds", s["seeds"])):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{flag} names {', '.join(repeated)} more than once")
+
+
+def _check_device(s: dict) -> None:
+    device = torch.device(s["device"])
+    if device.type != "cuda":
+        return  # other devices: moving the network there (_check_network) tells
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {s['device']} asked for, but no CUDA GPU is visible to torch")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {s['device']} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+
+
+def _check_amp(s: dict) -> None:
+    if s["amp"] == "fp16" and "sam" in s["optimizer"]:
+        raise ValueError("the SAM baseline does not support --amp fp16 (GradScaler); use --amp bf16")
+    if s["amp"] == "bf16" and torch.device(s["device"]).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
+
+
+def _check_backend(s: dict) -> None:
+    """An explicit --backend of the RWP optimizers runs on the device (auto always finds one)."""
+    if s["backend"] == "auto" or not {"rwp", "arwp"} & set(s["optimizer"]):
+        return
+    device_type = torch.device(s["device"]).type
+    reason = unavailable_reason(s["backend"], device_type)
+    if reason is not None:
+        raise ValueError(f"--backend {s['backend']} cannot run on {device_type} tensors here: {reason}")
+
+
+def _check_optimizer_settings(s: dict) -> None:
+    """The optimizers accept the settings (e.g. --nesterov needs a --momentum)."""
+    probe = nn.Linear(1, 1)
+    for method in s["optimizer"]:
+        try:
+            build_optimizer(method, probe, _method_config(s), s["seeds"][0])
+        except ValueError as err:
+            raise ValueError(f"--optimizer {method}: {err}") from None
+
+
+def _check_writable(folder: str, files: tuple[str, ...]) -> None:
+    """Create ``folder``, and make sure files can be written in it, over those of ``files`` that exist too."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise OSError(f"cannot write in {folder}: {err.strerror or err}") from None
+    for name in files:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise OSError(f"cannot write {path}")
+
+
+def _check_resume(s: dict, experiment: str) -> None:
+    """Every checkpoint to resume from loads and was made with the settings given now."""
+    changes = []
+    for method, _, run_dir in _runs(experiment, s):
+        path = os.path.join(run_dir, CHECKPOINT)
+        if os.path.exists(path):
+            saved = checkpoint.load(path)["config"]["settings"]
+            changes += [c for c in setting_changes(saved, run_settings(s, method)) if c not in changes]
+    if changes:
+        raise ValueError(f"--resume: the checkpoints in {experiment} were trained with other settings: "
+                         f"{', '.join(changes)}; give those again, or another --out-dir to start over")
+
+
+def _check_batch_size(s: dict, data: Data, ranks: parallel.Ranks) -> None:
+    train_images, method_cfg = len(data.train), _method_config(s)
+    if s["batch_size"] > train_images:
+        raise ValueError(f"--batch-size {s['batch_size']} is larger than the {train_images} training images")
+    if any(batches_per_update(m, method_cfg) == 2 for m in s["optimizer"]) and 2 * s["batch_size"] > train_images:
+        raise ValueError(f"--rwp-schedule consecutive makes an update of two batches of {s['batch_size']}, more "
+                         f"than the {train_images} training images")
+    halves = not ranks.parallel and s["rwp_schedule"] == "halves" and s["alpha"] < 1
+    if halves and s["batch_size"] < 2 and {"rwp", "arwp"} & set(s["optimizer"]):
+        raise ValueError("RWP's halves schedule needs --batch-size >= 2")
+
+
+def _check_network(s: dict, data: Data) -> None:
+    """The network takes the dataset's images on the device (vgg16_bn's five poolings, for one, need more
+    than digits' 8x8 pixels)."""
+    device = torch.device(s["device"])
+    net = build_network(s["model"], data).to(device).eval()
+    images = torch.stack([data.test[i][0] for i in range(min(2, len(data.test)))]).to(device)
+    try:
+        with torch.no_grad(), autocast_factory(s["amp"], device)():
+            net(images)
+    except RuntimeError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"--model {s['model']} does not run on {s['dataset']} images: {reason}") from None
 
 
 def _check_parallel(args: argparse.Namespace, s: dict) -> parallel.Ranks:
@@ -240,11 +404,8 @@ def _check_parallel(args: argparse.Namespace, s: dict) -> parallel.Ranks:
 
 
 def _train(args: argparse.Namespace, s: dict, data, ranks: parallel.Ranks) -> int:
-    method_cfg = MethodConfig(lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
-                              nesterov=s["nesterov"], gamma=s["gamma"], alpha=s["alpha"], eta=s["eta"], beta=s["beta"],
-                              rho=s["rho"], schedule=s["rwp_schedule"], backend=args.backend)
-    experiment = os.path.join(args.out_dir, f"{s['dataset']}-{s['model'].replace(':', '-')}"
-                              + (f"-parallel{ranks.world}" if ranks.parallel else ""))
+    method_cfg = _method_config(s)
+    experiment = _experiment_dir(args.out_dir, s, ranks)
     where = (f"{ranks.world} processes ({len(range(1, ranks.world, 2))} perturbed), device {s['device'].split(':')[0]}"
              if ranks.parallel else f"device {s['device']}")
     if ranks.is_main:
@@ -252,22 +413,27 @@ def _train(args: argparse.Namespace, s: dict, data, ranks: parallel.Ranks) -> in
               f"model {s['model']}, {s['epochs']} epochs, batch {s['batch_size']}, {where}; "
               f"optimizers {' '.join(s['optimizer'])}; seeds {' '.join(map(str, s['seeds']))}; output {experiment}")
     results = {}
-    for method in s["optimizer"]:
-        for seed in s["seeds"]:
-            epochs = s["epochs"] * batches_per_update(method, method_cfg)
-            cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=epochs, batch_size=s["batch_size"],
-                            lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
-                            channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
-                            workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress,
-                            stop_after=args.stop_after, world_size=ranks.world)
-            history = run(cfg, data, os.path.join(experiment, f"{method}-seed{seed}"), resume=args.resume,
-                          ranks=ranks)
-            if not ranks.is_main:
-                continue
-            last = history[-1]
-            print(f"  {method:<5} seed {seed}: test acc {100 * last['test_acc']:.2f}%, test loss {last['test_loss']:.4f}, "
-                  f"{statistics.median(r['epoch_time'] for r in history):.3f} s/epoch", flush=True)
-            results.setdefault(method, []).append(history)
+    for method, seed, run_dir in _runs(experiment, s):
+        epochs = s["epochs"] * batches_per_update(method, method_cfg)
+        cfg = RunConfig(method=method, seed=seed, model=s["model"], epochs=epochs, batch_size=s["batch_size"],
+                        lr_schedule=s["schedule"], label_smoothing=s["label_smoothing"], amp=s["amp"],
+                        channels_last=s["channels_last"], compile=s["compile"], device=s["device"],
+                        workers=s["workers"], method_cfg=method_cfg, progress=not args.no_progress,
+                        stop_after=args.stop_after, world_size=ranks.world, settings=run_settings(s, method))
+        ckpt_path = os.path.join(run_dir, CHECKPOINT)
+        if args.resume and ranks.is_main and not os.path.exists(ckpt_path):
+            print(f"rwp_kernels.train: --resume: no checkpoint at {ckpt_path}; starting {method} seed {seed} "
+                  f"from scratch", file=sys.stderr, flush=True)
+        try:
+            history = run(cfg, data, run_dir, resume=args.resume, ranks=ranks)
+        except checkpoint.CheckpointError as err:
+            return _fail(str(err))
+        if not ranks.is_main:
+            continue
+        last = history[-1]
+        print(f"  {method:<5} seed {seed}: test acc {100 * last['test_acc']:.2f}%, test loss {last['test_loss']:.4f}, "
+              f"{statistics.median(r['epoch_time'] for r in history):.3f} s/epoch", flush=True)
+        results.setdefault(method, []).append(history)
     if not ranks.is_main:
         return 0
 

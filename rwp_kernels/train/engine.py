@@ -4,13 +4,13 @@ its share of each batch, and rank 0 alone evaluates, logs and checkpoints."""
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..optim import ParallelRWP
-from . import parallel
+from . import checkpoint, parallel
 from .data import Data, make_loader
 from .methods import MethodConfig, Stepper, autocast_factory, batches_per_update, build_optimizer
 from .netbuild import build_network
@@ -37,6 +37,7 @@ class RunConfig:
     progress: bool = True
     stop_after: int | None = None  # end this invocation after that epoch (continue later with resume)
     world_size: int = 1  # processes of a --parallel run
+    settings: dict = field(default_factory=dict)  # the command's settings that decide this run (checked on resume)
 
 
 def _scheduler(optimizer, schedule: str, epochs: int):
@@ -60,10 +61,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_atomically(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _restore(path: str, net, optimizer, scheduler, scaler) -> tuple[list[dict], int]:
+    """Load the checkpoint at ``path`` into the run's objects (each copies the tensors to its device; the RNG
+    states stay on the CPU); its history and the epoch to continue from."""
+    ckpt = checkpoint.load(path)
+    try:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise checkpoint.CheckpointError(f"checkpoint {path}: does not fit this run ({reason})") from None
+    return ckpt["history"], ckpt["epoch"]
 
 
 @torch.no_grad()
@@ -123,14 +135,7 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False,
     history, start = [], 0
     ckpt_path, log_path = os.path.join(run_dir, CHECKPOINT), os.path.join(run_dir, LOG)
     if resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
-        history, start = ckpt["history"], ckpt["epoch"]
+        history, start = _restore(ckpt_path, net, optimizer, scheduler, scaler)
     if ranks.is_main:
         with open(log_path, "w") as log:  # rewritten from the history, so a resumed log has no duplicates
             for record in history:
@@ -178,7 +183,7 @@ def run(cfg: RunConfig, data: Data, run_dir: str, *, resume: bool = False,
         history.append(record)
         with open(log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
-        _save_atomically(dict(
+        checkpoint.save(dict(
             model=net.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None, rng=_rng_state(), history=history,
             epoch=epoch + 1, config=asdict(cfg),
