@@ -5,8 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import requires
 from rwp_kernels import backends
+
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -32,6 +32,8 @@ from rwp_kernels.train.parallel import exit_process
 
 from _optim_common import CPU_BACKENDS, backward, batches, official_sigma, one_torch_thread, spawn_gloo  # noqa: F401
 
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
+
 STEPS = 32
 CHECK_AT = 3  # steps compared with the single-process computation (rounding grows with more)
 FAIL_AT = 10  # before this step, a pass raises on every rank

@@ -21,6 +21,8 @@ from conftest import requires
 from rwp_kernels import _ext_config as C
 from rwp_kernels import backends, extension
 
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
+
 REPO = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT = 300
 

@@ -19,6 +19,8 @@ from rwp_kernels import _ext_config as C
 from rwp_kernels import extension
 from test_ext_build import CHILD_TIMEOUT, FALLBACK_CHILD, REPO, folder_for, run_child
 
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
+
 
 def file_in_the_way(tmp_path) -> tuple[Path, str]:
     """A cache below a regular file: NotADirectoryError, even for root."""
@@ -81,7 +83,6 @@ def test_build_command_with_an_unusable_cache_fails_in_one_line(unusable, tmp_pa
     assert str(folder) in lines[0] and error in lines[0]
 
 
-@pytest.mark.slow
 def test_report_with_an_unusable_cache_gives_the_reason_per_backend(tmp_path, monkeypatch):
     cache, error = file_in_the_way(tmp_path)
     folder = folder_for(monkeypatch, cache_env(cache))
@@ -107,7 +108,6 @@ def test_report_facts_with_an_unreadable_cache(tmp_path, monkeypatch):
     assert facts["build folder"] == str(folder) and facts["build log"].startswith("none")
 
 
-@pytest.mark.slow
 def test_training_with_an_unusable_cache_runs_on_the_reference(tmp_path):
     cache, error = file_in_the_way(tmp_path)
     out = run_module("rwp_kernels.train", "--dataset", "digits", "--epochs", "1", "--optimizer", "rwp",
@@ -168,7 +168,6 @@ def links_of(library: Path) -> int:
     return sum(1 for line in lines if line.split("\t")[3:4] == [library.name])
 
 
-@pytest.mark.slow
 def test_a_killed_builders_compile_is_waited_for_not_repeated_beside_it(tmp_path, monkeypatch):
     requires(shutil.which(C.cxx_compiler()) is not None, "no C++ compiler", "cpp-ext")
     env = cache_env(tmp_path / "ext")

@@ -19,6 +19,8 @@ from rwp_kernels import _ext_config, backends, noise, restore_, sgd_step_
 from test_ext_build import run_child
 from test_ext_cpu import DTYPES, SEED, STEP, STREAM, assert_bitwise, like, make_params, run_perturb, ulp
 
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
+
 TESTS = Path(__file__).resolve().parent
 
 

@@ -48,6 +48,7 @@ def ptxas_report(output: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     nvcc = C.find_nvcc()
     requires(nvcc is not None, "nvcc was not found (no CUDA toolkit)", "cuda-build")

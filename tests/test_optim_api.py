@@ -320,6 +320,7 @@ def test_half_precision_parameters(dtype):
         torch.testing.assert_close(p.float(), q.detach(), atol=1e-2 if dtype == torch.bfloat16 else 2.5e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_torch_compiled_model():
     """A torch.compile'd model (the optimizer stays eager): the compiled forward sees the perturbed and the
     restored weights; freeze_bn_stats works through the compiled module. Compared with eager."""

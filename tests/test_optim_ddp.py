@@ -9,6 +9,7 @@ with its own half batch and no single-process run could match).
 """
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -18,6 +19,8 @@ from rwp_kernels.optim import RWPSGD
 from rwp_kernels.train.parallel import exit_process
 
 from _optim_common import backward, batches, one_torch_thread, spawn_gloo  # noqa: F401
+
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
 WORLD = 2
 STEPS = 4

@@ -172,6 +172,7 @@ def test_matches_official_update(name, kind, base, kwargs, alpha, adaptive, rest
 TRITON_CASES = [CASES[2], CASES[5]]  # RWPSGD ARWP (Fisher, kept clean gradient, backups); RWP(SGD) ARWP
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kind,base,kwargs,alpha,adaptive,restore", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_triton_backend_matches_official_update(name, kind, base, kwargs, alpha, adaptive, restore):
     """The optimizers on the Triton kernels (Triton's interpreter on CPU tensors; slow: 2 steps only)."""

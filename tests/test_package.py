@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rwp_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +45,7 @@ def test_setup_py_does_not_need_torch():
     assert out.stdout.strip().splitlines()[-1] == rwp_kernels.__version__
 
 
+@pytest.mark.slow
 def test_demo_runs_and_matches_the_textbook_update(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rwp_kernels.demo", "--batch", "4"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)

@@ -57,6 +57,7 @@ def resnet_params():
     return [p.detach() for p in resnet18().parameters()]
 
 
+@pytest.mark.slow
 def test_perturb_std_matches_filter_norms_on_resnet18(resnet_params):
     gamma = 0.01
     params = clone_all(resnet_params)

@@ -10,6 +10,8 @@ import torch
 from rwp_kernels import backends, reference
 from rwp_kernels.selftest import run_selftest
 
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
+
 
 def install_fake_backend(monkeypatch, module):
     fake = backends.Backend("cpu", "fake fused backend", ("cpu",), backends.FUSED_DTYPES, lambda t: module)

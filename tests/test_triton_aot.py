@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import requires
+
+pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
 
 def _tools_missing() -> str | None:

@@ -137,6 +137,7 @@ def test_noise_matches_reference(numel, offset):
 
 # --- perturb_ ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["rwp", "arwp"])
 def test_perturb_matches_reference(dtype, adaptive):
@@ -196,6 +197,7 @@ def test_bfloat16_results_round_to_nearest_even():
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+@pytest.mark.slow
 def test_perturb_without_backups_or_grads_and_tensor_scale():
     params = _params(torch.bfloat16)
     grads = _like(params, 4)
@@ -227,6 +229,7 @@ def test_restore_exact_and_gradient_mix(dtype):
     assert_all_close(out["triton"][2], out["reference"][2], "fisher")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, sigma_buffer", [(torch.float32, "as_returned"), (torch.float32, "separate"),
                                                  (torch.float16, "as_returned"), (torch.bfloat16, "as_returned")])
 def test_restore_regenerates_the_noise(dtype, sigma_buffer):
@@ -320,6 +323,7 @@ def launches(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_small_cnn_step_in_one_launch_per_op(launches):
     torch.manual_seed(0)
     params = [p.detach() for p in models.small_cnn().parameters()]
@@ -373,6 +377,7 @@ def test_tables_are_cached_and_follow_new_tensors(monkeypatch):
 
 # --- the self-test of python -m rwp_kernels.report, shared validation, availability -----------------------
 
+@pytest.mark.slow
 def test_selftest_checks_pass():
     """Acceptance checks of ``python -m rwp_kernels.report --selftest``, with their own tolerances, for bfloat16
     (the dtype where the interpreter's own conversions are wrong). The interpreter is too slow for all of them:
@@ -387,6 +392,7 @@ def test_selftest_checks_pass():
     assert all(r.passed for r in checks.results), [r for r in checks.results if not r.passed]
 
 
+@pytest.mark.slow
 def test_report_lists_triton_with_its_reason(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "rwp_kernels.report"], cwd=tmp_path, env=env, capture_output=True,
