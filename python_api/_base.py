@@ -14,9 +14,11 @@ import torch
 import rwp_kernels
 from rwp_kernels._validate import check_companions, check_params
 
-from . import _hyper, _state_dict
+from . import _hyper, _state_dict, _trainers
 from ._amp import LossScale
+from ._run_state import RunState, grad_mark
 from ._window import SCALED, SPLIT, Entry, Window, group_by, like_param, same_layout
+from .bn import bn_stats_frozen_while_called
 from .clip import clip_weighted_grad_norm_
 
 # How an op's error message names the tensors of one launch: "params[3]", "grads[0]", ...
@@ -38,16 +40,14 @@ class _RWPOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {i}: ")
-        self._seed = _hyper.initial_seed(seed)
-        self._stream = stream
         self._restore_mode = restore
         self._backend = backend
-        self._steps = 0
-        self._window: Window | None = None
-        self._backups: dict = {}  # param -> its backup buffer (restore="exact"), kept across steps
-        # Parallel mode (rwp_kernels.optim.distributed): the alpha this process applies itself instead of
-        # the groups' alpha, whose mixing then happens between processes.
-        self._local_alpha: float | None = None
+        self._rwp = RunState(seed=_hyper.initial_seed(seed), stream=stream)
+
+    def _enter_parallel_mode(self, *, seed: int, stream: int) -> None:
+        """For ParallelRWP: the seed all ranks share, this rank's noise stream, and p.grad used as it comes
+        (alpha 1 locally: the mix between ranks is made by ParallelRWP's communication hook)."""
+        self._rwp.seed, self._rwp.stream, self._rwp.local_alpha = seed, stream, 1.0
 
     # ----------------------------------------------------------------------------------------- subclass API
     def _check_group(self, group: dict, where: str) -> None:
@@ -61,17 +61,17 @@ class _RWPOptimizer(torch.optim.Optimizer):
     @property
     def seed(self) -> int:
         """The seed of the noise stream (saved in the state dict)."""
-        return self._seed
+        return self._rwp.seed
 
     @property
     def stream(self) -> int:
         """The noise stream (e.g. a rank); not saved in the state dict."""
-        return self._stream
+        return self._rwp.stream
 
     @property
     def steps(self) -> int:
         """Completed calls of step(); the noise of the next perturbation uses this as its step."""
-        return self._steps
+        return self._rwp.steps
 
     @property
     def restore_mode(self) -> str:
@@ -84,7 +84,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True while the weights hold a perturbation (between perturb() and step() or restore())."""
-        return self._window is not None and self._window.perturbed
+        return self._rwp.window is not None and self._rwp.window.perturbed
 
     # ----------------------------------------------------------------------------------------- perturb
     @torch.no_grad()
@@ -96,8 +96,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
         (see the module docs of ``rwp_kernels.optim``). A no-op when alpha is 0 in every param group.
         If it raises, nothing is pending and weights and gradients are as they were (see docs/optim.md).
         """
-        if self._window is not None:
-            if self._window.perturbed:
+        if self._rwp.window is not None:
+            if self._rwp.window.perturbed:
                 raise RuntimeError("perturb(): the weights are already perturbed; call step() (or restore()) first")
             raise RuntimeError(
                 "perturb(): the previous perturbation was restored but its gradients were not applied; "
@@ -106,7 +106,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         entries = self._new_entries()
         if not entries:
             return
-        window = Window(step=self._steps, entries=entries)
+        window = Window(step=self._rwp.steps, entries=entries)
         calls = group_by(entries, lambda e: (e.param.device, e.clean_scale if e.mode == SCALED else None, e.adaptive))
         self._check_launches("perturb_", [([e.param for e in members], {}) for members in calls.values()])
         scaled_grads = _copies_of_scaled_grads(list(calls.items())[:-1])
@@ -120,14 +120,16 @@ class _RWPOptimizer(torch.optim.Optimizer):
             raise
         for e in entries:
             if e.mode == SPLIT:
-                e.stash, e.param.grad = e.param.grad, None
-        self._window = window
+                e.stash, e.stash_scale, e.param.grad = _kept_aside(e.param.grad), 1.0 - e.alpha, None
+            else:
+                e.scaled_mark = grad_mark(e.param)
+        self._rwp.window = window
 
     def _new_entries(self) -> list[Entry]:
         entries, index = [], 0
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param group {gi}: ")
-            alpha = group["alpha"] if self._local_alpha is None else self._local_alpha
+            alpha = group["alpha"] if self._rwp.local_alpha is None else self._rwp.local_alpha
             adaptive = group["adaptive"]
             mode = SPLIT if adaptive and 0.0 < alpha < 1.0 else SCALED
             for p in group["params"]:
@@ -168,7 +170,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         with self._naming_launch_errors(params):
             sigmas = rwp_kernels.perturb_(
                 params, gamma=[e.group["gamma"] for e in members], eta=[e.group["eta"] for e in members],
-                seed=self._seed, step=window.step, stream=self._stream, param_indices=[e.index for e in members],
+                seed=self._rwp.seed, step=window.step, stream=self._rwp.stream, param_indices=[e.index for e in members],
                 backups=backups, grads=grads, grad_scale=1.0 if grad_scale is None else grad_scale,
                 fisher=[self._fisher(p) for p in params] if adaptive else None, backend=self._backend,
             )
@@ -180,9 +182,9 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 e.backup = backups[i]
 
     def _backup(self, p: torch.Tensor) -> torch.Tensor:
-        b = self._backups.get(p)
+        b = self._rwp.backups.get(p)
         if b is None or b.dtype != p.dtype or b.device != p.device or not same_layout(b, p):
-            b = self._backups[p] = torch.empty_like(p)
+            b = self._rwp.backups[p] = torch.empty_like(p)
         return b
 
     def _fisher(self, p: torch.Tensor) -> torch.Tensor:
@@ -215,8 +217,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         try:
             yield
         except (TypeError, ValueError) as error:
-            names = {p: f"param group {i}, parameter {j}"
-                     for i, group in enumerate(self.param_groups) for j, p in enumerate(group["params"])}
+            names = self._param_names()
 
             def name(match):
                 argument, k = match[1], int(match[2])
@@ -233,8 +234,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
         """Put the clean weights back now (one launch per device). A later step() still applies the mixed
         gradient of this perturbation (then without restoring again); zero_grad() discards it instead.
         A no-op if the weights are not perturbed."""
-        if self._window is not None:
-            self._restore_weights(self._window, self._window.entries)
+        if self._rwp.window is not None:
+            self._restore_weights(self._rwp.window, self._rwp.window.entries)
 
     def _restore_weights(self, window: Window, entries: list[Entry]) -> None:
         """Restore the weights of those ``entries`` that are still perturbed (weights only)."""
@@ -250,20 +251,20 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 rwp_kernels.restore_(params, backups=[e.backup for e in members], backend=self._backend, **mix)
             else:
                 rwp_kernels.restore_(
-                    params, sigmas=[e.sigma for e in members], seed=self._seed, step=window.step,
-                    stream=self._stream, param_indices=[e.index for e in members], backend=self._backend, **mix,
+                    params, sigmas=[e.sigma for e in members], seed=self._rwp.seed, step=window.step,
+                    stream=self._rwp.stream, param_indices=[e.index for e in members], backend=self._backend, **mix,
                 )
         for e in members:
             e.perturbed = False
 
     def _cancel(self) -> None:
         """Restore the weights and forget the perturbation (its mix will not be applied)."""
-        window = self._window
+        window = self._rwp.window
         if window is None:
             return
         with torch.no_grad():
             self._restore_weights(window, window.entries)
-        self._window = None
+        self._rwp.window = None
 
     @contextlib.contextmanager
     def perturbed(self):
@@ -277,15 +278,42 @@ class _RWPOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._cancel()
             raise
+        self._settle_gradients()
+
+    def _settle_gradients(self) -> None:
+        """Remember p.grad as the perturbed pass left it: step() refuses gradients changed after that by
+        anything but our own clip_grad_norm_ (GradScaler's unscale_ does not count: it keeps the versions)."""
+        window = self._rwp.window
+        if window is not None and window.perturbed:
+            for e in window.entries:
+                e.settled_mark = grad_mark(e.param)
+            window.settled = True
+
+    def _check_settled_gradients(self, window: Window) -> None:
+        # GradScaler.unscale_ leaves the versions alone (torch 2.14); tests/test_optim_trainer_paths.py checks it.
+        for e in window.entries:
+            if grad_mark(e.param) != e.settled_mark:
+                raise RuntimeError(
+                    f"step(): the gradient of {self._describe(e.param)} was changed after the perturbed pass, by "
+                    "something other than this optimizer (e.g. torch.nn.utils.clip_grad_norm_, a trainer's gradient "
+                    "clipping): between perturb() and step(), p.grad is not the gradient step() applies (it holds "
+                    "the mix divided by alpha, or one of its two parts), so clipping or scaling it changes the mix "
+                    "in a way nobody asked for. Clip with opt.clip_grad_norm_(max_norm), which clips the true mix. "
+                    "The weights are restored and nothing was updated"
+                )
 
     # ----------------------------------------------------------------------------------------- step
     def step(self, closure=None):
         """Apply the update. After perturb(): restore the clean weights, mix the two gradients and update,
-        fused. Without a pending perturbation: a plain update with p.grad.
+        fused. Without a pending perturbation it raises (that update would not be RWP's), unless alpha is 0
+        in every group (plain SGD) or in parallel mode (ParallelRWP's clean ranks).
 
-        With ``closure`` (forward + backward, returning the loss; it must not zero the gradients): runs
-        the clean pass, perturb(), the perturbed pass and the update; returns the clean pass's loss (the
-        perturbed one when alpha is 1 everywhere, where the clean pass is skipped).
+        With ``closure`` (forward + backward, returning the loss; it may zero the gradients first, as
+        torch's closures and Lightning's do): runs the clean pass, perturb(), the perturbed pass (BatchNorm
+        running statistics left alone) and the update; returns the clean pass's loss (the perturbed one when
+        alpha is 1 everywhere, where the clean pass is skipped). With a perturbation already pending (a
+        trainer's step() after our perturbed() window), the closure runs once and the pending update is
+        applied. See docs/optim.md for gradient accumulation and clipping with closures.
         """
         if closure is not None:
             return self._step_with_closure(closure)
@@ -293,61 +321,146 @@ class _RWPOptimizer(torch.optim.Optimizer):
         return None
 
     def _apply_step(self) -> None:
-        window = self._window
+        window = self._rwp.window
+        if window is None:
+            self._check_plain_step_allowed()
         scale = LossScale(self)
         try:
+            if window is not None and window.settled:
+                self._check_settled_gradients(window)
             if window is not None and scale.already_unscaled and any(e.stash is not None for e in window.entries):
                 raise RuntimeError(
-                    "scaler.unscale_() was called on an adaptive optimizer with 0 < alpha < 1: it keeps the clean "
-                    "gradient aside, where GradScaler cannot unscale it. Let scaler.step() do the unscaling "
-                    "(gradient clipping is not available with GradScaler in this mode)"
+                    "scaler.unscale_() was called while the clean gradient is kept aside (ARWP with 0 < alpha < 1, "
+                    "or a zero_grad() inside the perturbation window), where GradScaler cannot unscale it. Let "
+                    "scaler.step() do the unscaling (gradient clipping is not available with GradScaler then)"
                 )
             with torch.no_grad():
                 self._update(window, scale)
         except BaseException:
             self._cancel()
             raise
-        self._window = None
-        self._steps += 1
+        self._rwp.window = None
+        self._rwp.steps += 1
+
+    def _check_plain_step_allowed(self) -> None:
+        if self._rwp.local_alpha is not None:
+            return
+        perturbing = [i for i, g in enumerate(self.param_groups)
+                      if g["alpha"] != 0.0 and any(p.requires_grad for p in g["params"])]
+        if perturbing:
+            raise RuntimeError(
+                f"step(): no perturbation is pending, so this update would be plain {self._plain_update_name()} "
+                f"on p.grad, not RWP (alpha is {self.param_groups[perturbing[0]]['alpha']} in param group "
+                f"{perturbing[0]}). Call perturb() (or use `with opt.perturbed():`) for the perturbed pass before "
+                "step(), or pass a closure to step(); for plain updates set alpha=0 in every param group. A trainer "
+                "that runs the closure itself and then calls step() without it (e.g. Lightning's '16-mixed' "
+                "precision with automatic optimization) cannot run RWP: see docs/integrations.md"
+            )
+
+    def _plain_update_name(self) -> str:
+        return "SGD"
 
     def _step_with_closure(self, closure):
-        if self._window is not None:
-            raise RuntimeError("step(closure) runs both passes itself; do not call it between perturb() and step()")
-        if self._local_alpha is not None:
+        if self._rwp.local_alpha is not None:
             raise RuntimeError("step(closure) runs both passes in this process; in parallel mode (ParallelRWP) run "
                                "the pass inside par.pass_() and call step() without a closure")
+        if self._rwp.window is not None:
+            with torch.enable_grad():
+                loss = closure()
+            self._apply_step()
+            return loss
+        self._check_closure_trainer(closure)
         alphas = [group["alpha"] for group in self.param_groups]
         loss = None
         if any(a < 1.0 for a in alphas):
-            with torch.enable_grad():
-                loss = closure()
+            loss = self._clean_closure(closure)
         if any(a > 0.0 for a in alphas):
-            with self.perturbed(), torch.enable_grad():
+            with self.perturbed(), bn_stats_frozen_while_called(), torch.enable_grad():
                 perturbed_loss = closure()
             loss = perturbed_loss if loss is None else loss
         self._apply_step()
         return loss
 
+    @staticmethod
+    def _check_closure_trainer(closure) -> None:
+        clipping = _trainers.clipping_inside_closure(closure)
+        if clipping:
+            raise RuntimeError(
+                f"step(closure): {clipping} clips the gradient inside the closure, after each of RWP's two passes, "
+                "so each pass's gradient would be clipped on its own instead of the mix that step() applies. Leave "
+                "gradient clipping off in the trainer and clip with opt.clip_grad_norm_(max_norm) in manual "
+                "optimization (docs/integrations.md)"
+            )
+        accumulation = _trainers.accumulation_around_step()
+        if accumulation:
+            raise RuntimeError(
+                f"step(closure): {accumulation} calls step(closure) for the last micro-batch only, so RWP's two passes "
+                "would see that batch alone. Accumulate both passes in your own loop instead (docs/integrations.md)"
+            )
+
+    def _clean_closure(self, closure):
+        """The clean pass of step(closure); refuses gradients accumulated before it that it did not zero (they
+        would enter the clean gradient while the perturbed pass covers the closure's batch alone)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        after_zero = self._rwp.after_zero_grad
+        earlier = {p: p.grad for p in params if p.grad is not None and grad_mark(p) != after_zero.get(p, (None, 0))}
+        zero_grad_calls = self._rwp.zero_grad_calls
+        with torch.enable_grad():
+            loss = closure()
+        if zero_grad_calls == self._rwp.zero_grad_calls:
+            kept = [p for p, grad in earlier.items() if p.grad is grad]
+            if kept:
+                raise RuntimeError(
+                    "step(closure): p.grad held gradients of earlier backward passes that the closure did not zero, "
+                    "so they entered the clean gradient while the perturbed pass covers the closure's batch alone "
+                    f"({self._describe(kept[0])}). Zero the gradients before step(closure) or in the closure. "
+                    "Gradient accumulation over several batches (Lightning's accumulate_grad_batches > 1, "
+                    "Accelerate's accumulate()) cannot go through step(closure): accumulate both passes in your "
+                    "own loop instead (docs/optim.md, 'Gradient accumulation')"
+                )
+        return loss
+
+    def _param_names(self) -> dict:
+        """param -> "param group i, parameter j": how errors name the optimizer's parameters."""
+        return {p: f"param group {i}, parameter {j}"
+                for i, group in enumerate(self.param_groups) for j, p in enumerate(group["params"])}
+
+    def _describe(self, p: torch.Tensor) -> str:
+        return f"{self._param_names().get(p, 'a parameter')} (shape {tuple(p.shape)})"
+
     def _step_entries(self) -> dict:
         """param -> Entry of the pending perturbation, if any."""
-        return self._window.by_param() if self._window is not None else {}
+        return self._rwp.window.by_param() if self._rwp.window is not None else {}
 
     # ----------------------------------------------------------------------------------------- gradients
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch.optim.Optimizer.zero_grad, for the clean gradient kept aside by ARWP too. If the weights
-        were already restored (restore()) the pending mix has nothing left to apply and is dropped."""
+        """As torch.optim.Optimizer.zero_grad, except that between perturb() and step() it never drops the
+        clean gradient that step() needs: trainers zero the gradients before every backward, the perturbed
+        one included. A clean gradient still held in p.grad is set aside first (p.grad itself, moved: the
+        parameter then holds one gradient buffer more until step()); it raises instead if p.grad already
+        holds part of the perturbed gradient too (the two cannot be told apart any more), changing nothing.
+        After restore(), zero_grad() discards the pending update."""
+        window = self._rwp.window
+        if window is not None and window.perturbed:
+            self._set_aside_clean_gradients(window)
         super().zero_grad(set_to_none)
-        window = self._window
-        if window is None:
-            return
-        for e in window.entries:
-            if e.stash is not None:
-                if set_to_none:
-                    e.stash = None
-                else:
-                    e.stash.zero_()
-        if not window.perturbed:
-            self._window = None
+        if window is not None and not window.perturbed:
+            self._rwp.window = None
+        self._rwp.zero_grad_calls += 1
+        self._rwp.after_zero_grad = {p: grad_mark(p) for group in self.param_groups for p in group["params"]}
+
+    def _set_aside_clean_gradients(self, window: Window) -> None:
+        holding = [e for e in window.entries
+                   if e.mode == SCALED and e.stash is None and e.alpha < 1.0 and e.scaled_mark[0] is not None]
+        mixed = [e for e in holding if grad_mark(e.param) != e.scaled_mark]
+        if mixed:
+            raise RuntimeError(
+                f"zero_grad(): the gradient of {self._describe(mixed[0].param)} holds the clean gradient and part of "
+                "the perturbed one, which cannot be separated; the pending step() needs the clean one. Call step() "
+                "to apply both, or restore() and then zero_grad() to discard this perturbation"
+            )
+        for e in holding:
+            e.stash, e.stash_scale, e.param.grad = _kept_aside(e.param.grad), e.alpha, None
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
@@ -371,10 +484,13 @@ class _RWPOptimizer(torch.optim.Optimizer):
                     weights.append(1.0 if e is None else e.alpha)
                 if stash is not None:
                     tensors.append(stash)
-                    weights.append(1.0 - e.alpha)
+                    weights.append(e.stash_scale)
                 if tensors:
                     parts.append((tensors, weights))
-        return clip_weighted_grad_norm_(parts, max_norm, norm_type, error_if_nonfinite)
+        total = clip_weighted_grad_norm_(parts, max_norm, norm_type, error_if_nonfinite)
+        if self._rwp.window is not None and self._rwp.window.settled:
+            self._settle_gradients()
+        return total
 
     # ----------------------------------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
@@ -388,7 +504,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         state_dict = super().state_dict()
-        state_dict["rwp"] = {"seed": self._seed, "steps": self._steps}
+        state_dict["rwp"] = {"seed": self._rwp.seed, "steps": self._rwp.steps}
         state_dict.update(self._extra_state_dict())
         return state_dict
 
@@ -405,7 +521,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict plus the RWP entries. Everything is checked before anything is loaded: on
         an error (a state dict of another model, a corrupted one) the optimizer is left unchanged."""
-        if self._window is not None:
+        if self._rwp.window is not None:
             raise RuntimeError("load_state_dict(): a perturbation is pending; call step() or restore() and zero_grad() first")
         state_dict = dict(state_dict)
         rwp = state_dict.pop("rwp", None)
@@ -414,7 +530,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         groups, params = _state_dict.param_groups(state_dict, self.param_groups, self.defaults, self._check_group)
         state = _state_dict.param_state("state", _state_dict.required(state_dict, "state"), params,
                                         self._PER_ELEMENT_STATE)
-        seed, steps = _state_dict.rwp_counters(rwp, self._seed, self._steps)
+        seed, steps = _state_dict.rwp_counters(rwp, self._rwp.seed, self._rwp.steps)
         load_extra = self._check_extra_state_dict(extra, groups, params)
 
         # torch casts floating state to the parameter's dtype; the Fisher state stays float32.
@@ -423,8 +539,14 @@ class _RWPOptimizer(torch.optim.Optimizer):
         for saved_id, f in fisher.items():
             p, _ = params[saved_id]
             self.state[p]["fisher"] = torch.empty_like(p, dtype=torch.float32).copy_(f)
-        self._seed, self._steps = seed, steps
+        self._rwp.seed, self._rwp.steps = seed, steps
         load_extra()
+
+
+def _kept_aside(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient moved out of p.grad until step(): the tensor itself, or a copy where it is a view (DDP's
+    gradient_as_bucket_view makes p.grad a view of a bucket that the next backward overwrites)."""
+    return grad.clone() if grad is not None and grad._is_view() else grad
 
 
 def _copies_of_scaled_grads(calls) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,6 +6,10 @@ How p.grad relates to the gradient that ``step()`` applies (the mix ``(1 - alpha
   alpha = 1); the perturbed backward adds ``g_p``; ``step()`` multiplies by ``alpha``. No extra memory.
 - ``SPLIT`` (ARWP with 0 < alpha < 1, whose Fisher state needs ``g_p`` alone): ``perturb()`` moves the clean
   gradient out of p.grad into ``stash`` and p.grad receives ``g_p`` alone; ``step()`` mixes the two.
+
+A ``zero_grad()`` inside the window (trainers zero before every backward) moves a ``SCALED`` clean gradient
+into ``stash`` too, still multiplied by ``(1 - alpha) / alpha``: ``stash_scale`` is the weight ``step()``
+gives the stash, so that it contributes ``(1 - alpha) g_c`` either way.
 """
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,7 +30,10 @@ class Entry:
     mode: str
     backup: torch.Tensor | None = None  # exact restore
     sigma: torch.Tensor | None = None  # regenerated restore
-    stash: torch.Tensor | None = None  # SPLIT: the clean gradient
+    stash: torch.Tensor | None = None  # the clean gradient kept out of p.grad
+    stash_scale: float = 0.0  # the weight of ``stash`` in the mix
+    scaled_mark: tuple = (None, 0)  # SCALED: p.grad as perturb() left it (see _run_state.grad_mark)
+    settled_mark: tuple = (None, 0)  # p.grad as the perturbed pass left it (Window.settled)
     perturbed: bool = False  # the weights currently hold the perturbation
 
     @property
@@ -39,6 +46,7 @@ class Entry:
 class Window:
     step: int  # the noise stream's step: the optimizer's step counter when perturb() ran
     entries: list[Entry] = field(default_factory=list)
+    settled: bool = False  # the perturbed pass has ended (the perturbed() block exited): entries' settled_mark
 
     def by_param(self) -> dict:
         return {e.param: e for e in self.entries}

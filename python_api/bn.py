@@ -3,6 +3,7 @@ import contextlib
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 
 @contextlib.contextmanager
@@ -22,5 +23,26 @@ def freeze_bn_stats(model: nn.Module):
     try:
         yield model
     finally:
+        for m in frozen:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def bn_stats_frozen_while_called():
+    """``freeze_bn_stats`` for every BatchNorm layer in training mode that runs inside the block, in whatever
+    model: for step(closure), which does not know the model. A global forward pre-hook freezes each such
+    layer before its first forward in the block; the end of the block unfreezes them."""
+    frozen = []
+
+    def freeze(module, args):
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            frozen.append(module)
+
+    handle = register_module_forward_pre_hook(freeze)
+    try:
+        yield
+    finally:
+        handle.remove()
         for m in frozen:
             m.track_running_stats = True

@@ -102,9 +102,7 @@ class ParallelRWP:
         backend_device = device if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
         seed = seed.to(backend_device)
         dist.broadcast(seed, src=dist.get_global_rank(process_group, 0) if process_group else 0, group=process_group)
-        optimizer._seed = int(seed.item()) + (1 << 63)
-        optimizer._stream = rank
-        optimizer._local_alpha = 1.0  # the mix between ranks is the hook's; locally p.grad is used as it comes
+        optimizer._enter_parallel_mode(seed=int(seed.item()) + (1 << 63), stream=rank)
         ddp_model.register_comm_hook(
             _HookState(optimizer, self.is_perturbed_rank, len(ranks), world - len(ranks), process_group), _mix_hook
         )

@@ -60,7 +60,7 @@ class RWPSGD(_RWPOptimizer):
                     p.device, hyper, first,
                     e is not None and e.perturbed and e.backup is not None,  # restore from the backup in the launch
                     group["beta"] if e is not None and e.adaptive else None,  # Fisher update
-                    e is not None and e.stash is not None,  # clean gradient kept aside (ARWP)
+                    e.stash_scale if e is not None and e.stash is not None else None,  # clean gradient kept aside
                     e.alpha if e is not None else 1.0,  # multiplier of p.grad
                 )
                 members.append((key, p, grad, e))
@@ -92,7 +92,7 @@ class RWPSGD(_RWPOptimizer):
 
     def _sgd_launch(self, key, call, scale):
         """One sgd_step_ launch, prepared: its params, its other arguments, and what to record once it ran."""
-        device, (lr, momentum, dampening, weight_decay, nesterov, maximize), first, restore, beta, clean, alpha = key
+        device, (lr, momentum, dampening, weight_decay, nesterov, maximize), first, restore, beta, stash_scale, alpha = key
         params = [p for p, _, _ in call]
         entries = [e for _, _, e in call]
         buffers = [self._momentum_buffer(p, first) for p in params] if momentum != 0 else None
@@ -104,8 +104,8 @@ class RWPSGD(_RWPOptimizer):
             backups=[e.backup for e in entries] if restore else None,
             fisher=[self._fisher(p) for p in params] if beta is not None else None,
             beta=0.0 if beta is None else beta, fisher_scale=scale.factor(1.0, device),
-            clean_grads=[e.stash for e in entries] if clean else None,
-            clean_scale=scale.factor(1.0 - alpha, device) if clean else 0.0,
+            clean_grads=[e.stash for e in entries] if stash_scale is not None else None,
+            clean_scale=scale.factor(stash_scale, device) if stash_scale is not None else 0.0,
             backend=self.backend,
         )
 

@@ -38,6 +38,9 @@ class RWP(_RWPOptimizer):
     def _check_group(self, group: dict, where: str) -> None:
         _hyper.check_rwp_group(group, where)
 
+    def _plain_update_name(self) -> str:
+        return type(self.base_optimizer).__name__
+
     def _update(self, window, scale) -> None:
         entries = window.entries if window is not None else []
         if scale.active:
@@ -62,17 +65,18 @@ class RWP(_RWPOptimizer):
             (with_grad if grad is not None else without_grad).append(e)
 
         def key(e):
-            return (e.param.device, e.perturbed, e.alpha, e.group["beta"] if e.adaptive else None, e.stash is not None)
+            return (e.param.device, e.perturbed, e.alpha, e.group["beta"] if e.adaptive else None,
+                    e.stash_scale if e.stash is not None else None)
 
         calls = group_by(with_grad, key)
         self._check_launches("restore_", [([e.param for e in members], {}) for members in calls.values()])
-        for (device, perturbed, alpha, beta, clean), members in calls.items():
+        for (device, perturbed, alpha, beta, stash_scale), members in calls.items():
             mix = dict(
                 grads=[e.param.grad for e in members], grad_scale=scale.factor(alpha, device),
                 fisher=[self._fisher(e.param) for e in members] if beta is not None else None,
                 beta=0.0 if beta is None else beta, fisher_scale=scale.factor(1.0, device),
-                clean_grads=[e.stash for e in members] if clean else None,
-                clean_scale=scale.factor(1.0 - alpha, device) if clean else 0.0,
+                clean_grads=[e.stash for e in members] if stash_scale is not None else None,
+                clean_scale=scale.factor(stash_scale, device) if stash_scale is not None else 0.0,
             )
             if perturbed:
                 self._restore_call(window, members, **mix)

@@ -29,8 +29,8 @@ def _step(model, opt, clean, perturbed, scaler=None, *, alpha, inject=None, clip
             next(model.parameters()).grad.view(-1)[0] = float("inf")
     with opt.perturbed(), freeze_bn_stats(model):
         backward(model, perturbed, scale)
-    if inject == "perturbed":
-        list(model.parameters())[-1].grad.view(-1)[0] = float("inf")
+        if inject == "perturbed":  # as if the perturbed backward had made it
+            list(model.parameters())[-1].grad.view(-1)[0] = float("inf")
     if clip is not None:
         if scaler is not None:
             scaler.unscale_(opt)

@@ -1,0 +1,33 @@
+"""What the optimizer recognizes of the trainers that drive step(closure), to refuse what would not be RWP.
+
+Both checks read the trainers' own objects, duck-typed, without importing the trainers.
+"""
+import functools
+import sys
+
+
+def clipping_inside_closure(closure) -> str | None:
+    """The gradient clipping a trainer runs inside ``closure``, after its backward; None if none is known.
+
+    Lightning's automatic optimization passes ``functools.partial(Precision._wrap_closure, module, optimizer,
+    closure)``, which clips the gradients after every call when the Trainer has ``gradient_clip_val``: with
+    RWP's two calls, each pass's gradient would be clipped on its own instead of the mix.
+    """
+    if not (isinstance(closure, functools.partial) and getattr(closure.func, "__name__", "") == "_wrap_closure"):
+        return None
+    module = closure.args[0] if closure.args else None
+    clip = getattr(getattr(module, "_trainer", None), "gradient_clip_val", None)
+    return f"Lightning's gradient_clip_val={clip}" if clip else None
+
+
+def accumulation_around_step() -> str | None:
+    """Gradient accumulation by a trainer that skips step(closure) on all but the last micro-batch; None if none.
+
+    Accelerate's ``accumulate()``: AcceleratedOptimizer.step does nothing (not even calling the closure) until
+    the last micro-batch, whose closure alone then makes both RWP passes, from a loss divided by the number
+    of micro-batches.
+    """
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "GradientState", None), "_shared_state", None)
+    steps = (shared or {}).get("plugin_kwargs", {}).get("num_steps", 1)
+    return f"Accelerate's gradient accumulation over {steps} batches" if steps > 1 else None
