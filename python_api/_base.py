@@ -13,11 +13,12 @@ import torch
 
 import rwp_kernels
 from rwp_kernels._validate import check_companions, check_params
+from rwp_kernels.layout import same_layout
 
 from . import _hyper, _state_dict, _trainers
 from ._amp import LossScale
 from ._run_state import RunState, grad_mark
-from ._window import SCALED, SPLIT, Entry, Window, group_by, like_param, same_layout
+from ._window import SCALED, SPLIT, Entry, Window, group_by, like_param
 from .bn import bn_stats_frozen_while_called
 from .clip import clip_weighted_grad_norm_
 

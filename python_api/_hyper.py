@@ -1,25 +1,12 @@
 """Checks of the RWP hyperparameters: those that live in param groups and the optimizer-wide options."""
-import math
-
 import torch
 
-from rwp_kernels._validate import UINT64_LIMIT, check_int
+from rwp_kernels._validate import UINT64_LIMIT, check_int, check_nesterov, check_number
 from rwp_kernels.backends import check_name
 
 _WHO = "rwp_kernels.optim"
 
 RESTORE_MODES = ("exact", "regenerate")
-
-
-def _number(name: str, value, where: str, *, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}{name} must be a number, got {type(value).__name__}")
-    if not (low <= value <= high) or math.isnan(value):
-        bound = f"in [{low}, {high}]" if high != math.inf else f">= {low} and finite"
-        raise ValueError(f"{where}{name} is {value}; it must be {bound}")
-    if math.isinf(value):
-        raise ValueError(f"{where}{name} is {value}; it must be finite")
-    return float(value)
 
 
 def rwp_group_defaults(*, gamma, alpha, adaptive, eta, beta) -> dict:
@@ -31,22 +18,21 @@ def rwp_group_defaults(*, gamma, alpha, adaptive, eta, beta) -> dict:
 
 def check_rwp_group(group: dict, where: str) -> None:
     """Raise a clear error if the RWP hyperparameters of ``group`` are out of range (e.g. set by a scheduler)."""
-    _number("gamma", group["gamma"], where, low=0.0)
-    _number("alpha", group["alpha"], where, low=0.0, high=1.0)
-    _number("eta", group["eta"], where, low=0.0)
-    _number("beta", group["beta"], where, low=0.0)
+    check_number(where, "gamma", group["gamma"], low=0.0)
+    check_number(where, "alpha", group["alpha"], low=0.0, high=1.0)
+    check_number(where, "eta", group["eta"], low=0.0)
+    check_number(where, "beta", group["beta"], low=0.0)
     if not isinstance(group["adaptive"], bool):
         raise TypeError(f"{where}adaptive must be True or False, got {group['adaptive']!r}")
 
 
 def check_sgd_group(group: dict, where: str) -> None:
     """torch.optim.SGD's own checks, for RWPSGD's groups."""
-    _number("lr", group["lr"], where, low=0.0)
-    _number("momentum", group["momentum"], where, low=0.0)
-    _number("dampening", group["dampening"], where, low=-math.inf)
-    _number("weight_decay", group["weight_decay"], where, low=0.0)
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(f"{where}nesterov momentum requires a momentum and zero dampening")
+    check_number(where, "lr", group["lr"], low=0.0)
+    check_number(where, "momentum", group["momentum"], low=0.0)
+    check_number(where, "dampening", group["dampening"])
+    check_number(where, "weight_decay", group["weight_decay"], low=0.0)
+    check_nesterov(where, group["nesterov"], group["momentum"], group["dampening"])
 
 
 def check_restore(restore) -> str:

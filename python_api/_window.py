@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rwp_kernels.layout import same_layout
+
 SCALED = "scaled"
 SPLIT = "split"
 
@@ -62,14 +64,6 @@ def group_by(items, key) -> dict:
     for item in items:
         groups[key(item)].append(item)
     return groups
-
-
-def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same shape and the same strides (ignoring those of size-1 dimensions, which do not matter)."""
-    if a.shape != b.shape:
-        return False
-    sa, sb = a.stride(), b.stride()
-    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n != 1)
 
 
 def like_param(p: torch.Tensor, t: torch.Tensor | None, *, dtype=None) -> torch.Tensor | None:

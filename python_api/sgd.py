@@ -2,10 +2,11 @@
 import torch
 
 import rwp_kernels
+from rwp_kernels.layout import same_layout
 
 from . import _hyper
 from ._base import _RWPOptimizer
-from ._window import group_by, like_param, same_layout
+from ._window import group_by, like_param
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 

@@ -4,12 +4,13 @@ Everything is checked before anything is written, so a call that raises leaves e
 was. Messages name the op and the offending argument (``params[3] (shape (64, 3, 3, 3), ...)``).
 """
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
 import torch
 
-from .layout import is_row_dense, num_rows
+from .layout import is_row_dense, num_rows, same_layout
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UINT32_LIMIT = 1 << 32
@@ -68,12 +69,6 @@ def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
     return params, device
 
 
-def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.stride() == b.stride():
-        return True
-    return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size != 1)
-
-
 def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_none=False):
     """A list of tensors paired one to one with ``params`` (grads, backups, buffers, Fisher state).
 
@@ -98,12 +93,27 @@ def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_n
             raise ValueError(f"{op}: {describe(entry, t)} does not match the shape of {describe(f'params[{i}]', p)}")
         if t.device != p.device:
             raise ValueError(f"{op}: {describe(entry, t)} is not on the device of params[{i}] ({p.device})")
-        if not _same_layout(t, p):
+        if not same_layout(t, p):
             raise ValueError(
                 f"{op}: {describe(entry, t)} has strides {t.stride()} but params[{i}] has {p.stride()}; "
                 "create it with torch.empty_like(param) or give it the parameter's memory format"
             )
     return tensors
+
+
+def check_words(op: str, name: str, value, *, width: int, device=None) -> torch.Tensor:
+    """A tensor of 32-bit words, shape [..., width], of any integer dtype: as int64 (philox4x32_10's input)."""
+    t = torch.as_tensor(value, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
+    if t.is_meta:
+        raise TypeError(f"{op}: {name} is a meta tensor, which has no data")
+    if t.dim() == 0 or t.shape[-1] != width:
+        raise ValueError(f"{op}: {name} must have shape [..., {width}], got {tuple(t.shape)}")
+    t = t.to(torch.int64)  # uint64 words of 2**63 and above wrap negative: refused below
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > UINT32_LIMIT - 1):
+        raise ValueError(f"{op}: {name} words must lie in [0, 2**32)")
+    return t
 
 
 def check_sigmas(op: str, sigmas, params) -> list[torch.Tensor]:
@@ -144,18 +154,31 @@ def check_seed(op: str, seed) -> int:
     return check_int(op, "seed", seed, high=UINT64_LIMIT)
 
 
-def check_float(op: str, name: str, value, *, low: float | None = None) -> float:
+def check_number(prefix: str, name: str, value, *, low: float | None = None, high: float | None = None) -> float:
+    """A real, finite number (Python or NumPy; not a bool, not a tensor) in [low, high], as a float. Messages
+    start with ``prefix`` (e.g. ``"perturb_: "``, ``"param group 1: "``)."""
     if isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a Python number, got a tensor")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}") from None
+        raise TypeError(f"{prefix}{name} must be a Python number, got a tensor")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{prefix}{name} must be a number, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} is {value}; it must be finite")
-    if low is not None and value < low:
-        raise ValueError(f"{op}: {name} is {value}; it must be >= {low}")
+        raise ValueError(f"{prefix}{name} is {value}; it must be finite")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}")
+        raise ValueError(f"{prefix}{name} is {value}; it must be {bound}")
     return value
+
+
+def check_float(op: str, name: str, value, *, low: float | None = None, high: float | None = None) -> float:
+    return check_number(f"{op}: ", name, value, low=low, high=high)
+
+
+def check_nesterov(prefix: str, nesterov, momentum: float, dampening: float) -> None:
+    """torch.optim.SGD's rule: nesterov needs momentum > 0 and dampening 0."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{prefix}nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
 
 
 def per_param_floats(op: str, name: str, value, n: int, *, low: float = 0.0) -> list[float]:

@@ -39,6 +39,15 @@ def is_row_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape and the same strides (ignoring those of size-1 dimensions, which do not matter): a
+    companion tensor (gradient, backup, buffer) walked in the same memory order as its parameter."""
+    if a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n != 1)
+
+
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     """The 1-D view of ``t``'s memory block, in memory order (requires ``is_row_dense(t)``)."""
     return t.as_strided((t.numel(),), (1,))

@@ -82,20 +82,8 @@ def philox4x32_10(counter, key, *, backend="auto") -> torch.Tensor:
     in [0, 2**32). Returns an int64 tensor of shape [..., 4] holding the uint32 outputs.
     """
     op = "philox4x32_10"
-    counter = torch.as_tensor(counter)
-    key = torch.as_tensor(key, device=counter.device)
-    words = {}
-    for name, t, width in (("counter", counter, 4), ("key", key, 2)):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{op}: {name} must hold integers, got {t.dtype}")
-        if t.is_meta:
-            raise TypeError(f"{op}: {name} is a meta tensor, which has no data")
-        if t.dim() == 0 or t.shape[-1] != width:
-            raise ValueError(f"{op}: {name} must have shape [..., {width}], got {tuple(t.shape)}")
-        words[name] = t = t.to(torch.int64)  # uint64 words of 2**63 and above wrap negative: refused below
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) > V.UINT32_LIMIT - 1):
-            raise ValueError(f"{op}: {name} words must lie in [0, 2**32)")
-    counter, key = words["counter"], words["key"]
+    counter = V.check_words(op, "counter", counter, width=4)
+    key = V.check_words(op, "key", key, width=2, device=counter.device)
     try:
         torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
     except RuntimeError:
@@ -211,8 +199,7 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.
     params, device = V.check_params(op, params)
     momentum = V.check_float(op, "momentum", momentum, low=0.0)
     dampening = V.check_float(op, "dampening", dampening)
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"{op}: nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
+    V.check_nesterov(f"{op}: ", nesterov, momentum, dampening)
     if momentum != 0 and momentum_buffers is None:
         raise TypeError(f"{op}: momentum_buffers is required when momentum is {momentum}")
     mix = _check_mix(op, params, device, grads=grads, grad_scale=grad_scale, fisher=fisher, beta=beta,
