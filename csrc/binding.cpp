@@ -128,10 +128,10 @@ Table make_table(TensorList params, at::IntArrayRef param_indices, bool by_rows,
 }
 
 #ifdef RWP_WITH_CUDA
-// Device copy of a call's table, cached per (op, device, stream) and uploaded again only when its
+// Device copy of a call's table, cached per (op, device, CUDA stream) and uploaded again only when its
 // contents change (new addresses, shapes or per-parameter hyperparameters). The upload is an
-// asynchronous copy from pinned memory on the current stream; no host synchronization.
-const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDAStream stream) {
+// asynchronous copy from pinned memory on the current CUDA stream; no host synchronization.
+const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDAStream cuda_stream) {
   struct Cached {
     std::vector<ParamEntry> host;
     Tensor device;
@@ -139,13 +139,13 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
   static std::mutex mu;
   static std::map<std::tuple<std::string, int, int64_t>, Cached> cache;
   std::lock_guard<std::mutex> lock(mu);
-  Cached& c = cache[{op, stream.device_index(), stream.id()}];
+  Cached& c = cache[{op, cuda_stream.device_index(), cuda_stream.id()}];
   const size_t bytes = t.entries.size() * sizeof(ParamEntry);
   if (!(c.device.defined() && c.host.size() == t.entries.size() &&
         std::memcmp(c.host.data(), t.entries.data(), bytes) == 0)) {
     Tensor pinned = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     std::memcpy(pinned.data_ptr(), t.entries.data(), bytes);
-    c.device = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(stream.device()));
+    c.device = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(cuda_stream.device()));
     c.device.copy_(pinned, /*non_blocking=*/true);
     c.host = t.entries;
   }
@@ -161,14 +161,14 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
 #define RWP_CUDA(...) nullptr
 #endif
 
-// launch(stream) on the current stream of like's device; in a build without CUDA kernels (launch is
+// launch(cuda_stream) on the current CUDA stream of like's device; in a build without CUDA kernels (launch is
 // then nullptr) a clear error instead.
 template <class Launch>
 void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
 #ifdef RWP_WITH_CUDA
   const c10::cuda::CUDAGuard guard(like.device());
-  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(like.device().index());
-  C10_CUDA_CHECK(launch(stream));
+  const c10::cuda::CUDAStream cuda_stream = c10::cuda::getCurrentCUDAStream(like.device().index());
+  C10_CUDA_CHECK(launch(cuda_stream));
 #else
   (void)like;
   (void)launch;
@@ -176,7 +176,7 @@ void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
 #endif
 }
 
-// Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, stream).
+// Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, cuda_stream).
 template <class CpuFn, class CudaFn>
 void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
   const int64_t n = static_cast<int64_t>(t.entries.size());
@@ -185,8 +185,8 @@ void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn
     return;
   }
   (void)cuda_fn;
-  launch_cuda(like, op, RWP_CUDA([&](c10::cuda::CUDAStream stream) {
-    return cuda_fn(device_table(t, op, stream), n, t.units, stream.stream());
+  launch_cuda(like, op, RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
+    return cuda_fn(device_table(t, op, cuda_stream), n, t.units, cuda_stream.stream());
   }));
 }
 
@@ -201,8 +201,9 @@ Tensor philox_op(const Tensor& counter, const Tensor& key) {
   Tensor out = at::empty({c.size(0), 4}, c.options());
   if (c.size(0) == 0) return out;
   if (c.is_cuda()) {
-    launch_cuda(c, "philox4x32_10", RWP_CUDA([&](c10::cuda::CUDAStream s) {
-      return cuda::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0), s.stream());
+    launch_cuda(c, "philox4x32_10", RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
+      return cuda::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0),
+                          cuda_stream.stream());
     }));
   } else {
     cpu::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0));
@@ -218,8 +219,8 @@ void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index
   const uint32_t pi = word(param_index, op, "param_index");
   if (out.numel() == 0) return;
   if (out.is_cuda()) {
-    launch_cuda(out, op, RWP_CUDA([&](c10::cuda::CUDAStream s) {
-      return cuda::noise(out.data_ptr<float>(), out.numel(), offset, pi, key, s.stream());
+    launch_cuda(out, op, RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
+      return cuda::noise(out.data_ptr<float>(), out.numel(), offset, pi, key, cuda_stream.stream());
     }));
   } else {
     cpu::noise(out.data_ptr<float>(), out.numel(), offset, pi, key);
@@ -258,8 +259,8 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
                          sigmas.data_ptr<float>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
-        return cuda::perturb(table, np, units, args, s);
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
+        return cuda::perturb(table, np, units, args, cuda_stream);
       }));
   return sigmas;
 }
@@ -321,8 +322,8 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::restore(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
-        return cuda::restore(table, np, units, args, s);
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
+        return cuda::restore(table, np, units, args, cuda_stream);
       }));
 }
 
@@ -356,8 +357,8 @@ void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffer
                      inf};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::sgd_step(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t s) {
-        return cuda::sgd_step(table, np, units, args, s);
+      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
+        return cuda::sgd_step(table, np, units, args, cuda_stream);
       }));
 }
 

@@ -8,7 +8,7 @@
 // contracted (-ffp-contract=off on the host, --fmad=false for nvcc), so all instantiations
 // produce the same bits.
 //
-// The stream (see rwp_kernels/stream.py): element e of a parameter is lane e % 4 of the Philox block
+// The noise stream (see rwp_kernels/stream.py): element e of a parameter is lane e % 4 of the Philox block
 // with counter (q mod 2^32, q >> 32, param_index, step mod 2^32), q = e / 4, and key (k0, k1).
 // u(x) = (x >> 8) * 2^-24 + 2^-25;  (z0, z1) = BoxMuller(u(x0), u(x1)), (z2, z3) = BoxMuller(u(x2), u(x3)).
 #pragma once
@@ -116,7 +116,7 @@ RWP_HD F uniform(U x) {
 }
 
 // Natural logarithm for x in (0, 1] (Cephes logf: reduction to [sqrt(1/2), sqrt(2)) and a degree-9
-// polynomial; max relative error ~1e-7). No special cases: the stream's uniforms are normal numbers.
+// polynomial; max relative error ~1e-7). No special cases: the noise stream's uniforms are normal numbers.
 template <class F>
 RWP_HD F log_unit(F x) {
   using U = decltype(as_bits(x));
@@ -142,7 +142,7 @@ RWP_HD F log_unit(F x) {
   return fmadd(fe, F(0.693359375f), t + y);
 }
 
-// (cos(2 pi u), sin(2 pi u)) for u in [0, 1]: u = k/4 + w with |w| <= 1/8 (exact for the stream's
+// (cos(2 pi u), sin(2 pi u)) for u in [0, 1]: u = k/4 + w with |w| <= 1/8 (exact for the noise stream's
 // uniforms, which are multiples of 2^-25), Cephes sinf/cosf polynomials on [-pi/4, pi/4], quadrant k.
 template <class F>
 RWP_HD void sincos_2pi(F u, F& c, F& s) {

@@ -51,12 +51,12 @@ void dispatch_dtype(int32_t dtype, const Fn& fn) {
 
 // ---- the noise stream ------------------------------------------------------------------------------
 
-struct Stream {
+struct ParamNoise {
   uint32_t param_index;
   NoiseKey key;
 };
 
-void scalar_block(uint64_t q, const Stream& s, float z[4]) {
+void scalar_block(uint64_t q, const ParamNoise& s, float z[4]) {
   normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), s.param_index, s.key.step, s.key.k0,
                s.key.k1, z[0], z[1], z[2], z[3]);
 }
@@ -74,9 +74,9 @@ struct Prefetcher {
 };
 
 #if RWP_CPU_AVX2
-// The normals of the Philox blocks q, q + 1, ... (one per lane of U) into out, in stream order.
+// The normals of the Philox blocks q, q + 1, ... (one per lane of U) into out, in noise order.
 template <class U>
-void vector_blocks(float* out, uint64_t q, const Stream& s) {
+void vector_blocks(float* out, uint64_t q, const ParamNoise& s) {
   U lo, hi;
   block_counters(q, lo, hi);
   decltype(to_float(lo)) z0, z1, z2, z3;
@@ -86,7 +86,7 @@ void vector_blocks(float* out, uint64_t q, const Stream& s) {
 
 // The same for two vectors' worth of blocks, computed in lockstep.
 template <class U>
-void vector_block_pairs(float* out, uint64_t q, const Stream& s) {
+void vector_block_pairs(float* out, uint64_t q, const ParamNoise& s) {
   constexpr int kBlocks = sizeof(U) / sizeof(uint32_t);
   Pair<U> lo, hi;
   block_counters(q, lo.a, hi.a);
@@ -98,10 +98,10 @@ void vector_block_pairs(float* out, uint64_t q, const Stream& s) {
 }
 #endif
 
-// out[i] = normal of element e + i of the stream, i in [0, n). Two vectors of blocks at a time with the
+// out[i] = normal of element e + i of the noise stream, i in [0, n). Two vectors of blocks at a time with the
 // widest lane type, then single vectors of the narrower ones, a block at a time (the GPU's code path)
 // at the ends; all give the same bits.
-void fill_normals(float* out, int64_t e, int64_t n, const Stream& s, Prefetcher* pf = nullptr) {
+void fill_normals(float* out, int64_t e, int64_t n, const ParamNoise& s, Prefetcher* pf = nullptr) {
   uint64_t q = static_cast<uint64_t>(e) >> 2;
   auto partial = [&](int from) {
     float z[4];
@@ -130,7 +130,7 @@ void fill_normals(float* out, int64_t e, int64_t n, const Stream& s, Prefetcher*
 // dst <- src (n elements) with non-temporal stores where possible: the copy is read back only by a
 // later op, so it need not be read into the cache first nor stay there.
 template <class T>
-void stream_copy(T* dst, const T* src, int64_t n) {
+void copy_nontemporal(T* dst, const T* src, int64_t n) {
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
   int64_t bytes = n * static_cast<int64_t>(sizeof(T));
@@ -144,7 +144,7 @@ void stream_copy(T* dst, const T* src, int64_t n) {
   std::memcpy(d, s, bytes);
 }
 
-void stream_fence() {
+void nontemporal_fence() {
 #if RWP_CPU_AVX2
   _mm_sfence();
 #endif
@@ -164,7 +164,7 @@ void apply_noise_from(T* w, const float* z, int64_t n, const float* sigma, bool 
 
 // The same with the noise of elements e .. e + n - 1 generated chunk by chunk (w points at element e).
 template <bool Add, class T>
-void apply_noise(T* w, int64_t e, int64_t n, const float* sigma, bool per_element, const Stream& s) {
+void apply_noise(T* w, int64_t e, int64_t n, const float* sigma, bool per_element, const ParamNoise& s) {
   float z[kNoiseChunk];
   for (int64_t c = 0; c < n; c += kNoiseChunk) {
     const int64_t m = std::min(kNoiseChunk, n - c);
@@ -231,7 +231,7 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
   const int64_t r1 = std::min(rows, r0 + p.unit_size);
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
-  const Stream s{p.param_index, a.key};
+  const ParamNoise s{p.param_index, a.key};
   const bool adaptive = p.fisher != nullptr;
   const bool buffered = p.gamma != 0.0 && !p.sigma_per_element && p.row_len <= kRowBuffer;
   float* sigmas = a.sigma + p.sigma_offset;
@@ -252,7 +252,7 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
       const double fsum = adaptive ? sum(p.fisher + e0, n) : 0.0;
       sigmas[r] = row_sigma(sumsq, p.gamma, p.whole_tensor, adaptive, fsum, p.eta);
     }
-    if (backup) stream_copy(backup + e0, w + e0, n);
+    if (backup) copy_nontemporal(backup + e0, w + e0, n);
     if (p.gamma == 0.0) continue;
     const float* sigma = p.sigma_per_element ? sigmas : sigmas + r;
     if (buffered) {
@@ -265,7 +265,7 @@ void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float
     T* g = static_cast<T*>(p.grad) + r0 * p.row_len;
     for_lanes((r1 - r0) * p.row_len, [&]<class F, bool>(int64_t i) { store(g + i, load<F>(g + i) * F(grad_scale)); });
   }
-  stream_fence();
+  nontemporal_fence();
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
@@ -294,7 +294,7 @@ void restore_unit(const ParamEntry& p, int64_t unit, const RestoreArgs& a, const
   if (p.backup) {
     std::memcpy(w + c0, static_cast<const T*>(p.backup) + c0, (c1 - c0) * sizeof(T));
   } else {
-    const Stream s{p.param_index, a.key};
+    const ParamNoise s{p.param_index, a.key};
     const float* sigmas = a.sigma + p.sigma_offset;
     for (int64_t e = c0; e < c1;) {  // row by row: sigma is per row (or per element)
       const int64_t r = e / p.row_len;
@@ -324,19 +324,19 @@ void sgd_unit(const ParamEntry& p, int64_t unit, const SgdArgs& a, const MixScal
   const SgdScalars sgd = a.sgd;
   const bool read_buf = sgd.has_momentum && !sgd.first_step;
   // Restoring from the backup, w is written without being read: non-temporal stores skip reading it in.
-  auto body = [&]<class F, bool Stream>(int64_t i) {
+  auto body = [&]<class F, bool NonTemporal>(int64_t i) {
     const F gi = load<F>(g + i);
     if (fisher) store(fisher + i, fisher_update(load<F>(fisher + i), gi, mix));
     const F gm = mix_grad(gi, clean ? load<F>(clean + i) : F(0.0f), clean != nullptr, mix);
     F wi = load<F>(backup ? backup + i : w + i);
     F bi = read_buf ? load<F>(buf + i) : F(0.0f);
     sgd_update(wi, bi, gm, sgd);
-    store_nt<Stream>(w + i, wi);
+    store_nt<NonTemporal>(w + i, wi);
     if (sgd.has_momentum) store(buf + i, bi);
   };
   if (backup) {
     for_lanes<true>(n, body, w);
-    stream_fence();
+    nontemporal_fence();
   } else {
     for_lanes(n, body);
   }
@@ -358,7 +358,7 @@ void philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n)
 }
 
 void noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key) {
-  const Stream s{param_index, key};
+  const ParamNoise s{param_index, key};
   const int64_t units = (numel + kCpuChunkElems - 1) / kCpuChunkElems;
   parallel_units(units, [&](int64_t u) {
     const int64_t begin = u * kCpuChunkElems;

@@ -197,14 +197,14 @@ inline void store_lanes(T* p, V8f x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack_lanes(p, x));
 }
 // Non-temporal stores (p aligned to the vector's size): for data the next op reads from memory anyway.
-inline void stream_lanes(float* p, V8f x) { _mm256_stream_ps(p, x.v); }
+inline void store_nontemporal(float* p, V8f x) { _mm256_stream_ps(p, x.v); }
 template <class T>
-inline void stream_lanes(T* p, V8f x) {
+inline void store_nontemporal(T* p, V8f x) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack_lanes(p, x));
 }
 
 // Stores the normals of eight consecutive Philox blocks (lane i of z_j is normal j of block i) in
-// stream order: 32 floats.
+// noise order: 32 floats.
 inline void store_blocks(float* out, V8f z0, V8f z1, V8f z2, V8f z3) {
   const __m256 t0 = _mm256_unpacklo_ps(z0.v, z1.v);  // blocks 0,1 | 4,5: z0 z1 pairs
   const __m256 t1 = _mm256_unpackhi_ps(z0.v, z1.v);  // blocks 2,3 | 6,7
@@ -315,14 +315,14 @@ template <class T>
 inline void store_lanes(T* p, V16f x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack_lanes(p, x));
 }
-inline void stream_lanes(float* p, V16f x) { _mm512_stream_ps(p, x.v); }
+inline void store_nontemporal(float* p, V16f x) { _mm512_stream_ps(p, x.v); }
 template <class T>
-inline void stream_lanes(T* p, V16f x) {
+inline void store_nontemporal(T* p, V16f x) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack_lanes(p, x));
 }
 
 // Stores the normals of sixteen consecutive Philox blocks (lane i of z_j is normal j of block i) in
-// stream order: 64 floats. Within each 128-bit lane k the unpacks and shuffles build blocks 4k .. 4k+3,
+// noise order: 64 floats. Within each 128-bit lane k the unpacks and shuffles build blocks 4k .. 4k+3,
 // then a 4x4 transpose of the 128-bit lanes puts the blocks in order.
 inline void store_blocks(float* out, V16f z0, V16f z1, V16f z2, V16f z3) {
   const __m512 t0 = _mm512_unpacklo_ps(z0.v, z1.v);
@@ -398,9 +398,9 @@ inline void store(T* p, F x) {
   }
 }
 
-// Runs body.template operator()<F, Stream>(i) over [0, n): with F = VecF on groups of kLanes elements,
+// Runs body.template operator()<F, NonTemporal>(i) over [0, n): with F = VecF on groups of kLanes elements,
 // with F = float on the rest. The split depends only on n, and with Aligned on the address of
-// anchor + i: Stream is true on the vector groups, whose anchor + i is then aligned to the vector's bytes (for
+// anchor + i: NonTemporal is true on the vector groups, whose anchor + i is then aligned to the vector's bytes (for
 // non-temporal stores). Never on the thread count.
 template <bool Aligned = false, class T = float, class Body>
 inline void for_lanes(int64_t n, Body&& body, const T* anchor = nullptr) {
@@ -419,10 +419,10 @@ inline void for_lanes(int64_t n, Body&& body, const T* anchor = nullptr) {
   for (; i < n; ++i) body.template operator()<float, false>(i);
 }
 
-template <bool Stream, class F, class T>
+template <bool NonTemporal, class F, class T>
 inline void store_nt(T* p, F x) {
-  if constexpr (Stream && sizeof(F) != sizeof(float)) {
-    stream_lanes(p, x);
+  if constexpr (NonTemporal && sizeof(F) != sizeof(float)) {
+    store_nontemporal(p, x);
   } else {
     store(p, x);
   }

@@ -2,7 +2,7 @@
 // memory; block b handles work unit b (perturb_: one row, reduced with cub::BlockReduce; restore_ and
 // sgd_step_: one chunk of kCudaChunkElems elements). A thread works on Philox quads (4 consecutive
 // elements, one Philox block), with one vector load/store per quad where the tensors are aligned.
-// No torch headers here (see binding.cpp); everything is asynchronous on the given stream.
+// No torch headers here (see binding.cpp); everything is asynchronous on the given CUDA stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -355,31 +355,31 @@ unsigned grid_for(int64_t items) {
 
 }  // namespace
 
-cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t stream) {
-  philox_kernel<<<grid_for(n), kThreads, 0, stream>>>(counter, key, out, n);
+cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t cuda_stream) {
+  philox_kernel<<<grid_for(n), kThreads, 0, cuda_stream>>>(counter, key, out, n);
   return cudaGetLastError();
 }
 
-cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t stream) {
-  noise_kernel<<<grid_for((numel + 3) / 4 + 1), kThreads, 0, stream>>>(out, numel, offset, param_index, key);
+cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t cuda_stream) {
+  noise_kernel<<<grid_for((numel + 3) / 4 + 1), kThreads, 0, cuda_stream>>>(out, numel, offset, param_index, key);
   return cudaGetLastError();
 }
 
-cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t stream) {
+cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  perturb_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  perturb_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
   return cudaGetLastError();
 }
 
-cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t stream) {
+cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  restore_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  restore_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
   return cudaGetLastError();
 }
 
-cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t stream) {
+cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  sgd_kernel<<<static_cast<unsigned>(units), kThreads, 0, stream>>>(table, num_params, args);
+  sgd_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
   return cudaGetLastError();
 }
 

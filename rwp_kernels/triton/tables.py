@@ -120,9 +120,9 @@ _constants = _LRU(64)
 
 
 def _where(device: torch.device) -> tuple:
-    """Device and current stream: where a cached tensor was made and may be read without a race."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    return device, stream
+    """Device and current CUDA stream: where a cached tensor was made and may be read without a race."""
+    cuda_stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return device, cuda_stream
 
 
 def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Tables:
