@@ -1,8 +1,9 @@
 """Which backend runs an op: the registry, availability (with the reason when absent), and "auto".
 
-A backend is a module with the functions ``philox4x32_10``, ``noise``, ``perturb_``, ``restore_`` and
-``sgd_step_`` taking the already validated arguments of ``rwp_kernels.ops``. Parameters of a dtype
-that a fused backend does not handle (float64) go to the reference backend in the same call.
+A backend is a module that implements ``rwp_kernels.contract.Backend``: the functions ``philox4x32_10``,
+``noise``, ``perturb_``, ``restore_`` and ``sgd_step_`` over the validated, bundled arguments that
+``rwp_kernels.ops`` builds. Parameters of a dtype that a fused backend does not handle (float64) go to the
+reference backend in the same call.
 """
 import os
 import sys

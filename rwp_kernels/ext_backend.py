@@ -7,7 +7,7 @@ may be a device tensor travels as (tensor or None, float).
 """
 import torch
 
-from . import stream as S
+from .contract import GradMix, NoiseKey, SgdHyper
 from .layout import num_sigma_rows
 
 NAME = "extension"
@@ -38,38 +38,37 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return _ops.philox4x32_10(c, k).view(*shape, 4)
 
 
-def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    k0, k1 = S.philox_key(seed, stream)
-    _ops.noise_(out, k0, k1, param_index, S.step_word(step), offset)
+    k0, k1, step = key.words()
+    _ops.noise_(out, k0, k1, param_index, step, offset)
     return out
 
 
-def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups, grads, grad_scale, fisher):
-    k0, k1 = S.philox_key(seed, stream)
+def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
+    k0, k1, step = key.words()
     flat = _ops.perturb_(
         params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas, param_indices,
-        k0, k1, S.step_word(step), *_scalar(grad_scale),
+        k0, k1, step, *_scalar(grad_scale),
     )
     return list(flat.split([num_sigma_rows(p, adaptive=fisher is not None) for p in params]))
 
 
-def restore_(params, *, backups, sigmas, seed, step, stream, param_indices,
-             grads, grad_scale, fisher, beta, fisher_scale, clean_grads, clean_scale):
-    k0, k1 = S.philox_key(seed, stream) if seed is not None else (0, 0)
+def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
+    k0, k1, step = key.words() if key is not None else (0, 0, 0)
     _ops.restore_(
-        params, _list(backups), _list(sigmas), _entries(grads, params), _list(fisher), _entries(clean_grads, params),
-        param_indices, k0, k1, S.step_word(step or 0), *_scalar(grad_scale), beta, *_scalar(fisher_scale),
-        *_scalar(clean_scale),
+        params, _list(backups), _list(sigmas), _entries(mix.grads, params), _list(mix.fisher),
+        _entries(mix.clean_grads, params), param_indices, k0, k1, step, *_scalar(mix.grad_scale), mix.beta,
+        *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),
     )
 
 
-def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale):
+def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     _ops.sgd_step_(
-        params, list(grads), _list(momentum_buffers), _list(backups), _list(fisher), _entries(clean_grads, params),
-        lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step, *_scalar(grad_scale), found_inf,
-        beta, *_scalar(fisher_scale), *_scalar(clean_scale),
+        params, list(mix.grads), _list(momentum_buffers), _list(backups), _list(mix.fisher),
+        _entries(mix.clean_grads, params), hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay,
+        hyper.nesterov, hyper.maximize, hyper.is_first_step, *_scalar(mix.grad_scale), found_inf, mix.beta,
+        *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),
     )
 
 

@@ -4,10 +4,13 @@ Every op takes lists of tensors and treats all of them in one call (one launch p
 group on the fused backends). Rows: a >=2-D tensor has ``shape[0]`` rows (output filters), a 0-D/1-D
 tensor is one row. Nothing is modified when an op raises on its arguments.
 """
+from dataclasses import fields
+
 import torch
 
 from . import _validate as V
 from . import backends
+from .contract import GradMix, NoiseKey, SgdHyper, take
 
 # The tensor arguments each op writes; it only reads the others.
 WRITES = {
@@ -17,27 +20,34 @@ WRITES = {
 }
 
 
-def _tensor_arguments(op: str, params, per_param: dict, shared: dict) -> list:
+def _tensor_arguments(op: str, params, per_param: dict, mix: GradMix | None, scalars: dict) -> list:
     """(name, tensors or tensor, written) for every tensor argument of a validated call."""
-    named = [("params", params)]
-    named += [(k, v) for k, v in per_param.items() if v is not None and any(isinstance(t, torch.Tensor) for t in v)]
-    named += [(k, v) for k, v in shared.items() if isinstance(v, torch.Tensor)]
-    return [(name, value, name in WRITES[op]) for name, value in named]
+    named = [("params", params), *per_param.items(), *scalars.items()]
+    if mix is not None:
+        named += [(f.name, getattr(mix, f.name)) for f in fields(mix)]
+    return [(name, value, name in WRITES[op]) for name, value in named
+            if isinstance(value, torch.Tensor)
+            or (isinstance(value, list) and any(isinstance(t, torch.Tensor) for t in value))]
 
 
-def _run(op: str, backend: str, params, device, per_param: dict, shared: dict):
-    """Call ``op`` of the planned backend(s); per-parameter results come back in the order of ``params``.
+def _run(op: str, backend: str, params, device, per_param: dict, *, mix: GradMix | None = None, **scalars):
+    """Call backend function ``op`` (rwp_kernels.contract.Backend) of the planned backend(s); per-parameter
+    results come back in the order of ``params``.
 
-    Before: no written tensor may share memory with another argument. After: the version counter of
-    every written tensor is bumped, as torch's in-place ops do, so autograd sees the change.
+    ``per_param``: the per-parameter lists, split with ``params`` where the plan splits the call; ``mix``
+    is split the same way; ``scalars`` go to every part as they are. Before: no written tensor may share
+    memory with another argument. After: the version counter of every written tensor is bumped, as
+    torch's in-place ops do, so autograd sees the change.
     """
-    arguments = _tensor_arguments(op, params, per_param, shared)
+    arguments = _tensor_arguments(op, params, per_param, mix, scalars)
     V.check_no_aliasing(op, arguments)
     results = [None] * len(params)
     with torch.no_grad():
         for module, idx in backends.plan(backend, device, [p.dtype for p in params]):
-            sub = {k: (None if v is None else [v[i] for i in idx]) for k, v in per_param.items()}
-            out = getattr(module, op)([params[i] for i in idx], **sub, **shared)
+            part = {k: take(v, idx) for k, v in per_param.items()}
+            if mix is not None:
+                part["mix"] = mix.take(idx)
+            out = getattr(module, op)(take(params, idx), **part, **scalars)
             for j, i in enumerate(idx):
                 results[i] = None if out is None else out[j]
     torch.autograd.graph.increment_version(
@@ -47,7 +57,7 @@ def _run(op: str, backend: str, params, device, per_param: dict, shared: dict):
 
 
 def _check_mix(op, params, device, *, grads, grad_scale, fisher, beta, fisher_scale, clean_grads, clean_scale,
-               grads_required=False):
+               grads_required=False) -> GradMix:
     """The gradient-mixing arguments shared by restore_ and sgd_step_, validated."""
     grads = V.check_companions(op, "grads", grads, params, allow_none=not grads_required)
     if grads_required and grads is None:
@@ -64,7 +74,7 @@ def _check_mix(op, params, device, *, grads, grad_scale, fisher, beta, fisher_sc
         for i, g in enumerate(grads):
             if g is None:
                 raise ValueError(f"{op}: grads[{i}] is None but fisher is given; the Fisher update needs it")
-    return dict(
+    return GradMix(
         grads=grads,
         grad_scale=V.check_scale(op, "grad_scale", grad_scale, device),
         fisher=fisher,
@@ -99,18 +109,18 @@ def noise(numel, *, seed, param_index=0, step=0, stream=0, offset=0, device="cpu
     op = "noise"
     numel = V.check_int(op, "numel", numel, high=V.INT64_LIMIT)
     device = torch.device(device)
-    args = dict(
-        seed=V.check_seed(op, seed),
-        param_index=V.check_int(op, "param_index", param_index, high=V.UINT32_LIMIT),
-        step=V.check_int(op, "step", step),
-        stream=V.check_int(op, "stream", stream),
-        offset=V.check_int(op, "offset", offset, high=V.INT64_LIMIT),
-        device=device,
-    )
-    if args["offset"] + numel > V.INT64_LIMIT:
-        raise ValueError(f"{op}: offset + numel is {args['offset'] + numel}; it must be at most 2**63 (offsets are int64)")
+    key = _noise_key(op, seed, step, stream)
+    param_index = V.check_int(op, "param_index", param_index, high=V.UINT32_LIMIT)
+    offset = V.check_int(op, "offset", offset, high=V.INT64_LIMIT)
+    if offset + numel > V.INT64_LIMIT:
+        raise ValueError(f"{op}: offset + numel is {offset + numel}; it must be at most 2**63 (offsets are int64)")
     module = backends.resolve(backend, device).module(device.type)
-    return module.noise(numel, **args)
+    return module.noise(numel, key=key, param_index=param_index, offset=offset, device=device)
+
+
+def _noise_key(op: str, seed, step, stream) -> NoiseKey:
+    return NoiseKey(seed=V.check_seed(op, seed), stream=V.check_int(op, "stream", stream),
+                    step=V.check_int(op, "step", step))
 
 
 def perturb_(params, *, gamma, seed, step, stream=0, param_indices=None, backups=None, grads=None,
@@ -135,13 +145,9 @@ def perturb_(params, *, gamma, seed, step, stream=0, param_indices=None, backups
         grads=V.check_companions(op, "grads", grads, params, allow_none=True),
         fisher=V.check_companions(op, "fisher", fisher, params, dtype=torch.float32),
     )
-    shared = dict(
-        seed=V.check_seed(op, seed),
-        step=V.check_int(op, "step", step),
-        stream=V.check_int(op, "stream", stream),
-        grad_scale=V.check_scale(op, "grad_scale", grad_scale, device),
-    )
-    return _run(op, backend, params, device, per_param, shared)
+    key = _noise_key(op, seed, step, stream)
+    return _run(op, backend, params, device, per_param, key=key,
+                grad_scale=V.check_scale(op, "grad_scale", grad_scale, device))
 
 
 def restore_(params, *, backups=None, sigmas=None, seed=None, step=None, stream=0, param_indices=None,
@@ -159,27 +165,16 @@ def restore_(params, *, backups=None, sigmas=None, seed=None, step=None, stream=
     if (backups is None) == (sigmas is None):
         raise ValueError(f"{op}: pass either backups (exact restore) or sigmas with seed and step (regenerated noise)")
     backups = V.check_companions(op, "backups", backups, params)
-    regen = dict(seed=None, step=None, stream=0)
+    key = None
     if sigmas is not None:
         sigmas = V.check_sigmas(op, sigmas, params)
         if step is None:
             raise TypeError(f"{op}: step is required to regenerate the noise")
-        regen = dict(
-            seed=V.check_seed(op, seed),
-            step=V.check_int(op, "step", step),
-            stream=V.check_int(op, "stream", stream),
-        )
+        key = _noise_key(op, seed, step, stream)
     mix = _check_mix(op, params, device, grads=grads, grad_scale=grad_scale, fisher=fisher, beta=beta,
                      fisher_scale=fisher_scale, clean_grads=clean_grads, clean_scale=clean_scale)
-    per_param = dict(
-        backups=backups,
-        sigmas=sigmas,
-        param_indices=V.check_param_indices(op, param_indices, n),
-        grads=mix.pop("grads"),
-        fisher=mix.pop("fisher"),
-        clean_grads=mix.pop("clean_grads"),
-    )
-    _run(op, backend, params, device, per_param, {**regen, **mix})
+    per_param = dict(backups=backups, sigmas=sigmas, param_indices=V.check_param_indices(op, param_indices, n))
+    _run(op, backend, params, device, per_param, mix=mix, key=key)
 
 
 def sgd_step_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -206,22 +201,14 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.
                      fisher_scale=fisher_scale, clean_grads=clean_grads, clean_scale=clean_scale,
                      grads_required=True)
     per_param = dict(
-        grads=mix.pop("grads"),
         momentum_buffers=V.check_companions(op, "momentum_buffers", momentum_buffers, params)
         if momentum != 0 else None,
         backups=V.check_companions(op, "backups", backups, params),
-        fisher=mix.pop("fisher"),
-        clean_grads=mix.pop("clean_grads"),
     )
-    shared = dict(
-        lr=V.check_float(op, "lr", lr, low=0.0),
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=V.check_float(op, "weight_decay", weight_decay, low=0.0),
-        nesterov=bool(nesterov),
-        maximize=bool(maximize),
-        is_first_step=bool(is_first_step),
-        found_inf=V.check_found_inf(op, found_inf, device),
-        **mix,
+    hyper = SgdHyper(
+        lr=V.check_float(op, "lr", lr, low=0.0), momentum=momentum, dampening=dampening,
+        weight_decay=V.check_float(op, "weight_decay", weight_decay, low=0.0), nesterov=bool(nesterov),
+        maximize=bool(maximize), is_first_step=bool(is_first_step),
     )
-    _run(op, backend, params, device, per_param, shared)
+    _run(op, backend, params, device, per_param, mix=mix, hyper=hyper,
+         found_inf=V.check_found_inf(op, found_inf, device))

@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import stream as S
+from .contract import GradMix, NoiseKey, SgdHyper
 from .layout import flat_view, num_sigma_rows
 
 NAME = "reference"
@@ -62,17 +63,17 @@ def _box_muller(xa: torch.Tensor, xb: torch.Tensor):
     return r * torch.cos(t), r * torch.sin(t)
 
 
-def _normal_blocks(q_begin: int, q_end: int, *, seed, param_index, step, stream, device) -> torch.Tensor:
+def _normal_blocks(q_begin: int, q_end: int, *, key: NoiseKey, param_index, device) -> torch.Tensor:
     """Normals of blocks q_begin .. q_end-1 as a float32 tensor of shape [q_end - q_begin, 4]."""
-    k0, k1 = S.philox_key(seed, stream)
+    k0, k1, step = key.words()
     q = torch.arange(q_begin, q_end, dtype=torch.int64, device=device)
-    x0, x1, x2, x3 = _philox_rounds(q & S.MASK32, q >> 32, param_index, S.step_word(step), k0, k1)
+    x0, x1, x2, x3 = _philox_rounds(q & S.MASK32, q >> 32, param_index, step, k0, k1)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
     return torch.stack([z0, z1, z2, z3], dim=-1).to(torch.float32)
 
 
-def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel == 0:
         return out
@@ -81,9 +82,7 @@ def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Te
     done = 0
     for q_begin in range(q_first, q_last + 1, _CHUNK_BLOCKS):
         q_end = min(q_begin + _CHUNK_BLOCKS, q_last + 1)
-        block = _normal_blocks(
-            q_begin, q_end, seed=seed, param_index=param_index, step=step, stream=stream, device=device
-        ).view(-1)
+        block = _normal_blocks(q_begin, q_end, key=key, param_index=param_index, device=device).view(-1)
         skip = offset - q_begin * per if q_begin == q_first else 0
         take = min(block.numel() - skip, numel - done)
         out[done : done + take] = block[skip : skip + take]
@@ -117,90 +116,76 @@ def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: flo
     flat.copy_((w + sign * (sigma.to(dtype).view(rows, 1) * z.to(dtype).view(rows, -1))).view(-1))
 
 
-def _param_noise(p, index, *, seed, step, stream) -> torch.Tensor:
-    return noise(p.numel(), seed=seed, param_index=index, step=step, stream=stream, offset=0, device=p.device)
+def _param_noise(p, index, key: NoiseKey) -> torch.Tensor:
+    return noise(p.numel(), key=key, param_index=index, offset=0, device=p.device)
 
 
-def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups, grads, grad_scale, fisher):
+def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
     sigmas = []
     for i, p in enumerate(params):
         sigma = _sigma(p, gammas[i], fisher[i] if fisher is not None else None, etas[i])
         if backups is not None:
             backups[i].copy_(p)
         if gammas[i] != 0.0:
-            z = _param_noise(p, param_indices[i], seed=seed, step=step, stream=stream)
-            _add_noise_(p, sigma, z, +1.0)
+            _add_noise_(p, sigma, _param_noise(p, param_indices[i], key), +1.0)
         if grads is not None and grads[i] is not None:
             grads[i].copy_(grads[i].to(_math_dtype(grads[i])) * grad_scale)
         sigmas.append(sigma)
     return sigmas
 
 
-def _mix_grad(grad, fisher, *, beta, fisher_scale, grad_scale, clean_grad, clean_scale):
-    """The float32 gradient to use, and the updated Fisher state (or None), for one parameter."""
+def _mix_grad(mix: GradMix, i: int):
+    """The gradient of parameter ``i`` to use (float32; float64 for float64), and its updated Fisher state
+    (or None)."""
+    grad = mix.grads[i]
     g = grad.to(_math_dtype(grad))
     new_fisher = None
-    if fisher is not None:
-        new_fisher = beta * fisher + (g * fisher_scale) ** 2
-    g = g * grad_scale
-    if clean_grad is not None:
-        g = g + clean_grad.to(g.dtype) * clean_scale
+    if mix.fisher is not None:
+        new_fisher = mix.beta * mix.fisher[i] + (g * mix.fisher_scale) ** 2
+    g = g * mix.grad_scale
+    if mix.clean_grads is not None:
+        g = g + mix.clean_grads[i].to(g.dtype) * mix.clean_scale
     return g, new_fisher
 
 
-def restore_(
-    params, *, backups, sigmas, seed, step, stream, param_indices,
-    grads, grad_scale, fisher, beta, fisher_scale, clean_grads, clean_scale,
-):
+def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])
         else:
-            z = _param_noise(p, param_indices[i], seed=seed, step=step, stream=stream)
-            _add_noise_(p, sigmas[i], z, -1.0)
-        if grads is not None and grads[i] is not None:
-            g, new_fisher = _mix_grad(
-                grads[i], fisher[i] if fisher is not None else None, beta=beta, fisher_scale=fisher_scale,
-                grad_scale=grad_scale, clean_grad=clean_grads[i] if clean_grads is not None else None,
-                clean_scale=clean_scale,
-            )
-            grads[i].copy_(g)
+            _add_noise_(p, sigmas[i], _param_noise(p, param_indices[i], key), -1.0)
+        if mix.grads is not None and mix.grads[i] is not None:
+            g, new_fisher = _mix_grad(mix, i)
+            mix.grads[i].copy_(g)
             if new_fisher is not None:
-                fisher[i].copy_(new_fisher)
+                mix.fisher[i].copy_(new_fisher)
 
 
-def sgd_step_(
-    params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-    is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale,
-):
+def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     """torch.optim.SGD's update, op for op (so fp32 results are bit-identical to it)."""
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])
-        g, new_fisher = _mix_grad(
-            grads[i], fisher[i] if fisher is not None else None, beta=beta, fisher_scale=fisher_scale,
-            grad_scale=grad_scale, clean_grad=clean_grads[i] if clean_grads is not None else None,
-            clean_scale=clean_scale,
-        )
-        if maximize:
+        g, new_fisher = _mix_grad(mix, i)
+        if hyper.maximize:
             g = -g
         w = p.to(_math_dtype(p))
-        if weight_decay != 0:
-            g = g.add(w, alpha=weight_decay)
+        if hyper.weight_decay != 0:
+            g = g.add(w, alpha=hyper.weight_decay)
         new_buf = None
-        if momentum != 0:
-            if is_first_step:
+        if hyper.momentum != 0:
+            if hyper.is_first_step:
                 new_buf = g.clone()
             else:
-                new_buf = momentum_buffers[i].to(w.dtype).mul(momentum).add(g, alpha=1 - dampening)
-            g = g.add(new_buf, alpha=momentum) if nesterov else new_buf
-        new_w = w.add(g, alpha=-lr)
+                new_buf = momentum_buffers[i].to(w.dtype).mul(hyper.momentum).add(g, alpha=1 - hyper.dampening)
+            g = g.add(new_buf, alpha=hyper.momentum) if hyper.nesterov else new_buf
+        new_w = w.add(g, alpha=-hyper.lr)
 
         updates = [(p, new_w)]
         if new_buf is not None:
             updates.append((momentum_buffers[i], new_buf))
         if new_fisher is not None:
-            updates.append((fisher[i], new_fisher))
+            updates.append((mix.fisher[i], new_fisher))
         for target, value in updates:
             if found_inf is not None:
                 value = torch.where(found_inf != 0, target.to(value.dtype), value)

@@ -1,5 +1,6 @@
 """The self-test (python -m rwp_kernels.report --selftest) runs every available fused backend, passes a
 correct one and catches broken ones."""
+import dataclasses
 import subprocess
 import sys
 import types
@@ -66,12 +67,12 @@ def _restore_slightly_off(params, **kw):
     params[-1].add_(torch.finfo(params[-1].dtype).eps * 8 * params[-1].abs().max())
 
 
-def _step_without_weight_decay(params, grads, momentum_buffers, **kw):
-    reference.sgd_step_(params, grads, momentum_buffers, **{**kw, "weight_decay": 0.0})
+def _step_without_weight_decay(params, *, hyper, **kw):
+    reference.sgd_step_(params, hyper=dataclasses.replace(hyper, weight_decay=0.0), **kw)
 
 
-def _step_ignoring_found_inf(params, grads, momentum_buffers, **kw):
-    reference.sgd_step_(params, grads, momentum_buffers, **{**kw, "found_inf": None})
+def _step_ignoring_found_inf(params, **kw):
+    reference.sgd_step_(params, **{**kw, "found_inf": None})
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import stream as S
+from ..contract import NoiseKey
 from . import philox as P
 from . import tables as T
 
@@ -50,11 +50,11 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def noise(numel, *, seed, param_index, step, stream, offset, device) -> torch.Tensor:
+def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel:
         tile = T.choose_tile([(numel, 1)])
-        k0, k1 = S.philox_key(seed, stream)
+        k0, k1, step = key.words()
         T.launch(noise_kernel, triton.cdiv(offset % 4 + numel, tile.block), tile, out.device, out, offset, numel,
-                 P.as_int32(param_index), P.as_int32(S.step_word(step)), P.as_int32(k0), P.as_int32(k1))
+                 P.as_int32(param_index), P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
     return out

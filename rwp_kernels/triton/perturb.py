@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .. import stream as S
+from ..contract import NoiseKey
 from ..layout import num_rows, num_sigma_rows
 from . import philox as P
 from . import tables as T
@@ -169,7 +170,7 @@ def _row(p, backup, grad, fisher, index, sigma_off) -> tuple:
 
 
 @T.per_dtype
-def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups, grads, grad_scale, fisher):
+def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
@@ -184,7 +185,7 @@ def perturb_(params, *, gammas, etas, seed, step, stream, param_indices, backups
     tables = T.tables(device, rows, lambda slot, r: T.row_items(slot, r[NUMEL.value], r[ROW_LEN.value], tile.block),
                       tile)
     hyper = T.float_table(device, tuple(v for pair in zip(gammas, etas) for v in pair))
-    k0, k1 = S.philox_key(seed, stream)
+    k0, k1, step = key.words()
     T.launch_items(perturb_kernel, tables, device, hyper, sigma_buffer, *T.scale_args(grad_scale, device),
-                   P.as_int32(S.step_word(step)), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
+                   P.as_int32(step), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
     return list(sigma_buffer.split(counts))

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import stream as S
+from ..contract import GradMix, NoiseKey
 from . import philox as P
 from . import tables as T
 from .rounding import to_dtype, to_float32
@@ -93,27 +93,27 @@ def _sigma_buffer(sigmas, counts):
 
 
 @T.per_dtype
-def restore_(params, *, backups, sigmas, seed, step, stream, param_indices, grads, grad_scale, fisher, beta,
-             fisher_scale, clean_grads, clean_scale):
+def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
     counts = [s.numel() for s in sigmas] if sigmas is not None else [0] * len(params)
     rows, offset = [], 0
     for i, p in enumerate(params):
         rows.append((
             T.address(p), T.address(backups[i] if backups is not None else None),
-            T.address(grads[i] if grads is not None else None), T.address(fisher[i] if fisher is not None else None),
-            T.address(clean_grads[i] if clean_grads is not None else None),
+            T.address(mix.grads[i] if mix.grads is not None else None),
+            T.address(mix.fisher[i] if mix.fisher is not None else None),
+            T.address(mix.clean_grads[i] if mix.clean_grads is not None else None),
             p.numel() // max(counts[i], 1), offset, param_indices[i], p.numel(),
         ))
         offset += counts[i]
     tile = T.choose_tile([(p.numel(), 1) for p in params])
     tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
-    regen = dict(step=0, k0=0, k1=0)
+    regen = (0, 0, 0)
     sigma_buffer = T.constant(device, 0.0)  # unused when restoring from backups
     if sigmas is not None:
         sigma_buffer = _sigma_buffer(sigmas, counts)
-        k0, k1 = S.philox_key(seed, stream)
-        regen = dict(step=P.as_int32(S.step_word(step)), k0=P.as_int32(k0), k1=P.as_int32(k1))
-    T.launch_items(restore_kernel, tables, device, sigma_buffer, regen["step"], regen["k0"], regen["k1"], beta,
-                   *T.scale_args(grad_scale, device), *T.scale_args(fisher_scale, device),
-                   *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])
+        k0, k1, step = key.words()
+        regen = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
+    T.launch_items(restore_kernel, tables, device, sigma_buffer, *regen, mix.beta,
+                   *T.scale_args(mix.grad_scale, device), *T.scale_args(mix.fisher_scale, device),
+                   *T.scale_args(mix.clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

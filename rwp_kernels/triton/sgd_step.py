@@ -5,6 +5,7 @@ With a nonzero ``found_inf`` (read on the device, no host synchronization) only 
 import triton
 import triton.language as tl
 
+from ..contract import GradMix, SgdHyper
 from . import tables as T
 from .rounding import to_dtype, to_float32
 from .restore import mix_gradient
@@ -62,19 +63,20 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
 
 
 @T.per_dtype
-def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              is_first_step, grad_scale, found_inf, backups, fisher, beta, fisher_scale, clean_grads, clean_scale):
+def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
     rows = [
-        (T.address(p), T.address(grads[i]),
+        (T.address(p), T.address(mix.grads[i]),
          T.address(momentum_buffers[i] if momentum_buffers is not None else None),
-         T.address(backups[i] if backups is not None else None), T.address(fisher[i] if fisher is not None else None),
-         T.address(clean_grads[i] if clean_grads is not None else None), p.numel())
+         T.address(backups[i] if backups is not None else None),
+         T.address(mix.fisher[i] if mix.fisher is not None else None),
+         T.address(mix.clean_grads[i] if mix.clean_grads is not None else None), p.numel())
         for i, p in enumerate(params)
     ]
     tile = T.choose_tile([(p.numel(), 1) for p in params])
     tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
     found = found_inf if found_inf is not None else T.constant(device, 0.0)
-    T.launch_items(sgd_step_kernel, tables, device, lr, momentum, 1.0 - dampening, weight_decay, int(nesterov),
-                   int(maximize), int(is_first_step), found, beta, *T.scale_args(grad_scale, device),
-                   *T.scale_args(fisher_scale, device), *T.scale_args(clean_scale, device), DTYPE=T.TL_DTYPES[dtype])
+    T.launch_items(sgd_step_kernel, tables, device, hyper.lr, hyper.momentum, 1.0 - hyper.dampening,
+                   hyper.weight_decay, int(hyper.nesterov), int(hyper.maximize), int(hyper.is_first_step), found,
+                   mix.beta, *T.scale_args(mix.grad_scale, device), *T.scale_args(mix.fisher_scale, device),
+                   *T.scale_args(mix.clean_scale, device), DTYPE=T.TL_DTYPES[dtype])

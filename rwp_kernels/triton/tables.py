@@ -6,8 +6,8 @@ table with one row per parameter (addresses, sizes, indices; the columns are def
 their work through a table of items ``(param slot, first element, element count)``. Both tables are
 uploaded in one copy (pinned memory, non-blocking: no host synchronization) and cached for as long as
 the same key (the table contents themselves: addresses, shapes, indices) comes back. Cached device
-tensors are keyed by the stream too: a kernel on another stream never reads a table whose upload on the
-first stream may still be in flight.
+tensors are keyed by the CUDA stream too: a kernel on another CUDA stream never reads a table whose
+upload on the first one may still be in flight.
 """
 import functools
 from collections import OrderedDict
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from ..contract import GradMix, take
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -181,7 +183,7 @@ def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexp
 def per_dtype(launch_group):
     """Run an op's launcher once per dtype among its params (one launch per (device, dtype) group).
 
-    Positional and keyword arguments that are lists with one entry per parameter are split with the
+    Arguments that are lists with one entry per parameter, and the gradient mix, are split with the
     parameters; the per-parameter results (if any) come back in the order of ``params``.
     """
     @functools.wraps(launch_group)
@@ -194,7 +196,9 @@ def per_dtype(launch_group):
         n = len(params)
 
         def pick(value, idx):
-            return [value[i] for i in idx] if isinstance(value, list) and len(value) == n else value
+            if isinstance(value, GradMix):
+                return value.take(idx)
+            return take(value, idx) if isinstance(value, list) and len(value) == n else value
 
         results = [None] * n
         for idx in groups.values():
