@@ -23,6 +23,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 TRAIN = ["tqdm", "scikit-learn", "matplotlib", "torchvision"]
+INTEGRATIONS = ["lightning>=2.6", "accelerate>=1.0", "timm>=1.0"]  # the trainers tests/test_integration_*.py run
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "rwp_kernels" / "_version.py").read_text()).group(1)
 
 
@@ -70,7 +71,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "numpy", "scipy", *TRAIN],
+        "test": ["pytest>=7", "numpy", "scipy", *TRAIN, *INTEGRATIONS],
         "train": TRAIN,
         "bench": ["matplotlib"],
     },
