@@ -186,7 +186,7 @@ def resolve(backend: str, device: torch.device) -> Backend:
     return REGISTRY[name]
 
 
-def plan(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> list[tuple[object, list[int]]]:
+def assign(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> list[tuple[object, list[int]]]:
     """(backend module, indices of the tensors it takes) pairs covering every tensor of a call."""
     chosen = resolve(backend, device)
     mine = [i for i, d in enumerate(dtypes) if d in chosen.dtypes]

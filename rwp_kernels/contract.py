@@ -8,8 +8,10 @@ checks that every registered backend implements the whole of ``Backend``; docs/i
 recipes for a new argument and a new backend.
 
 Per-parameter arguments are lists in the order of ``params``; None stands for "absent for every
-parameter", a None entry for "absent for this parameter" (only where the op allows it). Multipliers
-(``grad_scale`` and the like) are Python floats or 0-d float32 tensors on the parameters' device.
+parameter", a None entry for "absent for this parameter" (only where the op allows it). ``plan`` holds
+one ``rwp_kernels.layout.ParamPlan`` per parameter (rows, sigma layout, param_index), computed once by
+ops.py. Multipliers (``grad_scale`` and the like) are Python floats or 0-d float32 tensors on the
+parameters' device.
 """
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
@@ -86,11 +88,11 @@ class Backend(Protocol):
               device: torch.device) -> torch.Tensor:
         """float32 normals of elements offset .. offset + numel - 1 of one parameter's noise."""
 
-    def perturb_(self, params: list, *, key: NoiseKey, param_indices: list, gammas: list, etas: list,
+    def perturb_(self, params: list, *, key: NoiseKey, plan: list, gammas: list, etas: list,
                  backups: list | None, grads: list | None, grad_scale, fisher: list | None) -> list:
         """Perturb in place; the float32 sigmas per parameter (docs/spec.md section 4)."""
 
-    def restore_(self, params: list, *, key: NoiseKey | None, param_indices: list, backups: list | None,
+    def restore_(self, params: list, *, key: NoiseKey | None, plan: list, backups: list | None,
                  sigmas: list | None, mix: GradMix) -> None:
         """Restore from ``backups``, or subtract the regenerated noise (``sigmas`` and ``key``); then ``mix``."""
 

@@ -45,20 +45,20 @@ def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
     return out
 
 
-def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
+def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     k0, k1, step = key.words()
     flat = _ops.perturb_(
-        params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas, param_indices,
-        k0, k1, step, *_scalar(grad_scale),
+        params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas,
+        [e.param_index for e in plan], k0, k1, step, *_scalar(grad_scale),
     )
-    return list(flat.split([num_sigma_rows(p, adaptive=fisher is not None) for p in params]))
+    return list(flat.split([e.sigma_count for e in plan]))
 
 
-def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
+def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
     k0, k1, step = key.words() if key is not None else (0, 0, 0)
     _ops.restore_(
         params, _list(backups), _list(sigmas), _entries(mix.grads, params), _list(mix.fisher),
-        _entries(mix.clean_grads, params), param_indices, k0, k1, step, *_scalar(mix.grad_scale), mix.beta,
+        _entries(mix.clean_grads, params), [e.param_index for e in plan], k0, k1, step, *_scalar(mix.grad_scale), mix.beta,
         *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),
     )
 

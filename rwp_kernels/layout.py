@@ -6,6 +6,9 @@ elements of a parameter in memory order (the noise of element ``e`` is keyed by 
 so a parameter must occupy one dense block of memory in which each row is a contiguous run:
 contiguous and channels_last tensors qualify, a transposed weight does not.
 """
+import itertools
+from dataclasses import dataclass
+
 import torch
 
 
@@ -23,6 +26,43 @@ def num_sigma_rows(t: torch.Tensor, adaptive: bool) -> int:
     if t.dim() >= 2:
         return t.shape[0]
     return t.numel() if adaptive else 1
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """How every backend walks one parameter of a call: computed once, by ``plan``."""
+
+    numel: int
+    row_len: int  # elements per norm row (filter); the whole tensor for 0-D/1-D
+    vector: bool  # 0-D/1-D: one norm for the whole tensor, plus NORM_EPS
+    sigma_len: int  # elements per sigma: row_len, or 1 for a 0-D/1-D tensor with ARWP's Fisher state
+    param_index: int  # the parameter's index in the noise counter
+
+    @property
+    def rows(self) -> int:
+        return self.numel // self.row_len
+
+    @property
+    def sigma_count(self) -> int:
+        """Entries of the parameter's sigma (one per row, or per element)."""
+        return self.numel // self.sigma_len
+
+
+def plan(params: list[torch.Tensor], param_indices: list[int], sigma_counts: list[int] | None = None) -> list:
+    """The ParamPlan of each parameter. ``sigma_counts``: the sigma entries per parameter (perturb_:
+    ``num_sigma_rows``; restore_: the sigmas it was given); default one per row."""
+    out = []
+    for i, p in enumerate(params):
+        numel, rows = p.numel(), num_rows(p)
+        count = rows if sigma_counts is None else sigma_counts[i]
+        out.append(ParamPlan(numel=numel, row_len=numel // rows, vector=p.dim() < 2, sigma_len=numel // count,
+                             param_index=param_indices[i]))
+    return out
+
+
+def sigma_offsets(plans: list[ParamPlan]) -> list[int]:
+    """Where each parameter's sigmas start in one buffer holding all of them in order."""
+    return [0, *itertools.accumulate(e.sigma_count for e in plans)][:-1]
 
 
 def is_row_dense(t: torch.Tensor) -> bool:

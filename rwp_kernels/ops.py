@@ -10,6 +10,7 @@ import torch
 
 from . import _validate as V
 from . import backends
+from . import layout as L
 from .contract import GradMix, NoiseKey, SgdHyper, take
 
 # The tensor arguments each op writes; it only reads the others.
@@ -31,10 +32,10 @@ def _tensor_arguments(op: str, params, per_param: dict, mix: GradMix | None, sca
 
 
 def _run(op: str, backend: str, params, device, per_param: dict, *, mix: GradMix | None = None, **scalars):
-    """Call backend function ``op`` (rwp_kernels.contract.Backend) of the planned backend(s); per-parameter
+    """Call backend function ``op`` (rwp_kernels.contract.Backend) of the assigned backend(s); per-parameter
     results come back in the order of ``params``.
 
-    ``per_param``: the per-parameter lists, split with ``params`` where the plan splits the call; ``mix``
+    ``per_param``: the per-parameter lists, split with ``params`` where the call is split between backends; ``mix``
     is split the same way; ``scalars`` go to every part as they are. Before: no written tensor may share
     memory with another argument. After: the version counter of every written tensor is bumped, as
     torch's in-place ops do, so autograd sees the change.
@@ -43,7 +44,7 @@ def _run(op: str, backend: str, params, device, per_param: dict, *, mix: GradMix
     V.check_no_aliasing(op, arguments)
     results = [None] * len(params)
     with torch.no_grad():
-        for module, idx in backends.plan(backend, device, [p.dtype for p in params]):
+        for module, idx in backends.assign(backend, device, [p.dtype for p in params]):
             part = {k: take(v, idx) for k, v in per_param.items()}
             if mix is not None:
                 part["mix"] = mix.take(idx)
@@ -137,13 +138,15 @@ def perturb_(params, *, gamma, seed, step, stream=0, param_indices=None, backups
     op = "perturb_"
     params, device = V.check_params(op, params)
     n = len(params)
+    fisher = V.check_companions(op, "fisher", fisher, params, dtype=torch.float32)
     per_param = dict(
         gammas=V.per_param_floats(op, "gamma", gamma, n),
         etas=V.per_param_floats(op, "eta", eta, n),
-        param_indices=V.check_param_indices(op, param_indices, n),
+        plan=L.plan(params, V.check_param_indices(op, param_indices, n),
+                    [L.num_sigma_rows(p, adaptive=fisher is not None) for p in params]),
         backups=V.check_companions(op, "backups", backups, params),
         grads=V.check_companions(op, "grads", grads, params, allow_none=True),
-        fisher=V.check_companions(op, "fisher", fisher, params, dtype=torch.float32),
+        fisher=fisher,
     )
     key = _noise_key(op, seed, step, stream)
     return _run(op, backend, params, device, per_param, key=key,
@@ -173,7 +176,9 @@ def restore_(params, *, backups=None, sigmas=None, seed=None, step=None, stream=
         key = _noise_key(op, seed, step, stream)
     mix = _check_mix(op, params, device, grads=grads, grad_scale=grad_scale, fisher=fisher, beta=beta,
                      fisher_scale=fisher_scale, clean_grads=clean_grads, clean_scale=clean_scale)
-    per_param = dict(backups=backups, sigmas=sigmas, param_indices=V.check_param_indices(op, param_indices, n))
+    counts = None if sigmas is None else [s.numel() for s in sigmas]
+    per_param = dict(backups=backups, sigmas=sigmas, plan=L.plan(params, V.check_param_indices(op, param_indices, n),
+                                                                 counts))
     _run(op, backend, params, device, per_param, mix=mix, key=key)
 
 

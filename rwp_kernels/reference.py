@@ -12,7 +12,7 @@ import torch
 
 from . import stream as S
 from .contract import GradMix, NoiseKey, SgdHyper
-from .layout import flat_view, num_sigma_rows
+from .layout import ParamPlan, flat_view
 
 NAME = "reference"
 
@@ -94,16 +94,15 @@ def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _sigma(p: torch.Tensor, gamma: float, fisher, eta: float) -> torch.Tensor:
+def _sigma(p: torch.Tensor, plan: ParamPlan, gamma: float, fisher, eta: float) -> torch.Tensor:
     """Per-row noise std of ``p`` (float32), computed from its current (clean) values."""
     w = flat_view(p).double()
-    if p.dim() >= 2:
-        sigma = gamma * w.view(p.shape[0], -1).norm(dim=1)
-    else:
+    if plan.vector:
         sigma = (gamma * (w.norm() + S.NORM_EPS)).reshape(1)
+    else:
+        sigma = gamma * w.view(plan.rows, -1).norm(dim=1)
     if fisher is not None:
-        rows = num_sigma_rows(p, adaptive=True)
-        row_fisher = flat_view(fisher).double().view(rows, -1).sum(dim=1)
+        row_fisher = flat_view(fisher).double().view(plan.sigma_count, -1).sum(dim=1)
         sigma = sigma / torch.sqrt(1.0 + eta * row_fisher)
     return sigma.to(torch.float32)
 
@@ -120,14 +119,14 @@ def _param_noise(p, index, key: NoiseKey) -> torch.Tensor:
     return noise(p.numel(), key=key, param_index=index, offset=0, device=p.device)
 
 
-def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
+def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     sigmas = []
     for i, p in enumerate(params):
-        sigma = _sigma(p, gammas[i], fisher[i] if fisher is not None else None, etas[i])
+        sigma = _sigma(p, plan[i], gammas[i], fisher[i] if fisher is not None else None, etas[i])
         if backups is not None:
             backups[i].copy_(p)
         if gammas[i] != 0.0:
-            _add_noise_(p, sigma, _param_noise(p, param_indices[i], key), +1.0)
+            _add_noise_(p, sigma, _param_noise(p, plan[i].param_index, key), +1.0)
         if grads is not None and grads[i] is not None:
             grads[i].copy_(grads[i].to(_math_dtype(grads[i])) * grad_scale)
         sigmas.append(sigma)
@@ -148,12 +147,12 @@ def _mix_grad(mix: GradMix, i: int):
     return g, new_fisher
 
 
-def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
+def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])
         else:
-            _add_noise_(p, sigmas[i], _param_noise(p, param_indices[i], key), -1.0)
+            _add_noise_(p, sigmas[i], _param_noise(p, plan[i].param_index, key), -1.0)
         if mix.grads is not None and mix.grads[i] is not None:
             g, new_fisher = _mix_grad(mix, i)
             mix.grads[i].copy_(g)

@@ -28,8 +28,8 @@ class _Counting:
 @pytest.fixture
 def backend_calls(monkeypatch):
     calls = []
-    plan = backends.plan
-    monkeypatch.setattr(backends, "plan", lambda *a: [(_Counting(m, calls), idx) for m, idx in plan(*a)])
+    assign = backends.assign
+    monkeypatch.setattr(backends, "assign", lambda *a: [(_Counting(m, calls), idx) for m, idx in assign(*a)])
     return calls
 
 

@@ -10,23 +10,13 @@ import triton.language as tl
 
 from .. import stream as S
 from ..contract import NoiseKey
-from ..layout import num_rows, num_sigma_rows
+from ..layout import sigma_offsets
 from . import philox as P
 from . import tables as T
 from .rounding import to_dtype, to_float32
+from .tables import BACKUP, COLUMNS, FISHER, GRAD, PARAM_INDEX, ROW_LEN, SIGMA_LEN, SIGMA_OFF, VECTOR, W
 
 # Columns of the parameter table.
-W: tl.constexpr = tl.constexpr(0)
-BACKUP: tl.constexpr = tl.constexpr(1)
-GRAD: tl.constexpr = tl.constexpr(2)
-FISHER: tl.constexpr = tl.constexpr(3)
-ROW_LEN: tl.constexpr = tl.constexpr(4)  # elements per norm row (the whole tensor for 0-D/1-D)
-SIGMA_LEN: tl.constexpr = tl.constexpr(5)  # elements per sigma entry (ROW_LEN, or 1 for an ARWP vector)
-SIGMA_OFF: tl.constexpr = tl.constexpr(6)  # first entry of this tensor in the sigma buffer
-PARAM_INDEX: tl.constexpr = tl.constexpr(7)
-VECTOR: tl.constexpr = tl.constexpr(8)  # 1 for 0-D/1-D tensors: their norm gets NORM_EPS
-NUMEL: tl.constexpr = tl.constexpr(9)
-COLUMNS: tl.constexpr = tl.constexpr(10)
 NORM_EPS: tl.constexpr = tl.constexpr(S.NORM_EPS)
 
 
@@ -161,31 +151,19 @@ def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad
                    sigma_mask, gamma, grad_scale, param_index, step, k0, k1, DTYPE, BLOCK)
 
 
-def _row(p, backup, grad, fisher, index, sigma_off) -> tuple:
-    vector = p.dim() < 2
-    row_len = p.numel() // num_rows(p)
-    sigma_len = 1 if vector and fisher is not None else row_len
-    return (T.address(p), T.address(backup), T.address(grad), T.address(fisher), row_len, sigma_len, sigma_off,
-            index, int(vector), p.numel())
-
-
 @T.per_dtype
-def perturb_(params, *, key: NoiseKey, param_indices, gammas, etas, backups, grads, grad_scale, fisher):
+def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
-    counts = [num_sigma_rows(p, adaptive=fisher is not None) for p in params]
-    sigma_buffer = torch.empty(sum(counts), dtype=torch.float32, device=device)
-    rows, offset = [], 0
-    for i, p in enumerate(params):
-        rows.append(_row(p, backups[i] if backups is not None else None, grads[i] if grads is not None else None,
-                         fisher[i] if fisher is not None else None, param_indices[i], offset))
-        offset += counts[i]
-    tile = T.choose_tile([(p.numel() // num_rows(p), num_rows(p)) for p in params])
-    tables = T.tables(device, rows, lambda slot, r: T.row_items(slot, r[NUMEL.value], r[ROW_LEN.value], tile.block),
-                      tile)
+    offsets = sigma_offsets(plan)
+    sigma_buffer = torch.empty(sum(e.sigma_count for e in plan), dtype=torch.float32, device=device)
+    rows = [T.param_row(p, plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
+                        fisher=T.entry(fisher, i)) for i, p in enumerate(params)]
+    tile = T.choose_tile([(e.row_len, e.rows) for e in plan])
+    tables = T.tables(device, rows, tile, by_rows=True)
     hyper = T.float_table(device, tuple(v for pair in zip(gammas, etas) for v in pair))
     k0, k1, step = key.words()
     T.launch_items(perturb_kernel, tables, device, hyper, sigma_buffer, *T.scale_args(grad_scale, device),
                    P.as_int32(step), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
-    return list(sigma_buffer.split(counts))
+    return list(sigma_buffer.split([e.sigma_count for e in plan]))

@@ -5,22 +5,11 @@ import triton
 import triton.language as tl
 
 from ..contract import GradMix, NoiseKey
+from ..layout import sigma_offsets
 from . import philox as P
 from . import tables as T
 from .rounding import to_dtype, to_float32
-
-# Columns of the parameter table.
-W: tl.constexpr = tl.constexpr(0)
-BACKUP: tl.constexpr = tl.constexpr(1)
-GRAD: tl.constexpr = tl.constexpr(2)
-FISHER: tl.constexpr = tl.constexpr(3)
-CLEAN: tl.constexpr = tl.constexpr(4)
-SIGMA_LEN: tl.constexpr = tl.constexpr(5)  # elements per sigma entry
-SIGMA_OFF: tl.constexpr = tl.constexpr(6)  # first entry of this tensor in the sigma buffer
-PARAM_INDEX: tl.constexpr = tl.constexpr(7)
-NUMEL: tl.constexpr = tl.constexpr(8)
-COLUMNS: tl.constexpr = tl.constexpr(9)
-
+from .tables import BACKUP, CLEAN, COLUMNS, FISHER, GRAD, PARAM_INDEX, SIGMA_LEN, SIGMA_OFF, W
 
 @triton.jit
 def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_mask, beta, fisher_scale, grad_scale,
@@ -93,25 +82,18 @@ def _sigma_buffer(sigmas, counts):
 
 
 @T.per_dtype
-def restore_(params, *, key: NoiseKey | None, param_indices, backups, sigmas, mix: GradMix):
+def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
-    counts = [s.numel() for s in sigmas] if sigmas is not None else [0] * len(params)
-    rows, offset = [], 0
-    for i, p in enumerate(params):
-        rows.append((
-            T.address(p), T.address(backups[i] if backups is not None else None),
-            T.address(mix.grads[i] if mix.grads is not None else None),
-            T.address(mix.fisher[i] if mix.fisher is not None else None),
-            T.address(mix.clean_grads[i] if mix.clean_grads is not None else None),
-            p.numel() // max(counts[i], 1), offset, param_indices[i], p.numel(),
-        ))
-        offset += counts[i]
-    tile = T.choose_tile([(p.numel(), 1) for p in params])
-    tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
+    offsets = sigma_offsets(plan)
+    rows = [T.param_row(p, plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(mix.grads, i),
+                        fisher=T.entry(mix.fisher, i), clean=T.entry(mix.clean_grads, i))
+            for i, p in enumerate(params)]
+    tile = T.choose_tile([(e.numel, 1) for e in plan])
+    tables = T.tables(device, rows, tile, by_rows=False)
     regen = (0, 0, 0)
     sigma_buffer = T.constant(device, 0.0)  # unused when restoring from backups
     if sigmas is not None:
-        sigma_buffer = _sigma_buffer(sigmas, counts)
+        sigma_buffer = _sigma_buffer(sigmas, [e.sigma_count for e in plan])
         k0, k1, step = key.words()
         regen = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
     T.launch_items(restore_kernel, tables, device, sigma_buffer, *regen, mix.beta,

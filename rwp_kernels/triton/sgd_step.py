@@ -8,17 +8,8 @@ import triton.language as tl
 from ..contract import GradMix, SgdHyper
 from . import tables as T
 from .rounding import to_dtype, to_float32
+from .tables import BACKUP, CLEAN, COLUMNS, FISHER, GRAD, MOMENTUM_BUFFER, W
 from .restore import mix_gradient
-
-# Columns of the parameter table.
-W: tl.constexpr = tl.constexpr(0)
-GRAD: tl.constexpr = tl.constexpr(1)
-MOMENTUM_BUFFER: tl.constexpr = tl.constexpr(2)
-BACKUP: tl.constexpr = tl.constexpr(3)
-FISHER: tl.constexpr = tl.constexpr(4)
-CLEAN: tl.constexpr = tl.constexpr(5)
-NUMEL: tl.constexpr = tl.constexpr(6)
-COLUMNS: tl.constexpr = tl.constexpr(7)
 
 
 @triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"])
@@ -65,16 +56,11 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
 @T.per_dtype
 def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
-    rows = [
-        (T.address(p), T.address(mix.grads[i]),
-         T.address(momentum_buffers[i] if momentum_buffers is not None else None),
-         T.address(backups[i] if backups is not None else None),
-         T.address(mix.fisher[i] if mix.fisher is not None else None),
-         T.address(mix.clean_grads[i] if mix.clean_grads is not None else None), p.numel())
-        for i, p in enumerate(params)
-    ]
+    rows = [T.param_row(p, backup=T.entry(backups, i), grad=mix.grads[i], fisher=T.entry(mix.fisher, i),
+                        clean=T.entry(mix.clean_grads, i), momentum_buffer=T.entry(momentum_buffers, i))
+            for i, p in enumerate(params)]
     tile = T.choose_tile([(p.numel(), 1) for p in params])
-    tables = T.tables(device, rows, lambda slot, r: T.chunk_items(slot, r[NUMEL.value], tile.block), tile)
+    tables = T.tables(device, rows, tile, by_rows=False)
     found = found_inf if found_inf is not None else T.constant(device, 0.0)
     T.launch_items(sgd_step_kernel, tables, device, hyper.lr, hyper.momentum, 1.0 - hyper.dampening,
                    hyper.weight_decay, int(hyper.nesterov), int(hyper.maximize), int(hyper.is_first_step), found,

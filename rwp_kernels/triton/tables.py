@@ -19,10 +19,26 @@ import triton
 import triton.language as tl
 
 from ..contract import GradMix, take
+from ..layout import ParamPlan
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 ITEM_COLUMNS: tl.constexpr = tl.constexpr(3)  # (param slot, first element, element count)
+
+# The parameter table: one row per parameter, the same columns for every op (an absent tensor: address 0).
+W: tl.constexpr = tl.constexpr(0)
+BACKUP: tl.constexpr = tl.constexpr(1)
+GRAD: tl.constexpr = tl.constexpr(2)
+FISHER: tl.constexpr = tl.constexpr(3)
+CLEAN: tl.constexpr = tl.constexpr(4)  # the clean gradient of the mix
+MOMENTUM_BUFFER: tl.constexpr = tl.constexpr(5)
+NUMEL: tl.constexpr = tl.constexpr(6)
+ROW_LEN: tl.constexpr = tl.constexpr(7)  # elements per norm row (the whole tensor for 0-D/1-D)
+SIGMA_LEN: tl.constexpr = tl.constexpr(8)  # elements per sigma entry (ROW_LEN, or 1 for an ARWP vector)
+SIGMA_OFF: tl.constexpr = tl.constexpr(9)  # first entry of the tensor in the sigma buffer
+PARAM_INDEX: tl.constexpr = tl.constexpr(10)
+VECTOR: tl.constexpr = tl.constexpr(11)  # 1 for 0-D/1-D tensors: their norm gets NORM_EPS
+COLUMNS: tl.constexpr = tl.constexpr(12)
 
 # (elements per program, warps): a program holds its tile in registers, a few elements per thread.
 TILE_MENU = ((512, 4), (1024, 8))
@@ -127,9 +143,14 @@ def _where(device: torch.device) -> tuple:
     return device, cuda_stream
 
 
-def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Tables:
-    """The cached device tables for per-parameter ``rows`` (tuples of ints) and the items that
-    ``items_for(slot, row)`` gives for each, in one upload."""
+def tables(device: torch.device, rows: list[tuple], tile: Tile, *, by_rows: bool) -> Tables:
+    """The cached device tables for the parameter table's ``rows`` (``param_row``) and their work items, in
+    one upload: whole norm rows per item (``row_items``: perturb_) or tiles of elements (``chunk_items``)."""
+    def items_for(slot: int, row: tuple) -> list:
+        if by_rows:
+            return row_items(slot, row[NUMEL.value], row[ROW_LEN.value], tile.block)
+        return chunk_items(slot, row[NUMEL.value], tile.block)
+
     def build():
         items = [item for slot, row in enumerate(rows) for item in items_for(slot, row)]
         words = [v for row in rows for v in row]
@@ -137,7 +158,7 @@ def tables(device: torch.device, rows: list[tuple], items_for, tile: Tile) -> Ta
         table = upload(words + [0] * (n_words - len(words)) + [v for item in items for v in item], torch.int64, device)
         return Tables(table[:n_words], table[n_words:], len(items), tile)
 
-    return _tables.get((_where(device), tile, tuple(rows)), build)
+    return _tables.get((_where(device), tile, by_rows, tuple(rows)), build)
 
 
 def float_table(device: torch.device, values: tuple) -> torch.Tensor:
@@ -161,6 +182,22 @@ def scale_args(value, device: torch.device) -> tuple[float, torch.Tensor]:
 def address(t) -> int:
     """The address of a tensor's first element, or 0 for an absent one."""
     return 0 if t is None else t.data_ptr()
+
+
+def param_row(p: torch.Tensor, plan: ParamPlan | None = None, sigma_offset: int = 0, *, backup=None, grad=None,
+              fisher=None, clean=None, momentum_buffer=None) -> tuple:
+    """The parameter table's row of ``p`` (the columns above), from its plan (None for an elementwise op:
+    no rows, no noise) and its companion tensors."""
+    addresses = (address(p), address(backup), address(grad), address(fisher), address(clean),
+                 address(momentum_buffer))
+    if plan is None:
+        return (*addresses, p.numel(), 0, 0, 0, 0, 0)
+    return (*addresses, plan.numel, plan.row_len, plan.sigma_len, sigma_offset, plan.param_index, int(plan.vector))
+
+
+def entry(values: list | None, i: int):
+    """Entry ``i`` of a per-parameter list that may be absent as a whole."""
+    return None if values is None else values[i]
 
 
 def clear_caches() -> None:
