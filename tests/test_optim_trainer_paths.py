@@ -311,3 +311,24 @@ def test_zero_grad_inside_the_window_under_grad_scaler(kind, adaptive):
     scalers[1].step(opt_b)
     scalers[1].update()
     assert all(torch.equal(p.detach(), w) for p, w in zip(b.parameters(), weights)) and opt_b.steps == 4
+
+
+@pytest.mark.slow
+def test_step_closure_freezes_batchnorm_inside_a_compiled_model():
+    """A torch.compile'd model runs its layers inside a compiled graph, where no hook of theirs fires: the
+    perturbed pass of step(closure) still leaves the BatchNorm statistics to the clean pass (as the README
+    loop with freeze_bn_stats does), up to the compiled kernels' rounding."""
+    a, b = model_pair()
+    compiled = torch.compile(a)
+    opt_a, opt_b = make("rwpsgd", a), make("rwpsgd", b)
+    for batch in batches(3, seed=20):
+        opt_a.step(lambda: (opt_a.zero_grad(), backward(compiled, batch))[1])
+        opt_b.zero_grad()
+        backward(b, batch)
+        with opt_b.perturbed(), freeze_bn_stats(b):
+            backward(b, batch)
+        opt_b.step()
+    assert_models_equal(a, b, exact=False, atol=1e-5, rtol=1e-4)
+    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        if not x.is_floating_point():
+            assert torch.equal(x, y), f"{name}: {x} != {y}"
