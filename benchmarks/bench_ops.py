@@ -9,7 +9,7 @@ after a warm-up; the whole measurement runs ``--rounds`` times and each figure i
 rounds, so that a slow phase of a shared machine does not fall on one op alone (the ratios of every
 round are printed too):
 - official: the per-parameter loop of the RWP reference code (row norms, repeat, torch.normal, add_;
-  sub_ to restore) plus torch.optim.SGD's step (foreach, momentum 0.9, weight decay);
+  sub_ to restore: rwp_kernels.official) plus torch.optim.SGD's step (foreach, momentum 0.9, weight decay);
 - torch.optim.SGD's step alone (foreach and fused);
 - per backend: perturb_ (exact mode: backups; grad_scale (1 - alpha) / alpha = 1 for the recipes'
   alpha = 0.5, and once with a scale that makes it rewrite the gradients), sgd_step_ (restore from
@@ -26,13 +26,13 @@ import argparse
 import csv
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import rwp_kernels
-from rwp_kernels import backends, stream
+from rwp_kernels import backends, official, stream
+from rwp_kernels._bench import paired_ratio, times_ms
 from rwp_kernels.models import resnet18
 
 GAMMA, LR, MOMENTUM, WD = 0.01, 0.1, 0.9, 5e-4
@@ -79,47 +79,6 @@ def resnet50_shapes(num_classes=1000):
 MODELS = {"resnet18": resnet18_shapes, "wrn28_10": wrn28_10_shapes, "resnet50": resnet50_shapes}
 
 
-# ---- timing ------------------------------------------------------------------------------------------
-
-def timer(device):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def measure(fn, repeats, setup=None, warmup=2):
-        times = []
-        for i in range(warmup + repeats):
-            if setup is not None:
-                setup()
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3, min(times) * 1e3
-
-    measure.sync = sync
-    return measure
-
-
-def paired_ratio(fn, baseline, pairs, sync, warmup=2):
-    """Median over ``pairs`` back-to-back (fn, baseline) calls of time(fn) / time(baseline): both calls of
-    a pair see the same state of a shared machine, which the medians of separate series do not."""
-    ratios = []
-    for i in range(warmup + pairs):
-        times = []
-        for f in (fn, baseline):
-            sync()
-            start = time.perf_counter()
-            f()
-            sync()
-            times.append(time.perf_counter() - start)
-        if i >= warmup:
-            ratios.append(times[0] / times[1])
-    return statistics.median(ratios)
-
-
 class State:
     """Parameters, gradients, momentum buffers and backups of one model, float32 on one device."""
 
@@ -133,24 +92,11 @@ class State:
 
 
 def official_loop(params, gamma):
-    """The reference code's per-parameter perturbation and its sub_ restore, with the noise kept."""
-    noise = []
-    for p in params:
-        if p.dim() > 1:
-            std = p.view(p.shape[0], -1).norm(dim=1, keepdim=True).repeat(1, p[0].numel()).view(p.shape)
-            n = torch.normal(0, gamma * std)
-        else:
-            n = torch.empty_like(p).normal_(0, gamma * (p.view(-1).norm().item() + 1e-16))
-        noise.append(n)
-        p.add_(n)
-    # (forward and backward at the perturbed point happen here)
-    for p, n in zip(params, noise):
-        p.sub_(n)
+    """The official per-parameter perturbation and its sub_ restore (rwp_kernels.official)."""
+    official.restore(params, official.perturb(params, gamma))
 
 
 def bench_model(name, shapes, device, repeats, backend_names):
-    measure = timer(device)
-    sync = measure.sync
     st = State(shapes, device)
     rows = []
 
@@ -159,7 +105,8 @@ def bench_model(name, shapes, device, repeats, backend_names):
                          threads=torch.get_num_threads(), numel=st.numel, device=device.type))
 
     def add(op, backend, fn, setup=None, reps=repeats):
-        median, best = measure(fn, reps, setup, warmup=2 if reps > 2 else 1)
+        times = times_ms(fn, device, reps, warmup=2 if reps > 2 else 1, setup=setup)
+        median, best = statistics.median(times), min(times)
         record(op, backend, median, best, reps)
         print(f"  {op:<28} {backend:<10} {median:9.2f} ms", flush=True)
 
@@ -213,7 +160,7 @@ def bench_model(name, shapes, device, repeats, backend_names):
             add("restore_ (regenerated)", backend, regen, setup=perturb, reps=reps)
             add("noise", backend, noise_fn(backend, st.numel, device), reps=reps)
             if backend != "reference":
-                ratio = paired_ratio(both, floor, 3 * repeats, sync)
+                ratio = paired_ratio(both, floor, 3 * repeats, device)
                 record("perturb+step / floor (paired)", backend, ratio, ratio, 3 * repeats)
                 print(f"  {'perturb+step / floor, paired':<28} {backend:<10} {ratio:9.2f} x", flush=True)
     return rows

@@ -21,6 +21,7 @@ import contextlib
 import csv
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rwp_kernels import models
 from rwp_kernels.optim import ParallelRWP, RWPSGD
-from rwp_kernels.train.parallel import exit_process
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -75,7 +75,11 @@ def _worker(rank: int, config: str, args: argparse.Namespace, init_file: str, ou
         if world > 1:
             dist.destroy_process_group()
     if world > 1:
-        exit_process(0)  # skips the interpreter's shutdown, where gloo's threads can abort the process
+        # Skip the interpreter's shutdown, where gloo's threads can abort the process (as the training
+        # command's workers do: rwp_kernels.train.parallel.exit_process).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def measure(config: str, args: argparse.Namespace) -> float:

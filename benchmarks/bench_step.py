@@ -2,8 +2,8 @@
 
 1. Optimizer side (perturb + step; no forward/backward) on the parameters of the CIFAR ResNet-18 and of
    WRN-28-10, gradients filled with random values: torch.optim.SGD (default, foreach, fused), RWPSGD, and
-   the official per-parameter loop (nblt/mARWP train_marwp.py: noise per parameter with one .item() per
-   1-D parameter, add_, sub_, the gradient mix through flat vectors, then SGD).
+   the official per-parameter loop (rwp_kernels.official, after nblt/mARWP train_marwp.py: noise per
+   parameter with one .item() per 1-D parameter, add_, sub_, the gradient mix through flat vectors, then SGD).
 2. Whole training step (forward + backward + optimizer) of a CNN: SGD on a batch; RWPSGD with the batch
    split in two halves (the same forward/backward work as SGD); RWPSGD with the whole batch twice; the
    official loop on two halves; SAM (two passes on the whole batch).
@@ -21,14 +21,14 @@ table.
 import argparse
 import csv
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench_ops import paired_ratio
 from rwp_kernels import backends, models
+from rwp_kernels._bench import paired_ratio, times_ms
+from rwp_kernels.official import OfficialRWP
 from rwp_kernels.optim import RWPSGD, freeze_bn_stats
 
 OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -36,57 +36,8 @@ SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 GAMMA, ALPHA, RHO = 0.01, 0.5, 0.05
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_ms(fn, device, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-# ------------------------------------------------------------------------------------- the official loop
-def official_noise_(params, gamma):
-    """The perturbation of the official code; returns the noise for the sub_ restore."""
-    noise = []
-    with torch.no_grad():
-        for mp in params:
-            if mp.dim() > 1:
-                sh = mp.shape
-                sh_mul = mp[0].numel()
-                temp = mp.view(sh[0], -1).norm(dim=1, keepdim=True).repeat(1, sh_mul).view(mp.shape)
-                temp = torch.normal(0, gamma * temp).to(mp.data.device)
-            else:
-                temp = torch.empty_like(mp, device=mp.data.device)
-                temp.normal_(0, gamma * (mp.view(-1).norm().item() + 1e-16))
-            noise.append(temp)
-            mp.data.add_(noise[-1])
-    return noise
-
-
-def official_restore_and_mix_(params, noise, g0, alpha):
-    with torch.no_grad():
-        for mp, n in zip(params, noise):
-            mp.data.sub_(n)
-    g1 = torch.cat([p.grad.detach().reshape(-1) for p in params])
-    mixed = alpha * g1 + (1 - alpha) * g0
-    offset = 0
-    for p in params:
-        p.grad.data = mixed[offset:offset + p.numel()].reshape(p.grad.shape).clone()
-        offset += p.numel()
-
-
-def official_grad_vec(params):
-    return torch.cat([p.grad.detach().reshape(-1) for p in params])
+    return statistics.median(times_ms(fn, device, reps, warmup=warmup))
 
 
 # ------------------------------------------------------------------------------------- optimizer side
@@ -108,13 +59,8 @@ def optimizer_side(model_name: str, device, backend: str, reps: int, warmup: int
         rwp.perturb()
         rwp.step()
 
-    official_sgd = torch.optim.SGD(params, **SGD_KW)
-
-    def official_step():
-        g0 = official_grad_vec(params)
-        noise = official_noise_(params, GAMMA)
-        official_restore_and_mix_(params, noise, g0, ALPHA)
-        official_sgd.step()
+    # The gradients in p.grad stand for both passes (none is run).
+    official_step = OfficialRWP(model, torch.optim.SGD(params, **SGD_KW), gamma=GAMMA, alpha=ALPHA).step
 
     cases = [("SGD (default)", sgd_case()), ("SGD foreach", sgd_case(foreach=True))]
     try:
@@ -131,7 +77,7 @@ def optimizer_side(model_name: str, device, backend: str, reps: int, warmup: int
     rwp_row = next(r for r in rows if r["method"] == "RWPSGD perturb+step")
     for key, baseline in (("paired_x_foreach", "SGD foreach"), ("paired_x_fused", "SGD fused")):
         if baseline in steps:
-            rwp_row[key] = paired_ratio(rwp_step, steps[baseline], 3 * reps, lambda: _sync(device), warmup)
+            rwp_row[key] = paired_ratio(rwp_step, steps[baseline], 3 * reps, device, warmup)
             print(f"  {model_name:10s} RWPSGD / {baseline}, paired {rwp_row[key]:7.2f} x")
     return rows
 
@@ -164,16 +110,10 @@ def training_step(model_name: str, device, backend: str, batch: int, image: int,
             fwd_bwd(*perturbed)
         rwp.step()
 
+    official = OfficialRWP(model, sgd, gamma=GAMMA, alpha=ALPHA)
+
     def official_step():
-        sgd.zero_grad()
-        fwd_bwd(x[:half], y[:half])
-        g0 = official_grad_vec(params)
-        noise = official_noise_(params, GAMMA)
-        sgd.zero_grad()
-        with freeze_bn_stats(model):
-            fwd_bwd(x[half:], y[half:])
-        official_restore_and_mix_(params, noise, g0, ALPHA)
-        sgd.step()
+        official.step(lambda: fwd_bwd(x[:half], y[:half]), lambda: fwd_bwd(x[half:], y[half:]))
 
     def sam_step():
         sgd.zero_grad()
@@ -203,8 +143,7 @@ def training_step(model_name: str, device, backend: str, batch: int, image: int,
                          numel=sum(p.numel() for p in params)))
         print(f"  {model_name:10s} {name:22s} {ms:10.2f} ms")
     split = next(r for r in rows if r["method"] == "RWP two half batches")
-    split["paired_x_sgd"] = paired_ratio(dict(cases)["RWP two half batches"], sgd_step, 3 * reps, lambda: _sync(device),
-                                         warmup)
+    split["paired_x_sgd"] = paired_ratio(dict(cases)["RWP two half batches"], sgd_step, 3 * reps, device, warmup)
     print(f"  {model_name:10s} RWP two half batches / SGD, paired {split['paired_x_sgd']:7.2f} x")
     return rows
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rwp_kernels as rk
-from rwp_kernels import backends
+from rwp_kernels import backends, official
 from rwp_kernels.models import build_model
 
 GAMMA, SEED, LR, MOMENTUM, WEIGHT_DECAY = 0.01, 1, 0.1, 0.9, 5e-4
@@ -39,31 +39,21 @@ def bytes_per_element(op: str, itemsize: int) -> int:
     }[op]
 
 
-# --- the official per-parameter loop (nblt/RWP), written out with plain PyTorch ops -----------------------
+# --- the official per-parameter loop (rwp_kernels.official) with torch.optim.SGD (foreach) as its step --------
 
 class OfficialLoop:
     def __init__(self, params, grads):
-        self.params, self.grads = params, grads
+        self.params = params
         for p, g in zip(params, grads):
             p.grad = g
         self.sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True)
         self.noise = []
 
     def perturb(self):
-        self.noise = []
-        for p in self.params:
-            if p.dim() > 1:
-                rows = p.view(p.shape[0], -1)
-                std = rows.norm(dim=1, keepdim=True).repeat(1, rows.shape[1]).view(p.shape)
-                e = torch.normal(0, GAMMA * std)
-            else:
-                e = torch.empty_like(p).normal_(0, GAMMA * (p.view(-1).norm().item() + 1e-16))
-            self.noise.append(e)
-            p.add_(e)
+        self.noise = official.perturb(self.params, GAMMA)
 
     def restore(self):
-        for p, e in zip(self.params, self.noise):
-            p.sub_(e)
+        official.restore(self.params, self.noise)
 
     def step(self):
         self.sgd.step()

@@ -152,7 +152,6 @@ class Config:
     cuda_home: str | None
     archs: list[str]
     archs_from: str
-    march: str
     sources: list[str]
     cflags: list[str]
     cuda_cflags: list[str]
@@ -185,8 +184,7 @@ def make_config() -> Config:
         if archs_from != "TORCH_CUDA_ARCH_LIST":  # otherwise torch turns the variable into flags itself
             cuda_cflags += gencode_flags(archs)
         sources += [str(src / s) for s in CUDA_SOURCES]
-    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, march, sources, cflags, cuda_cflags,
-                 ldflags)
+    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, sources, cflags, cuda_cflags, ldflags)
     cfg.key = _key(cfg, src)
     return cfg
 

@@ -11,6 +11,13 @@ changed source never loads a stale build. Concurrent first uses wait for one bui
 the compile inherits, so it is held until the compile ends, even when the builder is killed;
 ``RWP_KERNELS_BUILD_TIMEOUT`` seconds at most, default 1800). A cache folder that cannot be created or
 written makes the extension unavailable, with the folder and the error as the reason.
+
+torch.utils.cpp_extension.load (run in the child) writes the ninja file, compiles, links and loads. What it
+does not do is done here: loading a finished build (``built.json``, written after the compile) without its
+lock, ninja or a child, so a read-only cache works and a half-written library is never loaded; a lock that
+a killed builder holds exactly as long as its compile runs (torch's lock file then stays forever; newer
+torch's flock is freed at once, while ninja compiles on); one outcome per process, the fallback warning with
+the first compiler error, and setup.py's build first.
 """
 import json
 import os
@@ -194,6 +201,8 @@ def _build_lock(folder: Path):
     A flock belongs to the open file, not to a process: it is released when the last process holding the
     descriptor exits. The compile inherits it (see _compile_in_child), so a builder that is killed leaves
     the lock held until its compiler has finished, and the next builder waits instead of compiling beside it.
+    This process only closes its descriptor, never unlocks (LOCK_UN would release the lock for the inherited
+    copies too, as a lock library's release does).
     """
     fd = os.open(folder / "rwp_build.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     try:
@@ -291,7 +300,7 @@ def facts() -> dict[str, str]:
     cfg = C.make_config()
     cxx = C.cxx_compiler()
     out = {"C++ compiler": f"{cxx} ({shutil.which(cxx) or 'not found'})"}
-    out["nvcc"] = f"{cfg.nvcc or C.find_nvcc()} (CUDA {C.nvcc_version(cfg.nvcc)})" if (cfg.nvcc or C.find_nvcc()) else "not found"
+    out["nvcc"] = f"{cfg.nvcc} (CUDA {C.nvcc_version(cfg.nvcc)})" if cfg.nvcc else "not found"
     out["CUDA_HOME"] = cfg.cuda_home or "-"
     if cfg.with_cuda:
         out["CUDA kernels"] = f"compiled for {', '.join('sm_' + a.replace('.', '') for a in cfg.archs)} ({cfg.archs_from})"

@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts with small settings: they run to the end and write every row the
-README's tables are made of. Nothing here asserts a time."""
+README's tables are made of. Nothing here asserts a time. And the scripts' imports: the package only."""
+import ast
 import csv
 import subprocess
 import sys
@@ -10,9 +11,21 @@ import pytest
 from conftest import requires
 from rwp_kernels import backends
 
-pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_scripts_import_no_script_and_no_training_internals(script):
+    """Shared code lives in the package (rwp_kernels.official: the official loop; rwp_kernels._bench: timing)."""
+    imported = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    own = {s.stem for s in SCRIPTS}
+    assert not {m for m in imported if m.split(".")[0] in own or m.startswith("rwp_kernels.train")}, imported
 
 
 def run_script(name: str, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -27,6 +40,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # subprocesses: see README, Tests
 def test_bench_step_quick(tmp_path):
     run = run_script("bench_step.py", tmp_path, "--quick")
     rows = read_rows(tmp_path / "bench_step.csv")
@@ -42,6 +56,7 @@ def test_bench_step_quick(tmp_path):
     assert (tmp_path / "bench_step.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_ops_one_round(tmp_path):
     reason = backends.unavailable_reason("cpu", "cpu")
     requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")

@@ -1,12 +1,12 @@
 """Fidelity to the official algorithm.
 
-``official_step`` is a direct PyTorch transcription of the update of the official code (nblt/RWP
-train_rwp_parallel.py for the noise and the mix, nblt/mARWP train_marwp.py for m-RWP/m-ARWP: clean pass
-on one batch, perturbed pass on the next with BN running statistics frozen through momentum 0, the
-Fisher state F <- beta F + g_p**2, noise divided by sqrt(1 + eta * rowsum(F)), 1-D rules), with
-``torch.normal(0, std)`` replaced by ``std * z`` for z drawn from ``rwp_kernels.noise`` (the official
-code draws from torch's generator) and ``view`` by ``reshape`` (the same values; ``view`` fails on
-channels_last weights). Its restore is the official ``sub_``.
+The official update is ``rwp_kernels.official.OfficialRWP``, a direct PyTorch transcription of the official
+code (nblt/RWP train_rwp_parallel.py for the noise and the mix, nblt/mARWP train_marwp.py for m-RWP/m-ARWP:
+clean pass on one batch, perturbed pass on the next with BN running statistics frozen through momentum 0,
+the Fisher state F <- beta F + g_p**2, noise divided by sqrt(1 + eta * rowsum(F)), 1-D rules, the mix
+through flat gradient vectors), the same loop the benchmarks time. Here its noise is ``std * z`` with z drawn
+from ``rwp_kernels.noise`` instead of ``torch.normal(0, std)`` (the official code draws from torch's
+generator). Its restore is the official ``sub_``.
 
 Tolerance: the two computations differ by float rounding only (float64 vs float32 norms, exact restore vs
 ``sub_``, ``alpha * ((1 - alpha) / alpha * g_c + g_p)`` vs ``alpha g_p + (1 - alpha) g_c``). After each of
@@ -19,10 +19,10 @@ maximum (Adam amplifies rounding where a gradient is ~0).
 """
 import pytest
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from conftest import requires
 from rwp_kernels import backends
+from rwp_kernels.official import OfficialRWP
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
 from _optim_common import (CPU_BACKENDS, backward, batches, model_pair, one_torch_thread,  # noqa: F401
@@ -32,64 +32,14 @@ STEPS = 10
 SEED = 1234
 
 
-def _disable_running_stats(model):
-    """The official disable_running_stats: BN momentum 0; returns what enable_running_stats needs."""
-    saved = [(m, m.momentum) for m in model.modules() if isinstance(m, _BatchNorm)]
-    for m, _ in saved:
-        m.momentum = 0
-    return saved
+def _official(model, base, *, gamma, alpha, adaptive, eta, beta):
+    """The official update (rwp_kernels.official) with the noise stream of the fused ops."""
+    return OfficialRWP(model, base, gamma=gamma, alpha=alpha, adaptive=adaptive, eta=eta, beta=beta,
+                       noise=lambda p, index, step: stream_noise(p, index, step, SEED))
 
 
-class Official:
-    """The official RWP / m-ARWP update around a torch optimizer, one call per step."""
-
-    def __init__(self, model, base, *, gamma, alpha, adaptive, eta, beta):
-        self.model, self.base = model, base
-        self.gamma, self.alpha, self.adaptive, self.eta, self.beta = gamma, alpha, adaptive, eta, beta
-        self.fisher = []
-        self.step_count = 0
-
-    def step(self, clean_batch, perturbed_batch):
-        params = list(self.model.parameters())
-        g0 = None
-        if self.alpha < 1:
-            self.base.zero_grad()
-            backward(self.model, clean_batch)
-            g0 = [p.grad.clone() for p in params]
-        with torch.no_grad():
-            noise = []
-            for ii, mp in enumerate(params):
-                sh = mp.shape
-                sh_mul = int(torch.tensor(sh[1:]).prod()) if len(sh) > 1 else 1
-                z = stream_noise(mp, ii, self.step_count, SEED)
-                if len(mp.shape) > 1:
-                    temp = mp.reshape(sh[0], -1).norm(dim=1, keepdim=True).repeat(1, sh_mul).view(mp.shape)
-                    temp = self.gamma * temp * z
-                else:
-                    temp = self.gamma * (mp.view(-1).norm().item() + 1e-16) * z
-                if self.fisher:
-                    fisher = self.fisher[ii].reshape(sh[0], -1).sum(dim=1, keepdim=True).repeat(1, sh_mul).view(sh)
-                    temp /= torch.sqrt(1 + self.eta * fisher)
-                noise.append(temp)
-                mp.data.add_(noise[-1])
-        saved = _disable_running_stats(self.model)
-        self.base.zero_grad()
-        backward(self.model, perturbed_batch)
-        for m, momentum in saved:
-            m.momentum = momentum
-        if self.adaptive:
-            if not self.fisher:
-                self.fisher = [0 for _ in params]
-            for ii, mp in enumerate(params):
-                self.fisher[ii] = self.fisher[ii] * self.beta + mp.grad.clone() ** 2
-        with torch.no_grad():
-            for mp, n in zip(params, noise):
-                mp.data.sub_(n)
-        if g0 is not None:
-            for p, g in zip(params, g0):
-                p.grad = self.alpha * p.grad + (1 - self.alpha) * g
-        self.base.step()
-        self.step_count += 1
+def _official_step(official, clean_batch, perturbed_batch):
+    official.step(lambda: backward(official.model, clean_batch), lambda: backward(official.model, perturbed_batch))
 
 
 def _assert_same_weights(name, ours, theirs, adamw_lr=None):
@@ -139,13 +89,13 @@ def test_matches_official_update(name, kind, base, kwargs, alpha, adaptive, rest
         opt = RWPSGD(ours.parameters(), **kwargs, **rwp)
     else:
         opt = RWP(ours.parameters(), base, **kwargs, **rwp)
-    official = Official(theirs, base(theirs.parameters(), **kwargs), gamma=gamma, alpha=alpha, adaptive=adaptive,
-                        eta=eta, beta=beta)
+    official = _official(theirs, base(theirs.parameters(), **kwargs), gamma=gamma, alpha=alpha, adaptive=adaptive,
+                         eta=eta, beta=beta)
     data = batches(2 * steps, seed=7)
     for t in range(steps):
         clean, perturbed = data[2 * t], data[2 * t + 1]
         _ours_step(ours, opt, clean, perturbed, alpha)
-        official.step(clean, perturbed)
+        _official_step(official, clean, perturbed)
         if kind == "wrapper":
             # The wrapper leaves the mixed gradient in p.grad for the base optimizer: the official one.
             for (pn, a), b in zip(ours.named_parameters(), theirs.parameters()):
@@ -190,12 +140,12 @@ def test_channels_last_model_matches_official_update():
     conv = [p for p in ours.parameters() if p.dim() == 4 and p.shape[1] > 1]
     assert conv and all(not p.is_contiguous() for p in conv)
     opt = RWPSGD(ours.parameters(), **SGD, gamma=0.05, alpha=0.5, seed=SEED, backend="reference")
-    official = Official(theirs, torch.optim.SGD(theirs.parameters(), **SGD), gamma=0.05, alpha=0.5,
-                        adaptive=False, eta=0.0, beta=0.0)
+    official = _official(theirs, torch.optim.SGD(theirs.parameters(), **SGD), gamma=0.05, alpha=0.5,
+                         adaptive=False, eta=0.0, beta=0.0)
     data = [(x.to(memory_format=torch.channels_last), y) for x, y in batches(6, seed=2)]
     for t in range(3):
         _ours_step(ours, opt, data[2 * t], data[2 * t + 1], 0.5)
-        official.step(data[2 * t], data[2 * t + 1])
+        _official_step(official, data[2 * t], data[2 * t + 1])
         _assert_same_weights("channels_last", ours, theirs)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
     assert all(opt.state[p]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last) for p in conv)
