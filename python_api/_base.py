@@ -26,6 +26,12 @@ from .clip import clip_weighted_grad_norm_
 _LAUNCH_INDEX = re.compile(r"\b(\w+)\[(\d+)\]")
 
 
+# The training-loop methods run eagerly inside a torch.compile'd function (dynamo breaks the graph around
+# them): they launch the fused ops and keep Python bookkeeping that tracing would only slow down, and the
+# reference backend's noise would pull a large graph into inductor.
+_eager = torch.compiler.disable
+
+
 class _RWPOptimizer(torch.optim.Optimizer):
     # GradScaler hands over grad_scale / found_inf instead of unscaling and skipping the step itself.
     _step_supports_amp_scaling = True
@@ -88,6 +94,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         return self._rwp.window is not None and self._rwp.window.perturbed
 
     # ----------------------------------------------------------------------------------------- perturb
+    @_eager
     @torch.no_grad()
     def perturb(self) -> None:
         """Perturb the weights for the perturbed pass, in one fused launch per device.
@@ -230,6 +237,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
             raise
 
     # ----------------------------------------------------------------------------------------- restore
+    @_eager
     @torch.no_grad()
     def restore(self) -> None:
         """Put the clean weights back now (one launch per device). A later step() still applies the mixed
@@ -267,6 +275,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
             self._restore_weights(window, window.entries)
         self._rwp.window = None
 
+    @_eager
     @contextlib.contextmanager
     def perturbed(self):
         """``with opt.perturbed(): <perturbed forward/backward>``: perturb() on entry. If the block raises,
@@ -304,6 +313,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 )
 
     # ----------------------------------------------------------------------------------------- step
+    @_eager
     def step(self, closure=None):
         """Apply the update. After perturb(): restore the clean weights, mix the two gradients and update,
         fused. Without a pending perturbation it raises (that update would not be RWP's), unless alpha is 0
@@ -434,6 +444,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
         return self._rwp.window.by_param() if self._rwp.window is not None else {}
 
     # ----------------------------------------------------------------------------------------- gradients
+    @_eager
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch.optim.Optimizer.zero_grad, except that between perturb() and step() it never drops the
         clean gradient that step() needs: trainers zero the gradients before every backward, the perturbed

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
     a("--data-dir", default="data", help="where CIFAR files or the ImageNet-style train/ and val/ folders are")
     a("--download", action="store_true", help="download CIFAR into --data-dir (needs network access)")
-    a("--model", help="small_cnn, resnet18 (CIFAR-style), vgg16_bn, wrn16_8, wrn28_10, or a torchvision model "
-                      "by name (torchvision:resnet18 for its ImageNet ResNet-18)")
+    a("--model", help="small_cnn, resnet18 (CIFAR-style), vgg16_bn, wrn16_8, wrn28_10, a torchvision model "
+                      "by name (torchvision:resnet18 for its ImageNet ResNet-18), or a timm model as timm:<name> "
+                      "(e.g. timm:resnet10t; needs timm; never pretrained)")
     a("--optimizer", nargs="+", choices=METHODS, help="optimizers to compare (default: sgd rwp)")
     a("--recipe", choices=sorted(RECIPES), help="the official settings of the paper as a preset")
     a("--epochs", type=_positive_int,
@@ -380,7 +381,7 @@ def _check_network(s: dict, data: Data) -> None:
     try:
         with torch.no_grad(), autocast_factory(s["amp"], device)():
             net(images)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError, ValueError) as err:  # timm's models check sizes with assertions
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"--model {s['model']} does not run on {s['dataset']} images: {reason}") from None
 
