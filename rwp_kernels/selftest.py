@@ -1,12 +1,15 @@
 """Every available fused backend against the reference backend, on a real model's parameters.
 
 This is the acceptance test of the kernels on the user's own hardware (``python -m rwp_kernels.report
---selftest``). Each check runs one op on identical copies of the same tensors with the backend under
-test and with the reference. Copies (backups, exact restore, the found_inf skip) and Philox integers
-must match bit for bit. Computed values must lie within a tolerance: normals within 1e-5 * (1 + |z|);
-weights, buffers and sigmas within a few ulps of their dtype relative to the magnitudes involved,
-plus, where noise enters, the normals' tolerance scaled by sigma. A check reports its largest error as
-a multiple of its tolerance (passes when <= 1) or as a count of mismatching elements (passes when 0).
+--selftest``). Each check runs one op on identical copies of the same tensors (a model's parameters plus
+the fast subset of the conformance sweep: rows longer than a tile, rows of one element, 0-D, channels_last,
+views at an odd offset) with the backend under test and with the reference. The known answers and the
+tolerances come from ``rwp_kernels.conformance`` (docs/spec.md section 6, "Self-test"). Copies (backups,
+exact restore, the found_inf skip) and Philox integers must match bit for bit. Computed values must lie
+within a tolerance: normals within 1e-5 * (1 + |z|); weights, buffers and sigmas within a few ulps of their
+dtype relative to the magnitudes involved, plus, where noise enters, the normals' tolerance scaled by sigma.
+A check reports its largest error as a multiple of its tolerance (passes when <= 1) or as a count of
+mismatching elements (passes when 0).
 """
 import statistics
 import time
@@ -15,17 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from . import backends, ops
+from .conformance import PHILOX_KAT, clone_all, noise_bound, perturbation_tolerance, sweep_params
+from .conformance import ulp_tolerance as _ulp_tol
 from .models import resnet18, small_cnn
 
-KAT = [
-    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
-    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
-    ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
-     [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
-]
-
-ULPS = 4  # allowed rounding differences, in ulps of the dtype
-NOISE_TOL = 1e-5  # allowed |z - z_ref| / (1 + |z_ref|)
 TOLERANCE_UNIT = "x tolerance"
 MISMATCH_UNIT = "mismatches"
 
@@ -72,29 +68,6 @@ def _mismatches(actual, expected) -> float:
     return float(sum(int((a != e).sum()) for a, e in zip(actual, expected)))
 
 
-def _ulp_tol(dtype: torch.dtype, *magnitudes: torch.Tensor) -> torch.Tensor:
-    """ULPS ulps of ``dtype`` relative to the sum of the magnitudes (plus the smallest normal)."""
-    total = sum(m.double().abs() for m in magnitudes)
-    return ULPS * torch.finfo(dtype).eps * total + torch.finfo(dtype).tiny
-
-
-def _per_element(sigma: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A per-row sigma broadcast to the shape of its tensor."""
-    if p.dim() >= 2:
-        return sigma.view(-1, *([1] * (p.dim() - 1))).expand(p.shape)
-    return sigma.view(p.shape) if sigma.numel() == p.numel() else sigma.expand(p.shape)
-
-
-def _perturbation_tol(clean, perturbed_ref, sigmas_ref):
-    """Tolerance on perturbed weights: rounding of w + sigma*z, plus the normals' tolerance times sigma."""
-    tols = []
-    for c, r, s in zip(clean, perturbed_ref, sigmas_ref):
-        delta = r.double() - c.double()
-        noise_part = NOISE_TOL * (_per_element(s, c).double() + delta.abs())
-        tols.append(_ulp_tol(c.dtype, c, delta) + noise_part)
-    return tols
-
-
 def _model_params(model: str, dtype: torch.dtype, device: torch.device, seed: int) -> list[torch.Tensor]:
     torch.manual_seed(seed)
     net = resnet18() if model == "resnet18" else small_cnn()
@@ -102,11 +75,12 @@ def _model_params(model: str, dtype: torch.dtype, device: torch.device, seed: in
     # one convolution weight in channels_last, as a channels_last model would have it
     conv = next(i for i, p in enumerate(params) if p.dim() == 4)
     params[conv] = params[conv].contiguous(memory_format=torch.channels_last)
-    return params
+    return params + sweep_params(dtype, seed=seed, device=device, fast=True)
 
 
 def _clone(tensors):
-    return None if tensors is None else [t.clone() for t in tensors]
+    """Copies with the same layout (channels_last, a view's offset)."""
+    return clone_all(tensors)
 
 
 class _Checks:
@@ -132,11 +106,11 @@ class _Checks:
         gen = torch.Generator().manual_seed(1)
         counters = torch.randint(0, 2**32, (4096, 4), generator=gen, dtype=torch.int64)
         keys = torch.randint(0, 2**32, (4096, 2), generator=gen, dtype=torch.int64)
-        counters = torch.cat([counters, torch.tensor([c for c, _, _ in KAT])])
-        keys = torch.cat([keys, torch.tensor([k for _, k, _ in KAT])])
+        counters = torch.cat([counters, torch.tensor([c for c, _, _ in PHILOX_KAT])])
+        keys = torch.cat([keys, torch.tensor([k for _, k, _ in PHILOX_KAT])])
         out = ops.philox4x32_10(counters.to(self.device), keys.to(self.device), backend=self.backend).cpu()
         expected = ops.philox4x32_10(counters, keys, backend="reference")
-        expected[-len(KAT):] = torch.tensor([e for _, _, e in KAT])
+        expected[-len(PHILOX_KAT):] = torch.tensor([e for _, _, e in PHILOX_KAT])
         self.record("philox4x32_10 (bit for bit, incl. Random123 vectors)", _mismatches([out], [expected]),
                     MISMATCH_UNIT)
 
@@ -145,7 +119,7 @@ class _Checks:
         n = 1 << 20
         z = ops.noise(n, device=self.device, backend=self.backend, **args).cpu()
         ref = ops.noise(n, device="cpu", backend="reference", **args)
-        error = _ratio([z], [ref], [NOISE_TOL * (1 + ref.double().abs())])
+        error = _ratio([z], [ref], [noise_bound(ref)])
         ms = _median_ms(self.device, self.repeats, lambda: None,
                         lambda _: ops.noise(n, device=self.device, backend=self.backend, **args))
         self.record("noise (1M normals)", error, TOLERANCE_UNIT, ms)
@@ -163,7 +137,7 @@ class _Checks:
         mine, sigmas, ref, ref_sigmas, ms = self.both("perturb_", make_args, **kw)
         error = max(
             _ratio(sigmas, ref_sigmas, [_ulp_tol(torch.float32, s) for s in ref_sigmas]),
-            _ratio(mine["params"], ref["params"], _perturbation_tol(clean, ref["params"], ref_sigmas)),
+            _ratio(mine["params"], ref["params"], perturbation_tolerance(clean, ref["params"], ref_sigmas)),
         )
         self.record(f"perturb_ {tag} (sigmas, weights)", error, TOLERANCE_UNIT, ms)
         copies = _mismatches(mine["backups"], clean) + _mismatches(mine["grads"], ref["grads"])
@@ -215,7 +189,7 @@ class _Checks:
         )
         error = max(
             _ratio(sigmas, ref_sigmas, [_ulp_tol(torch.float32, s) for s in ref_sigmas]),
-            _ratio(mine["params"], ref["params"], _perturbation_tol(clean, ref["params"], ref_sigmas)),
+            _ratio(mine["params"], ref["params"], perturbation_tolerance(clean, ref["params"], ref_sigmas)),
         )
         self.record(f"perturb_ ARWP {model} (Fisher-scaled rows)", error, TOLERANCE_UNIT)
 

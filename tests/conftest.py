@@ -3,7 +3,9 @@
 ``requires(ok, reason, capability)`` skips a test whose prerequisite is missing (no GPU, no Triton,
 no nvcc, ...), except where ``RWP_KERNELS_REQUIRE`` names the capability (comma-separated, or "all"):
 then the missing prerequisite is a failure. CI sets it, so that checks meant to run there cannot
-silently skip.
+silently skip. ``require_backend(name, device_type)`` does that for a backend, with the capability CI
+names for it (``BACKEND_CAPABILITY``); the fixtures ``cpp_ext`` and ``triton_interpreter`` require the C++
+extension and the Triton backend on CPU tensors (Triton's interpreter).
 """
 import os
 
@@ -14,6 +16,8 @@ import torch
 # is created (at import); without a GPU it is the only way to run those kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from rwp_kernels import backends  # noqa: E402  (after TRITON_INTERPRET is set)
 
 REQUIRED = {c.strip() for c in os.environ.get("RWP_KERNELS_REQUIRE", "").split(",") if c.strip()}
 
@@ -30,3 +34,34 @@ def requires(ok: bool, reason: str, capability: str) -> None:
 def cuda_device():
     requires(torch.cuda.is_available(), "no CUDA GPU on this machine", "gpu")
     return torch.device("cuda")
+
+
+# The RWP_KERNELS_REQUIRE capability that makes a backend's absence on a device type a failure.
+BACKEND_CAPABILITY = {
+    ("cpu", "cpu"): "cpp-ext",
+    ("triton", "cpu"): "triton-interpret",
+    ("cuda", "cuda"): "cuda-build",
+    ("triton", "cuda"): "triton-gpu",
+}
+
+
+def require_backend(name: str, device_type: str) -> None:
+    """Skip (or fail, where CI requires the capability) unless backend ``name`` runs on ``device_type``."""
+    reason = backends.unavailable_reason(name, device_type)
+    if name == "cpu" and device_type == "cpu":
+        what = "the C++ extension is unavailable"
+    else:
+        what = f"backend {name!r} on {device_type} tensors is unavailable"
+    requires(reason is None, f"{what}: {reason}", BACKEND_CAPABILITY.get((name, device_type), "gpu"))
+
+
+@pytest.fixture
+def cpp_ext():
+    """The C++ extension (backend "cpu"), built on first use."""
+    require_backend("cpu", "cpu")
+
+
+@pytest.fixture
+def triton_interpreter():
+    """The Triton backend on CPU tensors (Triton's interpreter, TRITON_INTERPRET=1)."""
+    require_backend("triton", "cpu")

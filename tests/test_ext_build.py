@@ -11,33 +11,17 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from _ext_common import CHILD_TIMEOUT, FALLBACK_CHILD, REPO, folder_for, run_child
 from conftest import requires
 from rwp_kernels import _ext_config as C
 from rwp_kernels import backends, extension
 
 pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
-
-REPO = Path(__file__).resolve().parents[1]
-CHILD_TIMEOUT = 300
-
-
-def run_child(code: str, env_overrides: dict, *, cwd=None, timeout=CHILD_TIMEOUT) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("RWP_KERNELS_BUILD_TIMEOUT", None)
-    env.update({k: v for k, v in env_overrides.items() if v is not None})
-    for k, v in env_overrides.items():
-        if v is None:
-            env.pop(k, None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd or REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 @pytest.fixture(scope="module")
 def built():
@@ -73,40 +57,10 @@ def test_import_alone_builds_nothing(tmp_path):
     assert out.stdout.strip() == "None" and not any(tmp_path.iterdir())
 
 
-FALLBACK_CHILD = """
-    import json, warnings, torch, rwp_kernels
-    from rwp_kernels import backends
-    params = [torch.randn(4, 3, generator=torch.Generator().manual_seed(0))]
-    ref = [params[0].clone()]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sig = rwp_kernels.perturb_(params, gamma=0.1, seed=1, step=1)
-        rwp_kernels.perturb_(params, gamma=0.1, seed=1, step=2)
-    rwp_kernels.perturb_(ref, gamma=0.1, seed=1, step=1, backend="reference")
-    rwp_kernels.perturb_(ref, gamma=0.1, seed=1, step=2, backend="reference")
-    try:
-        rwp_kernels.perturb_(params, gamma=0.1, seed=1, step=3, backend="cpu")
-        explicit = "no error"
-    except rwp_kernels.BackendUnavailableError as err:
-        explicit = str(err)
-    print(json.dumps(dict(
-        warnings=[f"{w.category.__name__}: {w.message}" for w in caught],
-        same_as_reference=torch.equal(params[0], ref[0]) or "unequal",
-        explicit=explicit,
-        reason=backends.unavailable_reason("cpu", "cpu"),
-    )))
-"""
 
 
 def fallback_env(tmp_path, cxx):
     return {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": cxx, "RWP_KERNELS_BUILD_CUDA": "0"}
-
-
-def folder_for(monkeypatch, env) -> Path:
-    """The build folder a child with `env` will use."""
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return extension.build_dir(C.make_config())
 
 
 def test_failing_compiler_gives_one_warning_with_the_log_and_the_reference(tmp_path, monkeypatch):

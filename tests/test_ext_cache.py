@@ -17,7 +17,7 @@ import pytest
 from conftest import requires
 from rwp_kernels import _ext_config as C
 from rwp_kernels import extension
-from test_ext_build import CHILD_TIMEOUT, FALLBACK_CHILD, REPO, folder_for, run_child
+from _ext_common import CHILD_TIMEOUT, FALLBACK_CHILD, REPO, folder_for, run_child
 
 pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
@@ -182,7 +182,7 @@ def test_a_killed_builders_compile_is_waited_for_not_repeated_beside_it(tmp_path
         second = run_child(BUILDER, env, timeout=CHILD_TIMEOUT)
         assert second.returncode == 0, second.stderr
         assert links_of(library) == 1  # two when the second builder compiled beside the first one's ninja
-        assert "waiting for another process that is building the extension" in second.stderr
+        # (It says it is waiting only after 5 s: a fast machine finishes the orphaned compile sooner.)
         assert second.stdout.strip().endswith("| True"), second.stdout
     finally:
         try:

@@ -3,16 +3,12 @@ autograd registration, AOT dispatch) and use inside a torch.compile'd function."
 import pytest
 import torch
 
-from conftest import requires
-from rwp_kernels import backends, perturb_, stream
+from rwp_kernels import perturb_, stream
 
 OPS = ("philox4x32_10", "noise_", "perturb_", "restore_", "sgd_step_")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension_loaded():
-    reason = backends.unavailable_reason("cpu", "cpu")
-    requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")
+pytestmark = pytest.mark.usefixtures("cpp_ext")
 
 
 def tensors(dtype=torch.float32):

@@ -11,8 +11,8 @@ import rwp_kernels
 from rwp_kernels.models import small_cnn
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
-from _optim_common import (CPU_BACKENDS, assert_models_equal, backward, batches, model_pair,  # noqa: F401
-                           one_torch_thread, params_of, stream_noise)
+from _optim_common import assert_models_equal, backward, batches, model_pair, params_of
+from _optim_common import one_torch_thread  # noqa: F401
 
 RWP_KW = dict(gamma=0.05, alpha=0.5, seed=17, backend="reference")
 

@@ -19,6 +19,7 @@ def test_import_roots():
         assert callable(getattr(rwp_kernels, name)), name
 
 
+@pytest.mark.slow
 def test_checkout_resolves_optim_without_the_install_mapping():
     """The clone's root on sys.path (a command run there) and no installer's finder: rwp_kernels.optim still
     imports, from the checkout's python_api/, as after a regular install where the checkout shadows it."""

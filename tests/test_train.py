@@ -124,6 +124,7 @@ def test_bad_input_exit_status_from_the_command_line(tmp_path):
     assert out.returncode == 2 and "unknown model 'nope'" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--optimizer", "sgd", "rwp", "--backend", "cuda", "--device", "cpu"], "--backend cuda cannot run on cpu"),
     (["--seeds", "0", "-1"], "argument --seeds: must be in [0, 2**32), got -1"),
