@@ -93,7 +93,7 @@ def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_n
             raise ValueError(f"{op}: {describe(entry, t)} does not match the shape of {describe(f'params[{i}]', p)}")
         if t.device != p.device:
             raise ValueError(f"{op}: {describe(entry, t)} is not on the device of params[{i}] ({p.device})")
-        if not same_layout(t, p):
+        if t.stride() != p.stride() and not same_layout(t, p):
             raise ValueError(
                 f"{op}: {describe(entry, t)} has strides {t.stride()} but params[{i}] has {p.stride()}; "
                 "create it with torch.empty_like(param) or give it the parameter's memory format"
@@ -157,10 +157,11 @@ def check_seed(op: str, seed) -> int:
 def check_number(prefix: str, name: str, value, *, low: float | None = None, high: float | None = None) -> float:
     """A real, finite number (Python or NumPy; not a bool, not a tensor) in [low, high], as a float. Messages
     start with ``prefix`` (e.g. ``"perturb_: "``, ``"param group 1: "``)."""
-    if isinstance(value, torch.Tensor):
-        raise TypeError(f"{prefix}{name} must be a Python number, got a tensor")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{prefix}{name} must be a number, got {type(value).__name__}")
+    if type(value) is not float and type(value) is not int:  # the common cases first: isinstance(Real) is slow
+        if isinstance(value, torch.Tensor):
+            raise TypeError(f"{prefix}{name} must be a Python number, got a tensor")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{prefix}{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{prefix}{name} is {value}; it must be finite")
