@@ -62,16 +62,18 @@ def two_models():
     return model, copy.deepcopy(model)
 
 
-def eager_run(model, backend):
+def run(model, backend, forward=None):
+    """README's loop for STEPS steps, with ``forward`` (default: the model itself) for the passes."""
+    forward = forward or model
     opt = RWPSGD(model.parameters(), **HYPER, backend=backend)
     data = batches()
     model.train()
     for t in range(STEPS):
         (x1, y1), (x2, y2) = data[2 * t], data[2 * t + 1]
         opt.zero_grad()
-        F.cross_entropy(model(x1), y1).backward()
+        F.cross_entropy(forward(x1), y1).backward()
         with opt.perturbed(), freeze_bn_stats(model):
-            F.cross_entropy(model(x2), y2).backward()
+            F.cross_entropy(forward(x2), y2).backward()
         opt.step()
     return opt
 
@@ -91,19 +93,8 @@ def assert_close_to_eager(compiled_run, eager_model, opt, eager_opt):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_model_eager_optimizer_matches_eager(backend):
     model, eager = two_models()
-    forward = torch.compile(model)
-    opt = RWPSGD(model.parameters(), **HYPER, backend=backend)
-    data = batches()
-    model.train()
-    for t in range(STEPS):
-        (x1, y1), (x2, y2) = data[2 * t], data[2 * t + 1]
-        opt.zero_grad()
-        F.cross_entropy(forward(x1), y1).backward()
-        with opt.perturbed(), freeze_bn_stats(model):
-            F.cross_entropy(forward(x2), y2).backward()
-        opt.step()
-    eager_opt = eager_run(eager, backend)
-    assert_close_to_eager(model, eager, opt, eager_opt)
+    opt = run(model, backend, forward=torch.compile(model))
+    assert_close_to_eager(model, eager, opt, run(eager, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +117,7 @@ def test_compiled_train_step_with_disabled_optimizer_calls_matches_eager(backend
     for t in range(STEPS):
         train_step(*data[2 * t], *data[2 * t + 1])
     assert not opt.is_perturbed
-    assert_close_to_eager(model, eager, opt, eager_run(eager, backend))
+    assert_close_to_eager(model, eager, opt, run(eager, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,7 +140,7 @@ def test_compiled_train_step_calling_the_optimizer_matches_eager(backend):
     for t in range(STEPS):
         train_step(*data[2 * t], *data[2 * t + 1])
     assert not opt.is_perturbed
-    assert_close_to_eager(model, eager, opt, eager_run(eager, backend))
+    assert_close_to_eager(model, eager, opt, run(eager, backend))
 
 
 def test_docs_example_runs(tmp_path):
