@@ -17,8 +17,8 @@ from rwp_kernels.layout import same_layout
 
 from . import _hyper, _state_dict, _trainers
 from ._amp import LossScale
-from ._run_state import RunState, grad_mark
-from ._window import SCALED, SPLIT, Entry, Window, group_by, like_param
+from ._run_state import RunState, watch_gradients
+from ._window import SCALED, SPLIT, Entry, Window, grad_mark, group_by, like_param
 from .bn import bn_stats_frozen_while_called
 from .clip import clip_weighted_grad_norm_
 
@@ -131,6 +131,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 e.stash, e.stash_scale, e.param.grad = _kept_aside(e.param.grad), 1.0 - e.alpha, None
             else:
                 e.scaled_mark = grad_mark(e.param)
+        window.settle()
+        watch_gradients(self._rwp, [e.param for e in entries])
         self._rwp.window = window
 
     def _new_entries(self) -> list[Entry]:
@@ -288,19 +290,11 @@ class _RWPOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._cancel()
             raise
-        self._settle_gradients()
-
-    def _settle_gradients(self) -> None:
-        """Remember p.grad as the perturbed pass left it: step() refuses gradients changed after that by
-        anything but our own clip_grad_norm_ (GradScaler's unscale_ does not count: it keeps the versions)."""
-        window = self._rwp.window
-        if window is not None and window.perturbed:
-            for e in window.entries:
-                e.settled_mark = grad_mark(e.param)
-            window.settled = True
 
     def _check_settled_gradients(self, window: Window) -> None:
-        # GradScaler.unscale_ leaves the versions alone (torch 2.14); tests/test_optim_trainer_paths.py checks it.
+        """Refuse gradients that something other than a backward pass or this optimizer changed since
+        perturb() (the marks are settled at the end of every backward: _run_state.watch_gradients).
+        GradScaler.unscale_ leaves the versions alone (torch 2.14); tests/test_optim_trainer_paths.py checks it."""
         for e in window.entries:
             if grad_mark(e.param) != e.settled_mark:
                 raise RuntimeError(
@@ -337,7 +331,7 @@ class _RWPOptimizer(torch.optim.Optimizer):
             self._check_plain_step_allowed()
         scale = LossScale(self)
         try:
-            if window is not None and window.settled:
+            if window is not None:
                 self._check_settled_gradients(window)
             if window is not None and scale.already_unscaled and any(e.stash is not None for e in window.entries):
                 raise RuntimeError(
@@ -456,6 +450,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
         if window is not None and window.perturbed:
             self._set_aside_clean_gradients(window)
         super().zero_grad(set_to_none)
+        if window is not None and window.perturbed:
+            window.settle()
         if window is not None and not window.perturbed:
             self._rwp.window = None
         self._rwp.zero_grad_calls += 1
@@ -500,8 +496,8 @@ class _RWPOptimizer(torch.optim.Optimizer):
                 if tensors:
                     parts.append((tensors, weights))
         total = clip_weighted_grad_norm_(parts, max_norm, norm_type, error_if_nonfinite)
-        if self._rwp.window is not None and self._rwp.window.settled:
-            self._settle_gradients()
+        if self._rwp.window is not None:
+            self._rwp.window.settle()
         return total
 
     # ----------------------------------------------------------------------------------------- state dict

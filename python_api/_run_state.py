@@ -7,6 +7,7 @@ such a wrapper would land on the wrapper alone: ``perturb()`` through it would l
 ``step()`` without the pending perturbation. Attributes of this shared object are seen by every copy.
 """
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -27,8 +28,29 @@ class RunState:
     # from them whether p.grad holds gradients of backward passes outside its closure.
     after_zero_grad: dict = field(default_factory=dict)
     zero_grad_calls: int = 0
+    watched: set = field(default_factory=set)  # params with the gradient hook of watch_gradients
 
 
-def grad_mark(p: torch.Tensor) -> tuple:
-    """Identifies p.grad as it is now: the tensor and its version (in-place changes bump it)."""
-    return (None, 0) if p.grad is None else (p.grad, p.grad._version)
+def watch_gradients(state: RunState, params) -> None:
+    """Keep the marks of the pending window's gradients up to date with every backward pass.
+
+    A hook after each accumulation into p.grad queues, once per backward, a callback for the backward's
+    end that re-queues itself once, so that it runs after what others queued during the backward (DDP
+    writes the averaged gradients into p.grad there); it then records every entry's grad_mark as settled.
+    So step() can tell a change by a backward pass from one by anything else (a clip of p.grad) wherever
+    it happens. A parameter is hooked once, for the optimizer's lifetime; the hook returns at once while
+    no perturbation is pending.
+    """
+    for p in params:
+        if p not in state.watched:
+            p.register_post_accumulate_grad_hook(partial(_accumulated, state))
+            state.watched.add(p)
+
+
+def _accumulated(state: RunState, param: torch.Tensor) -> None:
+    window = state.window
+    if window is None or window.settle_queued:
+        return
+    window.settle_queued = True
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(window.settle))

@@ -35,7 +35,7 @@ class Entry:
     stash: torch.Tensor | None = None  # the clean gradient kept out of p.grad
     stash_scale: float = 0.0  # the weight of ``stash`` in the mix
     scaled_mark: tuple = (None, 0)  # SCALED: p.grad as perturb() left it (see _run_state.grad_mark)
-    settled_mark: tuple = (None, 0)  # p.grad as the perturbed pass left it (Window.settled)
+    settled_mark: tuple = (None, 0)  # p.grad as perturb(), a backward pass or this optimizer last left it
     perturbed: bool = False  # the weights currently hold the perturbation
 
     @property
@@ -48,7 +48,7 @@ class Entry:
 class Window:
     step: int  # the noise stream's step: the optimizer's step counter when perturb() ran
     entries: list[Entry] = field(default_factory=list)
-    settled: bool = False  # the perturbed pass has ended (the perturbed() block exited): entries' settled_mark
+    settle_queued: bool = False  # a backward's end will record the settled marks (_run_state.watch_gradients)
 
     def by_param(self) -> dict:
         return {e.param: e for e in self.entries}
@@ -56,6 +56,17 @@ class Window:
     @property
     def perturbed(self) -> bool:
         return any(e.perturbed for e in self.entries)
+
+    def settle(self) -> None:
+        """Record every entry's gradient as it is now: what step() compares with."""
+        for e in self.entries:
+            e.settled_mark = grad_mark(e.param)
+        self.settle_queued = False
+
+
+def grad_mark(p: torch.Tensor) -> tuple:
+    """Identifies p.grad as it is now: the tensor and its version (in-place changes bump it)."""
+    return (None, 0) if p.grad is None else (p.grad, p.grad._version)
 
 
 def group_by(items, key) -> dict:

@@ -100,3 +100,11 @@ def spawn_gloo(worker, world: int, args: tuple, timeout_s: float) -> None:
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
+
+
+def inf_from_backward(param: torch.Tensor):
+    """Makes the next backward passes put an inf into ``param``'s gradient (as an overflowing fp16 backward
+    would, unlike a write into p.grad, which step() refuses between the perturbed pass and the update).
+    Returns the hook's handle: ``.remove()`` it."""
+    return param.register_hook(
+        lambda g: g.flatten().index_fill(0, torch.tensor([0], device=g.device), float("inf")).view_as(g))

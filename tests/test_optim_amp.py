@@ -6,7 +6,8 @@ import torch
 
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
-from _optim_common import assert_models_equal, backward, batches, model_pair, one_torch_thread, params_of  # noqa: F401
+from _optim_common import (assert_models_equal, backward, batches, inf_from_backward, model_pair,  # noqa: F401
+                           one_torch_thread, params_of)
 
 RWP_KW = dict(gamma=0.05, seed=21, backend="reference")
 INIT_SCALE = 2.0**10
@@ -27,10 +28,11 @@ def _step(model, opt, clean, perturbed, scaler=None, *, alpha, inject=None, clip
         backward(model, clean, scale)
         if inject == "clean":
             next(model.parameters()).grad.view(-1)[0] = float("inf")
+    hook = inf_from_backward(list(model.parameters())[-1]) if inject == "perturbed" else None
     with opt.perturbed(), freeze_bn_stats(model):
         backward(model, perturbed, scale)
-        if inject == "perturbed":  # as if the perturbed backward had made it
-            list(model.parameters())[-1].grad.view(-1)[0] = float("inf")
+    if hook is not None:
+        hook.remove()
     if clip is not None:
         if scaler is not None:
             scaler.unscale_(opt)

@@ -332,3 +332,40 @@ def test_step_closure_freezes_batchnorm_inside_a_compiled_model():
     for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
         if not x.is_floating_point():
             assert torch.equal(x, y), f"{name}: {x} != {y}"
+
+
+@pytest.mark.parametrize("where", ["inside the block", "bare perturb()"])
+def test_outside_clipping_inside_the_window_is_refused_too(where):
+    """The gradient marks are settled at the end of each backward, not at the block's exit: a clip right
+    after the perturbed backward, inside the perturbed() block or between bare perturb() and step(), is
+    refused the same way."""
+    model, _ = model_pair()
+    opt = make("rwpsgd", model)
+    clean, perturbed = batches(2, seed=21)
+    backward(model, clean)
+    weights = [p.detach().clone() for p in model.parameters()]
+    if where == "inside the block":
+        with opt.perturbed(), freeze_bn_stats(model):
+            backward(model, perturbed)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    else:
+        opt.perturb()
+        backward(model, perturbed)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    with pytest.raises(RuntimeError, match=r"was changed after the perturbed pass"):
+        opt.step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+
+
+def test_backward_passes_in_the_window_are_not_mistaken_for_outside_changes():
+    """Several perturbed backward passes (accumulation) and a zero_grad() between them: all settled."""
+    a, b = model_pair()
+    opt_a, opt_b = make("rwpsgd", a), make("rwpsgd", b)
+    clean, p1, p2 = batches(3, seed=22)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        backward(model, clean)
+        with opt.perturbed(), freeze_bn_stats(model):
+            backward(model, p1)
+            backward(model, p2)
+        opt.step()
+    assert_models_equal(a, b, exact=True)
