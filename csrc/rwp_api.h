@@ -34,6 +34,31 @@ struct ParamEntry {
   int32_t sigma_per_element;  // 0-D/1-D parameter with ARWP: one sigma per element
 };
 
+// The index of the parameter that owns work unit `unit`: the last entry whose first_unit is <= unit (the
+// entries are in unit order). The one lookup of the CPU and the CUDA kernels.
+RWP_HD int64_t owner_of(const ParamEntry* table, int64_t num_params, int64_t unit) {
+  int64_t lo = 0, hi = num_params - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (table[mid].first_unit <= unit) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// fn(T{}) with T the storage type of `dtype`: float, or the build's 16-bit types Half and BF16 (the CPU and
+// the CUDA kernels have their own). The functor may be device-only: no host/device call check here.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <class Half, class BF16, class Fn>
+RWP_HD void dispatch_dtype(int32_t dtype, const Fn& fn) {
+  switch (dtype) {
+    case kFloat16: fn(Half{}); break;
+    case kBFloat16: fn(BF16{}); break;
+    default: fn(float{}); break;
+  }
+}
+
 // Number of work units of a parameter (the table's first_unit of the next parameter minus this one's).
 inline int64_t units_of(int64_t numel, int64_t row_len, int64_t unit_size, bool per_row) {
   const int64_t n = per_row ? numel / row_len : numel;

@@ -30,24 +30,6 @@ void parallel_units(int64_t units, const Fn& fn) {
   });
 }
 
-// The parameter that owns `unit` (the last entry whose first unit is <= unit).
-const ParamEntry& entry_of(const ParamEntry* table, int64_t num_params, int64_t unit) {
-  int64_t lo = 0, hi = num_params - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (table[mid].first_unit <= unit) lo = mid; else hi = mid - 1;
-  }
-  return table[lo];
-}
-
-template <class Fn>
-void dispatch_dtype(int32_t dtype, const Fn& fn) {
-  switch (dtype) {
-    case kFloat16: fn(half_t{}); break;
-    case kBFloat16: fn(bf16_t{}); break;
-    default: fn(float{}); break;
-  }
-}
 
 // ---- the noise stream ------------------------------------------------------------------------------
 
@@ -370,24 +352,25 @@ void perturb(const ParamEntry* table, int64_t num_params, int64_t units, const P
   const float grad_scale = args.grad_scale.get();
   const bool scale_grads = args.grad_scale.ptr != nullptr || grad_scale != 1.0f;  // x * 1.0f == x: skip the pass
   parallel_units(units, [&](int64_t u) {
-    const ParamEntry& p = entry_of(table, num_params, u);
-    dispatch_dtype(p.dtype, [&](auto t) { perturb_unit<decltype(t)>(p, u, args, grad_scale, scale_grads); });
+    const ParamEntry& p = table[owner_of(table, num_params, u)];
+    dispatch_dtype<half_t, bf16_t>(p.dtype,
+                                   [&](auto t) { perturb_unit<decltype(t)>(p, u, args, grad_scale, scale_grads); });
   });
 }
 
 void restore(const ParamEntry* table, int64_t num_params, int64_t units, const RestoreArgs& args) {
   const MixScalars mix = args.mix.get();
   parallel_units(units, [&](int64_t u) {
-    const ParamEntry& p = entry_of(table, num_params, u);
-    dispatch_dtype(p.dtype, [&](auto t) { restore_unit<decltype(t)>(p, u, args, mix); });
+    const ParamEntry& p = table[owner_of(table, num_params, u)];
+    dispatch_dtype<half_t, bf16_t>(p.dtype, [&](auto t) { restore_unit<decltype(t)>(p, u, args, mix); });
   });
 }
 
 void sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, const SgdArgs& args) {
   const MixScalars mix = args.mix.get();
   parallel_units(units, [&](int64_t u) {
-    const ParamEntry& p = entry_of(table, num_params, u);
-    dispatch_dtype(p.dtype, [&](auto t) { sgd_unit<decltype(t)>(p, u, args, mix); });
+    const ParamEntry& p = table[owner_of(table, num_params, u)];
+    dispatch_dtype<half_t, bf16_t>(p.dtype, [&](auto t) { sgd_unit<decltype(t)>(p, u, args, mix); });
   });
 }
 

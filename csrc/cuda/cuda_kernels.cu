@@ -86,15 +86,6 @@ __device__ __forceinline__ void copy_quad(T* dst, const T* src, int64_t e, int64
     if (e + j >= lo && e + j < hi) dst[e + j] = src[e + j];
 }
 
-template <class Fn>
-__device__ __forceinline__ void dispatch_dtype(int32_t dtype, const Fn& fn) {
-  switch (dtype) {
-    case kFloat16: fn(half_bits{}); break;
-    case kBFloat16: fn(bf16_bits{}); break;
-    default: fn(float{}); break;
-  }
-}
-
 __device__ __forceinline__ void quad_normals(int64_t q, const ParamEntry& p, const NoiseKey& key, float z[4]) {
   const uint64_t uq = static_cast<uint64_t>(q);
   normal_block(static_cast<uint32_t>(uq), static_cast<uint32_t>(uq >> 32), p.param_index, key.step, key.k0, key.k1,
@@ -103,15 +94,7 @@ __device__ __forceinline__ void quad_normals(int64_t q, const ParamEntry& p, con
 
 // The block's parameter entry (the last whose first unit is <= blockIdx.x), copied to shared memory.
 __device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, ParamEntry& shared) {
-  if (threadIdx.x == 0) {
-    const int64_t unit = blockIdx.x;
-    int64_t lo = 0, hi = num_params - 1;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (table[mid].first_unit <= unit) lo = mid; else hi = mid - 1;
-    }
-    shared = table[lo];
-  }
+  if (threadIdx.x == 0) shared = table[owner_of(table, num_params, blockIdx.x)];
   __syncthreads();
   return shared;
 }
@@ -210,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* tab
   __shared__ double sums[2];
   const ParamEntry& p = block_entry(table, num_params, entry);
   const int64_t row = blockIdx.x - p.first_unit;
-  dispatch_dtype(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp, sums); });
+  dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp, sums); });
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
@@ -336,13 +319,13 @@ __device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t
 
 __global__ void __launch_bounds__(kThreads) restore_kernel(const ParamEntry* table, int64_t num_params, RestoreArgs a) {
   for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype(p.dtype, [&](auto t) { restore_chunk<decltype(t)>(p, lo, hi, a); });
+    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { restore_chunk<decltype(t)>(p, lo, hi, a); });
   });
 }
 
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const ParamEntry* table, int64_t num_params, SgdArgs a) {
   for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype(p.dtype, [&](auto t) { sgd_chunk<decltype(t)>(p, lo, hi, a); });
+    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { sgd_chunk<decltype(t)>(p, lo, hi, a); });
   });
 }
 
