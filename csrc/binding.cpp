@@ -97,10 +97,14 @@ struct Table {
   bool cuda = false;
 };
 
-Table make_table(TensorList params, at::IntArrayRef param_indices, bool by_rows, const char* op) {
+// The per-parameter plan of a call, as rwp_kernels.ext_backend packs rwp_kernels.layout.ParamPlan: four
+// words per parameter (row length, elements per sigma, param_index, 1 for a 0-D/1-D tensor).
+constexpr size_t kPlanWords = 4;
+
+Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const char* op) {
   TORCH_CHECK(!params.empty(), "rwp_kernels::", op, ": params is empty");
-  TORCH_CHECK(param_indices.empty() || param_indices.size() == params.size(), "rwp_kernels::", op,
-              ": param_indices has ", param_indices.size(), " entries but params has ", params.size());
+  TORCH_CHECK(plan.size() == kPlanWords * params.size(), "rwp_kernels::", op, ": plan has ", plan.size(),
+              " words but params needs ", kPlanWords * params.size());
   Table table;
   table.cuda = params[0].is_cuda();
   TORCH_CHECK(table.cuda || params[0].is_cpu(), "rwp_kernels::", op, ": tensors on ", params[0].device(),
@@ -108,13 +112,18 @@ Table make_table(TensorList params, at::IntArrayRef param_indices, bool by_rows,
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor& p = params[i];
     check_param(p, params[0], op, i);
+    const int64_t* words = plan.data() + kPlanWords * i;
     ParamEntry e{};
     e.w = p.data_ptr();
     e.numel = p.numel();
-    e.row_len = p.dim() >= 2 ? p.numel() / p.size(0) : p.numel();
-    e.whole_tensor = p.dim() < 2;
+    e.row_len = words[0];
+    const int64_t sigma_len = words[1];
+    TORCH_CHECK(e.row_len > 0 && e.numel % e.row_len == 0 && sigma_len > 0 && e.numel % sigma_len == 0,
+                "rwp_kernels::", op, ": the plan of params[", i, "] does not fit its ", e.numel, " elements");
+    e.param_index = word(words[2], op, "param_index");
+    e.whole_tensor = words[3] != 0;
+    e.sigma_per_element = e.whole_tensor && sigma_len == 1 && e.numel > 1;
     e.dtype = dtype_code(p, op, i);
-    e.param_index = param_indices.empty() ? static_cast<uint32_t>(i) : word(param_indices[i], op, "param_indices");
     if (by_rows) {
       e.unit_size = table.cuda ? 1 : cpu::perturb_unit_rows(e.row_len);
     } else {
@@ -228,10 +237,10 @@ void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index
 }
 
 Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, TensorList fisher, at::ArrayRef<double> gammas,
-                  at::ArrayRef<double> etas, at::IntArrayRef param_indices, int64_t key0, int64_t key1, int64_t step,
+                  at::ArrayRef<double> etas, at::IntArrayRef plan, int64_t key0, int64_t key1, int64_t step,
                   const OptTensor& grad_scale_t, double grad_scale) {
   const char* op = "perturb_";
-  Table t = make_table(params, param_indices, /*by_rows=*/true, op);
+  Table t = make_table(params, plan, /*by_rows=*/true, op);
   const size_t n = params.size();
   check_length(backups, n, op, "backups");
   check_length(grads, n, op, "grads");
@@ -246,15 +255,12 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
     e.fisher = static_cast<float*>(companion(fisher, i, p, op, "fisher", at::kFloat));
     e.gamma = gammas[i];
     e.eta = etas[i];
-    e.sigma_per_element = e.whole_tensor && e.fisher != nullptr && e.numel > 1;
+    TORCH_CHECK(!e.sigma_per_element || (e.whole_tensor && e.fisher), "rwp_kernels::perturb_: the plan gives params[",
+                i, "] one sigma per element, which only a 0-D/1-D tensor with a Fisher state has");
+    e.sigma_offset = sigma_rows;
     sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
   }
   Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
-  int64_t offset = 0;
-  for (ParamEntry& e : t.entries) {
-    e.sigma_offset = offset;
-    offset += e.sigma_per_element ? e.numel : e.numel / e.row_len;
-  }
   const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
                          sigmas.data_ptr<float>()};
   run(t, params[0], op,
@@ -289,11 +295,11 @@ void fill_mix(Table& t, TensorList params, TensorList grads, TensorList fisher, 
 }
 
 void restore_op(TensorList params, TensorList backups, TensorList sigmas, TensorList grads, TensorList fisher,
-                TensorList clean_grads, at::IntArrayRef param_indices, int64_t key0, int64_t key1, int64_t step,
+                TensorList clean_grads, at::IntArrayRef plan, int64_t key0, int64_t key1, int64_t step,
                 const OptTensor& grad_scale_t, double grad_scale, double beta, const OptTensor& fisher_scale_t,
                 double fisher_scale, const OptTensor& clean_scale_t, double clean_scale) {
   const char* op = "restore_";
-  Table t = make_table(params, param_indices, /*by_rows=*/false, op);
+  Table t = make_table(params, plan, /*by_rows=*/false, op);
   const size_t n = params.size();
   check_length(backups, n, op, "backups");
   TORCH_CHECK(backups.empty() != sigmas.empty(), "rwp_kernels::restore_: pass either backups or sigmas");
@@ -308,14 +314,13 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
       continue;
     }
     const Tensor& s = sigmas[i];
-    const int64_t rows = e.numel / e.row_len;
+    const int64_t count = e.sigma_per_element ? e.numel : e.numel / e.row_len;
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == params[i].device() &&
-                    (s.numel() == rows || (e.whole_tensor && s.numel() == e.numel)),
-                "rwp_kernels::restore_: sigmas[", i, "] does not fit params[", i, "]");
+                    s.numel() == count,
+                "rwp_kernels::restore_: sigmas[", i, "] does not fit params[", i, "] and its plan");
     // Views of one buffer (as perturb_ returns them) keep the same offsets from step to step.
     e.sigma_offset = (reinterpret_cast<intptr_t>(s.data_ptr<float>()) - reinterpret_cast<intptr_t>(sigma_base)) /
                      static_cast<intptr_t>(sizeof(float));
-    e.sigma_per_element = e.whole_tensor && s.numel() == e.numel && e.numel > 1;
   }
   const RestoreArgs args{noise_key(key0, key1, step, op), sigma_base,
                          mix_args(params[0], op, grad_scale_t, grad_scale, beta, fisher_scale_t, fisher_scale,
@@ -328,12 +333,12 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
 }
 
 void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffers, TensorList backups, TensorList fisher,
-                 TensorList clean_grads, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+                 TensorList clean_grads, at::IntArrayRef plan, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
                  bool maximize, bool is_first_step, const OptTensor& grad_scale_t, double grad_scale,
                  const OptTensor& found_inf, double beta, const OptTensor& fisher_scale_t, double fisher_scale,
                  const OptTensor& clean_scale_t, double clean_scale) {
   const char* op = "sgd_step_";
-  Table t = make_table(params, {}, /*by_rows=*/false, op);
+  Table t = make_table(params, plan, /*by_rows=*/false, op);
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n, "rwp_kernels::sgd_step_: grads needs one entry per param");
   check_length(momentum_buffers, n, op, "momentum_buffers");
@@ -371,16 +376,16 @@ TORCH_LIBRARY(rwp_kernels, m) {
   m.def("noise_(Tensor(a!) out, int key0, int key1, int param_index, int step, int offset) -> ()");
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor(c!)[] grads, Tensor[] fisher, float[] gammas, "
-      "float[] etas, int[] param_indices, int key0, int key1, int step, Tensor? grad_scale_tensor, float grad_scale) "
+      "float[] etas, int[] plan, int key0, int key1, int step, Tensor? grad_scale_tensor, float grad_scale) "
       "-> Tensor");
   m.def(
       "restore_(Tensor(a!)[] params, Tensor[] backups, Tensor[] sigmas, Tensor(b!)[] grads, Tensor(c!)[] fisher, "
-      "Tensor[] clean_grads, int[] param_indices, int key0, int key1, int step, Tensor? grad_scale_tensor, "
+      "Tensor[] clean_grads, int[] plan, int key0, int key1, int step, Tensor? grad_scale_tensor, "
       "float grad_scale, float beta, Tensor? fisher_scale_tensor, float fisher_scale, Tensor? clean_scale_tensor, "
       "float clean_scale) -> ()");
   m.def(
       "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] backups, "
-      "Tensor(c!)[] fisher, Tensor[] clean_grads, float lr, float momentum, float dampening, float weight_decay, "
+      "Tensor(c!)[] fisher, Tensor[] clean_grads, int[] plan, float lr, float momentum, float dampening, float weight_decay, "
       "bool nesterov, bool maximize, bool is_first_step, Tensor? grad_scale_tensor, float grad_scale, "
       "Tensor? found_inf, float beta, Tensor? fisher_scale_tensor, float fisher_scale, Tensor? clean_scale_tensor, "
       "float clean_scale) -> ()");

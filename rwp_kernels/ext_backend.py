@@ -8,7 +8,7 @@ may be a device tensor travels as (tensor or None, float).
 import torch
 
 from .contract import GradMix, NoiseKey, SgdHyper
-from .layout import num_sigma_rows
+from . import layout
 
 NAME = "extension"
 _ops = torch.ops.rwp_kernels
@@ -23,6 +23,11 @@ def _entries(tensors, params) -> list:
     if tensors is None:
         return []
     return [p.new_empty(0) if t is None else t for t, p in zip(tensors, params)]
+
+
+def _plan_words(plan) -> list[int]:
+    """The plan as the registered ops take it: four words per parameter (csrc/binding.cpp, make_table)."""
+    return [w for e in plan for w in (e.row_len, e.sigma_len, e.param_index, int(e.vector))]
 
 
 def _scalar(value):
@@ -48,8 +53,8 @@ def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     k0, k1, step = key.words()
     flat = _ops.perturb_(
-        params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas,
-        [e.param_index for e in plan], k0, k1, step, *_scalar(grad_scale),
+        params, _list(backups), _entries(grads, params), _list(fisher), gammas, etas, _plan_words(plan),
+        k0, k1, step, *_scalar(grad_scale),
     )
     return list(flat.split([e.sigma_count for e in plan]))
 
@@ -58,7 +63,7 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
     k0, k1, step = key.words() if key is not None else (0, 0, 0)
     _ops.restore_(
         params, _list(backups), _list(sigmas), _entries(mix.grads, params), _list(mix.fisher),
-        _entries(mix.clean_grads, params), [e.param_index for e in plan], k0, k1, step, *_scalar(mix.grad_scale), mix.beta,
+        _entries(mix.clean_grads, params), _plan_words(plan), k0, k1, step, *_scalar(mix.grad_scale), mix.beta,
         *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),
     )
 
@@ -66,7 +71,8 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
 def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     _ops.sgd_step_(
         params, list(mix.grads), _list(momentum_buffers), _list(backups), _list(mix.fisher),
-        _entries(mix.clean_grads, params), hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay,
+        _entries(mix.clean_grads, params), _plan_words(layout.plan(params, range(len(params)))), hyper.lr,
+        hyper.momentum, hyper.dampening, hyper.weight_decay,
         hyper.nesterov, hyper.maximize, hyper.is_first_step, *_scalar(mix.grad_scale), found_inf, mix.beta,
         *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),
     )
@@ -85,10 +91,10 @@ def _noise_fake(out, key0, key1, param_index, step, offset):
 
 
 @torch.library.register_fake("rwp_kernels::perturb_")
-def _perturb_fake(params, backups, grads, fisher, gammas, etas, param_indices, key0, key1, step,
-                  grad_scale_tensor, grad_scale):
-    rows = sum(num_sigma_rows(p, adaptive=bool(fisher)) for p in params)
-    return params[0].new_empty(rows, dtype=torch.float32)
+def _perturb_fake(params, backups, grads, fisher, gammas, etas, plan, key0, key1, step, grad_scale_tensor,
+                  grad_scale):
+    sigma_lens = plan[1::4]
+    return params[0].new_empty(sum(p.numel() // n for p, n in zip(params, sigma_lens)), dtype=torch.float32)
 
 
 @torch.library.register_fake("rwp_kernels::restore_")

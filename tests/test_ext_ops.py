@@ -3,7 +3,7 @@ autograd registration, AOT dispatch) and use inside a torch.compile'd function."
 import pytest
 import torch
 
-from rwp_kernels import perturb_, stream
+from rwp_kernels import layout, perturb_, stream
 
 OPS = ("philox4x32_10", "noise_", "perturb_", "restore_", "sgd_step_")
 
@@ -21,6 +21,13 @@ def empty_like_list(ts):
     return [torch.empty_like(t) for t in ts]
 
 
+def plan_words(ts, *, adaptive=False, first_index=0) -> list[int]:
+    """The ops' plan argument: four words per tensor (row length, elements per sigma, param_index, vector)."""
+    plan = layout.plan(ts, range(first_index, first_index + len(ts)),
+                       [layout.num_sigma_rows(t, adaptive=adaptive) for t in ts])
+    return [w for e in plan for w in (e.row_len, e.sigma_len, e.param_index, int(e.vector))]
+
+
 def samples():
     """(op name, args) covering every op and its optional arguments."""
     k0, k1 = stream.philox_key(7, 1)
@@ -33,20 +40,20 @@ def samples():
         fisher = [torch.rand(p.shape) for p in ps]
         grads = tensors(dtype)
         grads[1] = ps[1].new_empty(0)  # absent for that parameter
-        out.append(("perturb_", (ps, empty_like_list(ps), grads, [], [0.01] * n, [0.0] * n, list(range(n)), k0, k1, 5,
-                                 None, 0.5)))
-        out.append(("perturb_", (tensors(dtype), [], [], fisher, [0.01] * n, [0.1] * n, [], k0, k1, 5,
-                                 torch.tensor(0.5), 1.0)))
+        out.append(("perturb_", (ps, empty_like_list(ps), grads, [], [0.01] * n, [0.0] * n, plan_words(ps), k0, k1,
+                                 5, None, 0.5)))
+        out.append(("perturb_", (tensors(dtype), [], [], fisher, [0.01] * n, [0.1] * n,
+                                 plan_words(ps, adaptive=True, first_index=3), k0, k1, 5, torch.tensor(0.5), 1.0)))
         sig = [torch.rand(p.shape[0] if p.dim() >= 2 else 1) for p in ps]
-        out.append(("restore_", (tensors(dtype), [], sig, tensors(dtype), fisher, tensors(dtype), list(range(n)), k0, k1,
-                                 5, None, 0.5, 0.9, torch.tensor(2.0), 1.0, None, 0.5)))
-        out.append(("restore_", (tensors(dtype), tensors(dtype), [], [], [], [], [], 0, 0, 0, None, 1.0, 0.0, None, 1.0,
-                                 None, 0.0)))
+        out.append(("restore_", (tensors(dtype), [], sig, tensors(dtype), fisher, tensors(dtype), plan_words(ps), k0,
+                                 k1, 5, None, 0.5, 0.9, torch.tensor(2.0), 1.0, None, 0.5)))
+        out.append(("restore_", (tensors(dtype), tensors(dtype), [], [], [], [], plan_words(ps), 0, 0, 0, None, 1.0,
+                                 0.0, None, 1.0, None, 0.0)))
         out.append(("sgd_step_", (tensors(dtype), tensors(dtype), tensors(dtype), tensors(dtype), fisher, tensors(dtype),
-                                  0.1, 0.9, 0.0, 1e-3, True, False, False, torch.tensor(0.5), 1.0, torch.tensor(0.0),
-                                  0.99, None, 1.0, torch.tensor(0.5), 0.0)))
-        out.append(("sgd_step_", (tensors(dtype), tensors(dtype), [], [], [], [], 0.1, 0.0, 0.0, 0.0, False, True, True,
-                                  None, 1.0, None, 0.0, None, 1.0, None, 0.0)))
+                                  plan_words(ps), 0.1, 0.9, 0.0, 1e-3, True, False, False, torch.tensor(0.5), 1.0,
+                                  torch.tensor(0.0), 0.99, None, 1.0, torch.tensor(0.5), 0.0)))
+        out.append(("sgd_step_", (tensors(dtype), tensors(dtype), [], [], [], [], plan_words(ps), 0.1, 0.0, 0.0, 0.0,
+                                  False, True, True, None, 1.0, None, 0.0, None, 1.0, None, 0.0)))
     return out
 
 
@@ -69,10 +76,11 @@ def test_ops_inside_torch_compile():
     k0, k1 = stream.philox_key(3, 0)
 
     def step(params, backups, grads, bufs):
+        plan = plan_words(params)
         flat = torch.ops.rwp_kernels.perturb_(params, backups, grads, [], [0.01] * len(params), [0.0] * len(params),
-                                              list(range(len(params))), k0, k1, 1, None, 1.0)
-        torch.ops.rwp_kernels.sgd_step_(params, grads, bufs, backups, [], [], 0.1, 0.9, 0.0, 0.0, False, False, True,
-                                        None, 1.0, None, 0.0, None, 1.0, None, 0.0)
+                                              plan, k0, k1, 1, None, 1.0)
+        torch.ops.rwp_kernels.sgd_step_(params, grads, bufs, backups, [], [], plan, 0.1, 0.9, 0.0, 0.0, False, False,
+                                        True, None, 1.0, None, 0.0, None, 1.0, None, 0.0)
         return flat * 2
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
