@@ -29,6 +29,7 @@ class Backend:
     device_types: tuple[str, ...]  # the tensors it can run on, in principle
     dtypes: frozenset
     load: Callable[[str], object]  # device type -> backend module, or raises BackendUnavailableError
+    one_dtype_per_call: bool = False  # its kernels are compiled per dtype: assign() splits calls by dtype
 
     def module(self, device_type: str):
         return _load(self.name, device_type)
@@ -91,7 +92,7 @@ REGISTRY = {
     "reference": Backend("reference", "pure PyTorch (the oracle)", ("cpu", "cuda"), ALL_DTYPES, _load_reference),
     "cpu": Backend("cpu", "C++ extension, CPU kernels", ("cpu",), FUSED_DTYPES, _load_cpu),
     "cuda": Backend("cuda", "C++ extension, CUDA kernels", ("cuda",), FUSED_DTYPES, _load_cuda),
-    "triton": Backend("triton", "Triton kernels", ("cuda", "cpu"), FUSED_DTYPES, _load_triton),
+    "triton": Backend("triton", "Triton kernels", ("cuda", "cpu"), FUSED_DTYPES, _load_triton, one_dtype_per_call=True),
 }
 
 # Preference of backend="auto" per device type; the reference is the last resort everywhere.
@@ -187,11 +188,18 @@ def resolve(backend: str, device: torch.device) -> Backend:
 
 
 def assign(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> list[tuple[object, list[int]]]:
-    """(backend module, indices of the tensors it takes) pairs covering every tensor of a call."""
+    """(backend module, indices of the tensors it takes) pairs covering every tensor of a call: the chosen
+    backend takes the dtypes it handles (one part per dtype where it needs that), the reference the rest."""
     chosen = resolve(backend, device)
-    mine = [i for i, d in enumerate(dtypes) if d in chosen.dtypes]
-    rest = [i for i, d in enumerate(dtypes) if d not in chosen.dtypes]
-    parts = [(chosen.module(device.type), mine)] if mine else []
+    groups: dict = {}
+    for i, d in enumerate(dtypes):
+        if d not in chosen.dtypes:
+            key = "reference"
+        else:
+            key = d if chosen.one_dtype_per_call else chosen.name
+        groups.setdefault(key, []).append(i)
+    rest = groups.pop("reference", None)
+    parts = [(chosen.module(device.type), idx) for idx in groups.values()]
     if rest:
         parts.append((REGISTRY["reference"].module(device.type), rest))
     return parts

@@ -151,7 +151,6 @@ def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad
                    sigma_mask, gamma, grad_scale, param_index, step, k0, k1, DTYPE, BLOCK)
 
 
-@T.per_dtype
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:

@@ -81,7 +81,6 @@ def _sigma_buffer(sigmas, counts):
     return sigmas[0]
 
 
-@T.per_dtype
 def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
     offsets = sigma_offsets(plan)

@@ -53,7 +53,6 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
     tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
 
 
-@T.per_dtype
 def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
     rows = [T.param_row(p, backup=T.entry(backups, i), grad=mix.grads[i], fisher=T.entry(mix.fisher, i),

@@ -9,7 +9,6 @@ the same key (the table contents themselves: addresses, shapes, indices) comes b
 tensors are keyed by the CUDA stream too: a kernel on another CUDA stream never reads a table whose
 upload on the first one may still be in flight.
 """
-import functools
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import GradMix, take
 from ..layout import ParamPlan
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -215,34 +213,3 @@ def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **con
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
     """One launch of a table-driven ``kernel(params, items, *args)``, one program per item."""
     launch(kernel, tables.n_items, tables.tile, device, tables.params, tables.items, *args, **constexprs)
-
-
-def per_dtype(launch_group):
-    """Run an op's launcher once per dtype among its params (one launch per (device, dtype) group).
-
-    Arguments that are lists with one entry per parameter, and the gradient mix, are split with the
-    parameters; the per-parameter results (if any) come back in the order of ``params``.
-    """
-    @functools.wraps(launch_group)
-    def op(params, *args, **kwargs):
-        groups = {}
-        for i, p in enumerate(params):
-            groups.setdefault(p.dtype, []).append(i)
-        if len(groups) == 1:
-            return launch_group(params, *args, **kwargs)
-        n = len(params)
-
-        def pick(value, idx):
-            if isinstance(value, GradMix):
-                return value.take(idx)
-            return take(value, idx) if isinstance(value, list) and len(value) == n else value
-
-        results = [None] * n
-        for idx in groups.values():
-            out = launch_group([params[i] for i in idx], *(pick(a, idx) for a in args),
-                               **{k: pick(v, idx) for k, v in kwargs.items()})
-            for j, i in enumerate(idx):
-                results[i] = None if out is None else out[j]
-        return None if all(r is None for r in results) else results
-
-    return op
