@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires
-from rwp_kernels import backends
+from conftest import require_backend
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
@@ -58,8 +57,7 @@ def test_bench_step_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ops_one_round(tmp_path):
-    reason = backends.unavailable_reason("cpu", "cpu")
-    requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")
+    require_backend("cpu", "cpu")
     run_script("bench_ops.py", tmp_path, "--models", "resnet18", "--repeats", "1", "--rounds", "1", "--backends", "cpu")
     rows = read_rows(tmp_path / "bench_ops.csv")
     ops = {(r["op"], r["backend"]) for r in rows}

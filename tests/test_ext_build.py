@@ -17,17 +17,16 @@ import pytest
 import torch
 
 from _ext_common import CHILD_TIMEOUT, FALLBACK_CHILD, REPO, folder_for, run_child
-from conftest import requires
+from conftest import require_backend, requires
 from rwp_kernels import _ext_config as C
-from rwp_kernels import backends, extension
+from rwp_kernels import extension
 
 pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
 @pytest.fixture(scope="module")
 def built():
     """The extension this session uses (built once, here or by an earlier test)."""
-    reason = backends.unavailable_reason("cpu", "cpu")
-    requires(reason is None, f"the C++ extension is unavailable: {reason}", "cpp-ext")
+    require_backend("cpu", "cpu")
     return extension.load()
 
 

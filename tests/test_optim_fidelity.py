@@ -20,8 +20,7 @@ maximum (Adam amplifies rounding where a gradient is ~0).
 import pytest
 import torch
 
-from conftest import requires
-from rwp_kernels import backends
+from conftest import require_backend
 from rwp_kernels.official import OfficialRWP
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
@@ -126,8 +125,7 @@ TRITON_CASES = [CASES[2], CASES[5]]  # RWPSGD ARWP (Fisher, kept clean gradient,
 @pytest.mark.parametrize("name,kind,base,kwargs,alpha,adaptive,restore", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_triton_backend_matches_official_update(name, kind, base, kwargs, alpha, adaptive, restore):
     """The optimizers on the Triton kernels (Triton's interpreter on CPU tensors; slow: 2 steps only)."""
-    reason = backends.unavailable_reason("triton", "cpu")
-    requires(reason is None, f"the Triton backend cannot run on CPU tensors here: {reason}", "triton-interpret")
+    require_backend("triton", "cpu")
     test_matches_official_update(name, kind, base, kwargs, alpha, adaptive, restore, "triton", steps=2)
 
 
