@@ -6,6 +6,7 @@ becomes a subclass of the optimizer's class with a copy of its attributes). An a
 such a wrapper would land on the wrapper alone: ``perturb()`` through it would leave the real optimizer's
 ``step()`` without the pending perturbation. Attributes of this shared object are seen by every copy.
 """
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,12 +44,14 @@ def watch_gradients(state: RunState, params) -> None:
     """
     for p in params:
         if p not in state.watched:
-            p.register_post_accumulate_grad_hook(partial(_accumulated, state))
+            # Weakly: a parameter outlives an optimizer that is dropped, and the state holds its backups.
+            p.register_post_accumulate_grad_hook(partial(_accumulated, weakref.ref(state)))
             state.watched.add(p)
 
 
-def _accumulated(state: RunState, param: torch.Tensor) -> None:
-    window = state.window
+def _accumulated(state_ref: weakref.ref, param: torch.Tensor) -> None:
+    state = state_ref()
+    window = state.window if state is not None else None
     if window is None or window.settle_queued:
         return
     window.settle_queued = True

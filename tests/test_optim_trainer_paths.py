@@ -369,3 +369,22 @@ def test_backward_passes_in_the_window_are_not_mistaken_for_outside_changes():
             backward(model, p2)
         opt.step()
     assert_models_equal(a, b, exact=True)
+
+
+def test_a_dropped_optimizer_leaves_no_state_behind_on_the_parameters():
+    """The gradient hooks stay on the parameters but hold the optimizer's state weakly: its backups go
+    with it (a new optimizer per run over one model must not keep every old one's copy of the weights)."""
+    import gc
+    import weakref
+
+    model, _ = model_pair()
+    opt = make("rwpsgd", model)
+    backward(model, batches(1, seed=23)[0])
+    with opt.perturbed():
+        backward(model, batches(1, seed=24)[0])
+    opt.step()
+    state = weakref.ref(opt._rwp)
+    del opt
+    gc.collect()
+    assert state() is None
+    backward(model, batches(1, seed=25)[0])  # the hooks of the dropped optimizer run and do nothing
