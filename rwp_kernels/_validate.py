@@ -69,6 +69,22 @@ def check_params(op: str, params) -> tuple[list[torch.Tensor], torch.device]:
     return params, device
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current CUDA stream (only CUDA tensors can be)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_not_capturing(op: str, device: torch.device) -> None:
+    """The ops cannot be captured in a CUDA graph yet: their fused backends upload and cache parameter
+    tables per CUDA stream, which a captured graph would replay from memory freed or reused since."""
+    if capturing(device):
+        raise RuntimeError(
+            f"{op}: a CUDA graph is being captured on the current CUDA stream; rwp_kernels' ops cannot be "
+            "captured yet (their parameter tables are uploaded and cached per stream). Run the optimizer step "
+            "outside torch.cuda.graph / make_graphed_callables"
+        )
+
+
 def check_companions(op: str, name: str, tensors, params, *, dtype=None, allow_none=False):
     """A list of tensors paired one to one with ``params`` (grads, backups, buffers, Fisher state).
 

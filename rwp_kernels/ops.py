@@ -40,6 +40,7 @@ def _run(op: str, backend: str, params, device, per_param: dict, *, mix: GradMix
     memory with another argument. After: the version counter of every written tensor is bumped, as
     torch's in-place ops do, so autograd sees the change.
     """
+    V.check_not_capturing(op, device)
     arguments = _tensor_arguments(op, params, per_param, mix, scalars)
     V.check_no_aliasing(op, arguments)
     results = [None] * len(params)
@@ -101,6 +102,7 @@ def philox4x32_10(counter, key, *, backend="auto") -> torch.Tensor:
         raise ValueError(
             f"{op}: counter {tuple(counter.shape)} and key {tuple(key.shape)} do not broadcast"
         ) from None
+    V.check_not_capturing(op, counter.device)
     module = backends.resolve(backend, counter.device).module(counter.device.type)
     return module.philox4x32_10(counter, key)
 
@@ -115,6 +117,7 @@ def noise(numel, *, seed, param_index=0, step=0, stream=0, offset=0, device="cpu
     offset = V.check_int(op, "offset", offset, high=V.INT64_LIMIT)
     if offset + numel > V.INT64_LIMIT:
         raise ValueError(f"{op}: offset + numel is {offset + numel}; it must be at most 2**63 (offsets are int64)")
+    V.check_not_capturing(op, device)
     module = backends.resolve(backend, device).module(device.type)
     return module.noise(numel, key=key, param_index=param_index, offset=offset, device=device)
 

@@ -191,3 +191,38 @@ def test_non_finite_scales_are_refused_as_numbers_and_as_cpu_tensors(value):
     for scale in (value, torch.tensor(value)):
         with pytest.raises(ValueError, match="grad_scale is .*; it must be finite"):
             rk.sgd_step_(p, [torch.randn(3)], None, lr=0.1, grad_scale=scale, backend="reference")
+
+
+def test_every_op_and_the_optimizer_refuse_to_run_under_cuda_graph_capture(monkeypatch):
+    """The capture status is faked (no GPU here): every op raises before touching anything, and so does the
+    optimizer (through the ops), leaving the weights as they were."""
+    from rwp_kernels import _validate
+
+    monkeypatch.setattr(_validate, "capturing", lambda device: True)
+    p = make()
+    before = [t.clone() for t in p]
+    calls = {
+        "perturb_": lambda: rk.perturb_(p, gamma=0.1, seed=0, step=0, backend="reference"),
+        "restore_": lambda: rk.restore_(p, backups=like(p, 1), backend="reference"),
+        "sgd_step_": lambda: rk.sgd_step_(p, like(p, 2), None, lr=0.1, backend="reference"),
+        "noise": lambda: rk.noise(4, seed=0, backend="reference"),
+        "philox4x32_10": lambda: rk.philox4x32_10(torch.zeros(1, 4, dtype=torch.int64),
+                                                  torch.zeros(1, 2, dtype=torch.int64), backend="reference"),
+    }
+    for op, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"{op}: a CUDA graph is being captured"):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(p, before))
+    model = tiny_model()
+    opt = RWPSGD(model.parameters(), lr=0.1, gamma=0.1, seed=1, backend="reference")
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+    weights = [q.detach().clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError, match="a CUDA graph is being captured"):
+        opt.perturb()
+    assert not opt.is_perturbed and all(torch.equal(q.detach(), w) for q, w in zip(model.parameters(), weights))
+
+
+def test_capture_status_is_read_only_for_cuda_tensors():
+    from rwp_kernels import _validate
+
+    assert not _validate.capturing(torch.device("cpu"))
