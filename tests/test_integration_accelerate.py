@@ -169,18 +169,21 @@ class ByHand:
         self.step([run(clean)], [run(perturbed)], loss_scale=scaler.get_scale() if scaler is not None else None)
 
 
-def window_loop(accelerator, model, opt, dl, *, clip=None):
+def window_loop(accelerator, model, opt, dl, *, before_step=None, after_step=None):
     """The loop of docs/integrations.md on prepared objects: clean pass, the perturbed window on the real
-    optimizer (opt.optimizer), step through the AcceleratedOptimizer."""
+    optimizer (opt.optimizer), ``before_step()`` (e.g. clipping), step through the AcceleratedOptimizer,
+    ``after_step()`` (e.g. a scheduler)."""
     for x, y in dl:
         clean, perturbed = halves(x, y)
         opt.zero_grad()
         accelerator.backward(loss_of(model, clean))
         with opt.optimizer.perturbed(), freeze_bn_stats(model):
             accelerator.backward(loss_of(model, perturbed))
-        if clip is not None:
-            opt.optimizer.clip_grad_norm_(clip)
+        if before_step is not None:
+            before_step()
         opt.step()
+        if after_step is not None:
+            after_step()
 
 
 # --- 1. the perturbed window through the prepared optimizer ---------------------------------------------------
@@ -383,15 +386,8 @@ def test_accelerate_grad_scaler_path_unscale_gradients_then_our_clip():
     ds = dataset(3, seed=13)
     accelerator = cpu_scaler_accelerator()
     model, opt, dl = accelerator.prepare(model, rwpsgd(model), loader(ds))
-    for x, y in dl:
-        clean, perturbed = halves(x, y)
-        opt.zero_grad()
-        accelerator.backward(loss_of(model, clean))
-        with opt.optimizer.perturbed(), freeze_bn_stats(model):
-            accelerator.backward(loss_of(model, perturbed))
-        accelerator.unscale_gradients()
-        opt.optimizer.clip_grad_norm_(0.1)
-        opt.step()
+    window_loop(accelerator, model, opt, dl,
+                before_step=lambda: (accelerator.unscale_gradients(), opt.optimizer.clip_grad_norm_(0.1)))
 
     ref_opt, scaler = rwpsgd(ref), torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
 
@@ -482,7 +478,7 @@ def test_accelerator_clip_grad_norm_in_the_window_is_refused_and_restores():
     assert opt.optimizer.steps == 0 and not opt.optimizer.is_perturbed
     assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), start))
     # training goes on, clipped the right way
-    window_loop(accelerator, model, opt, [next(batches)], clip=0.1)
+    window_loop(accelerator, model, opt, [next(batches)], before_step=lambda: opt.optimizer.clip_grad_norm_(0.1))
     assert opt.optimizer.steps == 1
 
 
@@ -496,14 +492,7 @@ def test_optimizer_clip_grad_norm_clips_the_true_mix():
     accelerator = Accelerator(cpu=True)
     model, opt, dl = accelerator.prepare(model, rwpsgd(model, alpha=0.3), loader(ds))
     norms = []
-    for x, y in dl:
-        clean, perturbed = halves(x, y)
-        opt.zero_grad()
-        accelerator.backward(loss_of(model, clean))
-        with opt.optimizer.perturbed(), freeze_bn_stats(model):
-            accelerator.backward(loss_of(model, perturbed))
-        norms.append(opt.optimizer.clip_grad_norm_(max_norm))
-        opt.step()
+    window_loop(accelerator, model, opt, dl, before_step=lambda: norms.append(opt.optimizer.clip_grad_norm_(max_norm)))
 
     params, alpha, buffers, hand_norms = list(ref.parameters()), 0.3, [], []
     for t, (x, y) in enumerate(plain_batches(ds)):
@@ -548,14 +537,7 @@ def accelerate_run(ds, model, *, steps_per_epoch, epochs, seed=None):
 
 def train_epochs(accelerator, model, opt, dl, sched, epochs):
     for _ in range(epochs):
-        for x, y in dl:
-            clean, perturbed = halves(x, y)
-            opt.zero_grad()
-            accelerator.backward(loss_of(model, clean))
-            with opt.optimizer.perturbed(), freeze_bn_stats(model):
-                accelerator.backward(loss_of(model, perturbed))
-            opt.step()
-            sched.step()
+        window_loop(accelerator, model, opt, dl, after_step=sched.step)
 
 
 def test_save_state_load_state_resumes_bit_for_bit(tmp_path):

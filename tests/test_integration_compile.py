@@ -78,6 +78,15 @@ def run(model, backend, forward=None):
     return opt
 
 
+def run_steps(train_step, model, opt) -> None:
+    """STEPS calls of a compiled ``train_step(x1, y1, x2, y2)`` on the data of ``run``."""
+    data = batches()
+    model.train()
+    for t in range(STEPS):
+        train_step(*data[2 * t], *data[2 * t + 1])
+    assert not opt.is_perturbed
+
+
 def assert_close_to_eager(compiled_run, eager_model, opt, eager_opt):
     assert opt.steps == eager_opt.steps == STEPS
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "something was compiled"
@@ -112,11 +121,7 @@ def test_compiled_train_step_with_disabled_optimizer_calls_matches_eager(backend
             F.cross_entropy(model(x2), y2).backward()
         step()
 
-    data = batches()
-    model.train()
-    for t in range(STEPS):
-        train_step(*data[2 * t], *data[2 * t + 1])
-    assert not opt.is_perturbed
+    run_steps(train_step, model, opt)
     assert_close_to_eager(model, eager, opt, run(eager, backend))
 
 
@@ -135,25 +140,13 @@ def test_compiled_train_step_calling_the_optimizer_matches_eager(backend):
             F.cross_entropy(model(x2), y2).backward()
         opt.step()
 
-    data = batches()
-    model.train()
-    for t in range(STEPS):
-        train_step(*data[2 * t], *data[2 * t + 1])
-    assert not opt.is_perturbed
+    run_steps(train_step, model, opt)
     assert_close_to_eager(model, eager, opt, run(eager, backend))
 
 
 def test_docs_example_runs(tmp_path):
-    """docs/integrations.md's torch.compile example (skipped while the section is a placeholder)."""
-    import os
-    import subprocess
-    import sys
+    """docs/integrations.md's torch.compile example."""
+    from _doc_examples import run_example
 
-    from _doc_examples import DOCS, example
-
-    if "COMPILE_SECTION" in (DOCS / "integrations.md").read_text():
-        pytest.skip("docs/integrations.md: the torch.compile section is not written yet")
-    done = subprocess.run([sys.executable, "-c", example("compile-step")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_example("compile-step", tmp_path)
     assert "steps: 3, perturbed: False" in done.stdout, done.stdout

@@ -19,8 +19,6 @@ What Lightning does with the optimizer (lightning 2.6):
 import contextlib
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -31,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import rwp_kernels  # noqa: E402
-from _doc_examples import example  # noqa: E402
+from _doc_examples import run_example  # noqa: E402
 from _optim_common import CPU_BACKENDS, one_torch_thread  # noqa: E402, F401
 from rwp_kernels.models import small_cnn  # noqa: E402
 from rwp_kernels.optim import RWPSGD, freeze_bn_stats  # noqa: E402
@@ -292,23 +290,16 @@ def test_manual_optimization_with_clip_grad_norm_clips_the_true_mix():
 
 # --- 3. and 4. what is refused in automatic optimization -----------------------------------------------
 
-def test_accumulate_grad_batches_is_refused():
-    data = dataset(2)
+@pytest.mark.parametrize("batches,trainer_kwargs,message", [
+    (2, dict(accumulate_grad_batches=2), r"(?s)p.grad held gradients of earlier backward passes.*accumulate"),
+    (1, dict(gradient_clip_val=1.0), r"Lightning's gradient_clip_val=1.0 clips the gradient inside the closure"),
+], ids=["accumulate_grad_batches", "gradient_clip_val"])
+def test_trainer_settings_that_are_not_rwp_are_refused_in_automatic_optimization(batches, trainer_kwargs, message):
+    data = dataset(batches)
     module = RWPModule()
     clean = [p.detach().clone() for p in module.net.parameters()]
-    with pytest.raises(RuntimeError, match=r"(?s)p.grad held gradients of earlier backward passes.*accumulate"):
-        fit(module, data, max_steps=1, accumulate_grad_batches=2)
-    opt = module.trainer.optimizers[0]
-    assert not opt.is_perturbed and opt.steps == 0
-    assert_same_weights([p.detach() for p in module.net.parameters()], clean)
-
-
-def test_gradient_clip_val_is_refused_in_automatic_optimization():
-    data = dataset(1)
-    module = RWPModule()
-    clean = [p.detach().clone() for p in module.net.parameters()]
-    with pytest.raises(RuntimeError, match=r"Lightning's gradient_clip_val=1.0 clips the gradient inside the closure"):
-        fit(module, data, max_steps=1, gradient_clip_val=1.0)
+    with pytest.raises(RuntimeError, match=message):
+        fit(module, data, max_steps=1, **trainer_kwargs)
     opt = module.trainer.optimizers[0]
     assert not opt.is_perturbed and opt.steps == 0
     assert_same_weights([p.detach() for p in module.net.parameters()], clean)
@@ -542,9 +533,5 @@ def test_ddp_spawn_on_two_cpu_processes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lightning-automatic", "lightning-manual"])
 def test_docs_example_runs(name, tmp_path):
-    code = example(name)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_example(name, tmp_path, timeout=300)
     assert "steps: 4" in done.stdout and "perturbed: False" in done.stdout, done.stdout

@@ -260,16 +260,9 @@ def test_integrations_import_without_timm(monkeypatch):
 
 @pytest.mark.slow
 def test_docs_example_runs(tmp_path):
-    """docs/integrations.md's timm example, as a user would copy it (skipped while the section is a placeholder)."""
+    """docs/integrations.md's timm example, as a user would copy it."""
     pytest.importorskip("timm")
-    import os
-    import subprocess
+    from _doc_examples import run_example
 
-    from _doc_examples import DOCS, example
-
-    if "TIMM_SECTION" in (DOCS / "integrations.md").read_text():
-        pytest.skip("docs/integrations.md: the timm section is not written yet")
-    done = subprocess.run([sys.executable, "-c", example("timm-factory")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_example("timm-factory", tmp_path, timeout=300)
     assert "RWPSGD [(29, 0.0, 0.01), (15, 0.001, 0.01)]" in done.stdout and "steps: 2, perturbed: False" in done.stdout
