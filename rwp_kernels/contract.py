@@ -96,8 +96,8 @@ class Backend(Protocol):
                  sigmas: list | None, mix: GradMix) -> None:
         """Restore from ``backups``, or subtract the regenerated noise (``sigmas`` and ``key``); then ``mix``."""
 
-    def sgd_step_(self, params: list, *, hyper: SgdHyper, momentum_buffers: list | None, backups: list | None,
-                  found_inf: torch.Tensor | None, mix: GradMix) -> None:
+    def sgd_step_(self, params: list, *, hyper: SgdHyper, plan: list, momentum_buffers: list | None,
+                  backups: list | None, found_inf: torch.Tensor | None, mix: GradMix) -> None:
         """Optional restore from ``backups``; unless ``found_inf`` is nonzero, ``mix`` and SGD's update."""
 
 

@@ -8,7 +8,6 @@ may be a device tensor travels as (tensor or None, float).
 import torch
 
 from .contract import GradMix, NoiseKey, SgdHyper
-from . import layout
 
 NAME = "extension"
 _ops = torch.ops.rwp_kernels
@@ -68,10 +67,10 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
     )
 
 
-def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
+def sgd_step_(params, *, hyper: SgdHyper, plan, momentum_buffers, backups, found_inf, mix: GradMix):
     _ops.sgd_step_(
         params, list(mix.grads), _list(momentum_buffers), _list(backups), _list(mix.fisher),
-        _entries(mix.clean_grads, params), _plan_words(layout.plan(params, range(len(params)))), hyper.lr,
+        _entries(mix.clean_grads, params), _plan_words(plan), hyper.lr,
         hyper.momentum, hyper.dampening, hyper.weight_decay,
         hyper.nesterov, hyper.maximize, hyper.is_first_step, *_scalar(mix.grad_scale), found_inf, mix.beta,
         *_scalar(mix.fisher_scale), *_scalar(mix.clean_scale),

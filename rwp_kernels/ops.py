@@ -212,6 +212,7 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.
         momentum_buffers=V.check_companions(op, "momentum_buffers", momentum_buffers, params)
         if momentum != 0 else None,
         backups=V.check_companions(op, "backups", backups, params),
+        plan=L.plan(params, range(len(params))),
     )
     hyper = SgdHyper(
         lr=V.check_float(op, "lr", lr, low=0.0), momentum=momentum, dampening=dampening,

@@ -160,8 +160,9 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
                 mix.fisher[i].copy_(new_fisher)
 
 
-def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
-    """torch.optim.SGD's update, op for op (so fp32 results are bit-identical to it)."""
+def sgd_step_(params, *, hyper: SgdHyper, plan, momentum_buffers, backups, found_inf, mix: GradMix):
+    """torch.optim.SGD's update, op for op (so fp32 results are bit-identical to it); elementwise, so the
+    plan is not needed."""
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])

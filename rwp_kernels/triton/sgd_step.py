@@ -53,10 +53,11 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
     tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
 
 
-def sgd_step_(params, *, hyper: SgdHyper, momentum_buffers, backups, found_inf, mix: GradMix):
+def sgd_step_(params, *, hyper: SgdHyper, plan, momentum_buffers, backups, found_inf, mix: GradMix):
     device, dtype = params[0].device, params[0].dtype
-    rows = [T.param_row(p, backup=T.entry(backups, i), grad=mix.grads[i], fisher=T.entry(mix.fisher, i),
-                        clean=T.entry(mix.clean_grads, i), momentum_buffer=T.entry(momentum_buffers, i))
+    rows = [T.param_row(p, plan[i], backup=T.entry(backups, i), grad=mix.grads[i],
+                        fisher=T.entry(mix.fisher, i), clean=T.entry(mix.clean_grads, i),
+                        momentum_buffer=T.entry(momentum_buffers, i))
             for i, p in enumerate(params)]
     tile = T.choose_tile([(p.numel(), 1) for p in params])
     tables = T.tables(device, rows, tile, by_rows=False)

@@ -182,15 +182,11 @@ def address(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def param_row(p: torch.Tensor, plan: ParamPlan | None = None, sigma_offset: int = 0, *, backup=None, grad=None,
-              fisher=None, clean=None, momentum_buffer=None) -> tuple:
-    """The parameter table's row of ``p`` (the columns above), from its plan (None for an elementwise op:
-    no rows, no noise) and its companion tensors."""
-    addresses = (address(p), address(backup), address(grad), address(fisher), address(clean),
-                 address(momentum_buffer))
-    if plan is None:
-        return (*addresses, p.numel(), 0, 0, 0, 0, 0)
-    return (*addresses, plan.numel, plan.row_len, plan.sigma_len, sigma_offset, plan.param_index, int(plan.vector))
+def param_row(p: torch.Tensor, plan: ParamPlan, sigma_offset: int = 0, *, backup=None, grad=None, fisher=None,
+              clean=None, momentum_buffer=None) -> tuple:
+    """The parameter table's row of ``p`` (the columns above), from its plan and its companion tensors."""
+    return (address(p), address(backup), address(grad), address(fisher), address(clean), address(momentum_buffer),
+            plan.numel, plan.row_len, plan.sigma_len, sigma_offset, plan.param_index, int(plan.vector))
 
 
 def entry(values: list | None, i: int):
