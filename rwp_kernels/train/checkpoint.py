@@ -23,9 +23,10 @@ def save(state: dict, path: str) -> None:
 
 
 def load(path: str) -> dict:
-    """The checkpoint at ``path``, its tensors on the CPU."""
+    """The checkpoint at ``path``, its tensors on the CPU. Memory-mapped: --resume checks every checkpoint
+    (its settings) before the first run, and each run loads its own again, so only what is used is read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch.load raises anything (EOFError, KeyError, ...) on a file it cannot parse
         raise CheckpointError(f"checkpoint {path}: {_why_unreadable(err)}") from None
     problem = _problem(ckpt)
