@@ -24,7 +24,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 TRAIN = ["tqdm", "scikit-learn", "matplotlib", "torchvision"]
 INTEGRATIONS = ["lightning>=2.6", "accelerate>=1.0", "timm>=1.0"]  # the trainers tests/test_integration_*.py run
-VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "rwp_kernels" / "_version.py").read_text()).group(1)
+_VERSIONS = (ROOT / "rwp_kernels" / "_version.py").read_text()  # read, not imported: importing the package needs torch
+VERSION, MIN_TORCH, MIN_TRITON = (re.search(rf'{name} = "([^"]+)"', _VERSIONS).group(1)
+                                  for name in ("__version__", "MIN_TORCH", "MIN_TRITON"))
 
 
 def ahead_of_time_extension():
@@ -69,11 +71,12 @@ setup(
     package_data={"rwp_kernels._csrc": ["*.h", "*.cuh", "*.cpp", "*.cu", "*/*.h", "*/*.cuh", "*/*.cpp", "*/*.cu"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "ninja"],
+    install_requires=[f"torch>={MIN_TORCH}", "ninja"],
     extras_require={
         "test": ["pytest>=7", "numpy", "scipy", *TRAIN, *INTEGRATIONS],
         "train": TRAIN,
         "bench": ["matplotlib"],
+        "triton": [f"triton>={MIN_TRITON}"],  # the Triton backend; torch >= 2.12 brings such a Triton itself
     },
     entry_points={"console_scripts": ["rwp-train = rwp_kernels.train.cli:command"]},
     classifiers=[

@@ -1,1 +1,28 @@
+"""The package's version, and the dependency versions it supports and was tested with: setup.py reads the
+floors from here, ``python -m rwp_kernels.report`` prints them, README.md states them (tests/test_package.py
+keeps the three in agreement). This module imports nothing."""
 __version__ = "0.1.0"
+
+# The lowest torch on which the test suite passes (TESTED). Below it, measured on a CPU: torch 2.8 to 2.10
+# fail only tests/test_integration_compile.py's torch.compiler.disable(opt.perturb) of a bound method (a
+# TypeError inside torch, fixed in 2.11); 2.5 to 2.7 also the four-process ParallelRWP check with one
+# perturbed rank (weights 1.4e-5 off the single-process computation, allowed 2e-6); 2.4 every op (its
+# torch.autograd.graph.increment_version takes one tensor, the ops bump a list).
+MIN_TORCH = "2.11"
+
+# The Triton backend's floor (everything else runs without Triton): its kernels use tl.to_tensor, which
+# Triton exports from 3.7 on (torch 2.12 is the first to ship that Triton), and tl.gather (3.3).
+MIN_TRITON = "3.7"
+
+# (torch, triton or None, what passed): on a CPU, the Triton kernels in Triton's interpreter; no GPU.
+TESTED = (
+    ("2.11.0", None, "the whole suite but the Triton, extension-build and index-limit tests; no Triton installed"),
+    ("2.12.0", "3.7.0", 'fast tier (pytest -m "not slow"), the slow Triton-interpreter, torch.compile and '
+                        "distributed tests"),
+    ("2.14.1", "3.8.0", "the whole suite"),
+)
+
+
+def tested_versions() -> str:
+    """TESTED in one line: 'torch 2.11.0, torch 2.12.0 + triton 3.7.0, ...'."""
+    return ", ".join(f"torch {t}" + (f" + triton {tr}" if tr else "") for t, tr, _ in TESTED)

@@ -1,12 +1,16 @@
 """The pure-PyTorch reference backend: the oracle every fused backend is tested against.
 
 Clarity over speed, but vectorized over elements: Philox runs as int64 tensor arithmetic on whole
-chunks of counters, so a ResNet-18's worth of noise takes seconds, not hours. Inputs arrive already
-validated by ``rwp_kernels.ops``. Normals are computed in float64 from the float32 uniforms and
-rounded once, so they are the most accurate rendering of the stream; norms are accumulated in float64.
-Updates are done in float32 (float64 for float64 tensors) and written back in the tensor's dtype.
+chunks of counters, so a ResNet-18's worth of noise takes a fraction of a second. Inputs arrive already
+validated by ``rwp_kernels.ops``. The normals are csrc/rwp_common.h's float32 Box-Muller (Cephes logf,
+sinf/cosf polynomials), op for op: float32 torch arithmetic, an exact emulation of each fmaf, a correctly
+rounded sqrtf; so they are the C++ and CUDA kernels' normals bit for bit (docs/spec.md section 3). Norms
+are accumulated in float64. Updates are done in float32 (float64 for float64 tensors) and written back in
+the tensor's dtype.
 """
 import math
+import struct
+from fractions import Fraction
 
 import torch
 
@@ -16,8 +20,9 @@ from .layout import ParamPlan, flat_view
 
 NAME = "reference"
 
-# Philox blocks generated per chunk (bounds the int64 temporaries to a few tens of MB).
-_CHUNK_BLOCKS = 1 << 20
+# Philox blocks generated per chunk: the temporaries of a chunk (64k elements, 512 kB in float64) stay in
+# the CPU's cache; with 2^20 blocks the float32 Box-Muller took 20 times as long.
+_CHUNK_BLOCKS = 1 << 16
 
 
 def _mulhilo(a: int, b):
@@ -53,14 +58,119 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.stack([w.expand(shape) for w in words], dim=-1)
 
 
+def _f32(literal: str) -> float:
+    """The float32 nearest to the decimal ``literal`` (ties to even), as a C++ compiler rounds ``literal``f;
+    converting through float64 could round twice."""
+    x = Fraction(literal)
+    bits = struct.unpack("<I", struct.pack("<f", float(x)))[0]  # within one float32 step of the answer
+    near = [struct.unpack("<f", struct.pack("<I", b))[0] for b in (bits - 1, bits, bits + 1)]
+    return min(near, key=lambda v: (abs(Fraction(v) - x), struct.unpack("<I", struct.pack("<f", v))[0] & 1))
+
+
+# csrc/rwp_common.h's constants, from the same decimal literals.
+_SQRT_HALF = _f32("0.707106781186547524")
+_LOG_POLY = tuple(_f32(c) for c in ("7.0376836292e-2", "-1.1514610310e-1", "1.1676998740e-1", "-1.2420140846e-1",
+                                    "1.4249322787e-1", "-1.6668057665e-1", "2.0000714765e-1", "-2.4999993993e-1",
+                                    "3.3333331174e-1"))
+_LOG_C1, _LOG_C2 = _f32("-2.12194440e-4"), _f32("0.693359375")
+_TWO_PI = _f32("6.28318530717958647692")
+_SIN_POLY = tuple(_f32(c) for c in ("-1.9515295891e-4", "8.3321608736e-3", "-1.6666654611e-1"))
+_COS_POLY = tuple(_f32(c) for c in ("2.443315711809948e-5", "-1.388731625493765e-3", "4.166664568298827e-2"))
+
+
+# float64 bit patterns: the 29 mantissa bits below float32's 23, which hold 1 followed by zeros exactly at a
+# float32 midpoint (normal range); the float64 bits of 2^-126, float32's smallest normal number.
+_BELOW_F32_MASK, _F32_MIDPOINT_BITS = (1 << 29) - 1, 1 << 28
+_F64_ABS_MASK, _F32_TINY_BITS = (1 << 63) - 1, 0x3810000000000000
+
+
+def _fma32(a, b, c) -> torch.Tensor:
+    """fmaf(a, b, c): a * b + c rounded once to float32 (float32 tensors, or Python floats that are float32
+    values; at least one of a and b a tensor).
+
+    The product of two float32 is exact in float64, the float64 sum s = a*b + c rounds once, and rounding s
+    to float32 gives the correctly rounded result unless s is a float32 midpoint that the exact sum is not
+    (RN64 is monotonic and the midpoints are float64 numbers, so only there can the second rounding go the
+    wrong way), or lies in float32's subnormal range, whose midpoints sit elsewhere. Those rare elements are
+    redone by rounding to odd: TwoSum gives the exact error e = a*b + c - s; where e != 0, s truncated towards
+    zero with its last bit set is the round-to-odd sum, and round-to-odd in float64 followed by rounding to
+    float32 (53 >= 24 + 2 bits) is correctly rounded (Boldo and Melquiond, "Emulation of FMA and correctly
+    rounded sums: proved algorithms using rounding to odd", IEEE Trans. Computers 57(4), 2008).
+    """
+    p = (a.double() if isinstance(a, torch.Tensor) else a) * (b.double() if isinstance(b, torch.Tensor) else b)
+    c = c.double() if isinstance(c, torch.Tensor) else c
+    s = p + c
+    bits = s.view(torch.int64)
+    redo = ((bits & _BELOW_F32_MASK) == _F32_MIDPOINT_BITS) | ((bits & _F64_ABS_MASK) < _F32_TINY_BITS)
+    out = s.to(torch.float32)
+    if redo.any():
+        idx = redo.nonzero().squeeze(1)
+        p, s = p[idx], s[idx]
+        c = c[idx] if isinstance(c, torch.Tensor) else c
+        b_virtual = s - p
+        err = (p - (s - b_virtual)) + (c - b_virtual)  # TwoSum: p + c == s + err exactly
+        odd = (s.view(torch.int64) - (err * s < 0).to(torch.int64)) | (err != 0).to(torch.int64)
+        out[idx] = odd.view(torch.float64).to(torch.float32)
+    return out
+
+
 def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """u = (x >> 8) * 2^-24 + 2^-25 in float32: the product is exact, so one rounding (as the header's fma)."""
     return (x >> 8).to(torch.float32) * S.UNIFORM_SCALE + S.UNIFORM_OFFSET
 
 
+def _log_unit(x: torch.Tensor) -> torch.Tensor:
+    """csrc/rwp_common.h ``log_unit`` (Cephes logf for x in (0, 1]), op for op in float32."""
+    bits = x.view(torch.int32)
+    m = ((bits & 0x007FFFFF) | 0x3F000000).view(torch.float32)  # x = m * 2^e, m in [0.5, 1)
+    small = m < _SQRT_HALF
+    fe = ((bits >> 23) - 126 - small.to(torch.int32)).to(torch.float32)  # e - 1 where m < sqrt(1/2)
+    t = (m - 1.0) + torch.where(small, m, 0.0)  # exact: 2m - 1 or m - 1
+    z = t * t
+    p = _fma32(_LOG_POLY[0], t, _LOG_POLY[1])
+    for coef in _LOG_POLY[2:]:
+        p = _fma32(p, t, coef)
+    y = (p * t) * z
+    y = _fma32(fe, _LOG_C1, y)
+    y = _fma32(z, -0.5, y)
+    return _fma32(fe, _LOG_C2, t + y)
+
+
+def _sincos_2pi(u: torch.Tensor):
+    """csrc/rwp_common.h ``sincos_2pi``: (cos 2 pi u, sin 2 pi u), op for op in float32."""
+    k = torch.round(u * 4.0)  # ties to even, as the header's round_to_int
+    q = k.to(torch.int32)
+    th = (u - k * 0.25) * _TWO_PI
+    z = th * th
+    ps = _fma32(_SIN_POLY[0], z, _SIN_POLY[1])
+    ps = _fma32(ps, z, _SIN_POLY[2])
+    sr = _fma32(ps * z, th, th)
+    pc = _fma32(_COS_POLY[0], z, _COS_POLY[1])
+    pc = _fma32(pc, z, _COS_POLY[2])
+    cr = _fma32(pc * z, z, _fma32(-0.5, z, 1.0))
+    # k quarter turns: odd k swaps cos and sin; flipping the sign bit is negation
+    odd = (q & 1) != 0
+    cs, sn = torch.where(odd, sr, cr), torch.where(odd, cr, sr)
+    return torch.where(((q + 1) & 2) != 0, -cs, cs), torch.where((q & 2) != 0, -sn, sn)
+
+
+def _sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """sqrtf(x) for float32 x >= 0, correctly rounded. torch.sqrt is not on every build (float32 and float64
+    results 1 ulp off were measured on the CPU with torch 2.14), so its float64 root, rounded to float32 (at
+    most one step off), is corrected: a midpoint between two float32 has 25 bits, its square is exact in
+    float64, and comparing it with x says on which side the root lies (never on it)."""
+    r = torch.sqrt(x.double()).to(torch.float32)
+    xd, rd = x.double(), r.double()
+    up, down = torch.nextafter(r, r.new_tensor(math.inf)), torch.nextafter(r, r.new_tensor(0.0))
+    mid_up, mid_down = (rd + up.double()) * 0.5, (rd + down.double()) * 0.5
+    return torch.where(mid_up * mid_up < xd, up, torch.where(mid_down * mid_down > xd, down, r))
+
+
 def _box_muller(xa: torch.Tensor, xb: torch.Tensor):
-    r = torch.sqrt(-2.0 * torch.log(_uniform(xa).double()))
-    t = (2.0 * math.pi) * _uniform(xb).double()
-    return r * torch.cos(t), r * torch.sin(t)
+    """Two standard normals from two Philox words (int64 tensors), as csrc/rwp_common.h ``box_muller``."""
+    r = _sqrt32(-2.0 * _log_unit(_uniform(xa)))
+    c, s = _sincos_2pi(_uniform(xb))
+    return r * c, r * s
 
 
 def _normal_blocks(q_begin: int, q_end: int, *, key: NoiseKey, param_index, device) -> torch.Tensor:
@@ -70,7 +180,7 @@ def _normal_blocks(q_begin: int, q_end: int, *, key: NoiseKey, param_index, devi
     x0, x1, x2, x3 = _philox_rounds(q & S.MASK32, q >> 32, param_index, step, k0, k1)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
-    return torch.stack([z0, z1, z2, z3], dim=-1).to(torch.float32)
+    return torch.stack([z0, z1, z2, z3], dim=-1)
 
 
 def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from . import __version__, backends
+from ._version import MIN_TORCH, MIN_TRITON, tested_versions
 from .selftest import MISMATCH_UNIT, SKIPPED_UNLESS_NAMED, fused_backends, local_devices, run_selftest
 
 
@@ -29,6 +30,8 @@ def environment_rows() -> list[tuple[str, str]]:
         ("torch", torch.__version__),
         ("torch built with CUDA", torch.version.cuda or "no (CPU-only build)"),
         ("triton", _triton_version()),
+        ("supported", f"torch >= {MIN_TORCH}; the Triton backend: triton >= {MIN_TRITON}"),
+        ("tested with", tested_versions()),
         ("CPU threads (torch)", str(torch.get_num_threads())),
     ]
     if torch.cuda.is_available():

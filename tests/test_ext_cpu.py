@@ -21,6 +21,51 @@ def test_noise_slices_are_bitwise_the_same_stream():
         assert torch.equal(part, full[offset : offset + part.numel()]), offset
 
 
+def _bits(z: torch.Tensor) -> torch.Tensor:
+    return z.view(torch.int32)
+
+
+def test_reference_normals_are_the_cpu_normals_bit_for_bit():
+    """The reference evaluates csrc/rwp_common.h's float32 Box-Muller op for op (docs/spec.md section 3): four
+    million normals from offset 0, and the same stream from a misaligned offset across a chunk boundary."""
+    kw = dict(seed=SEED, param_index=5, step=STEP, stream=2)
+    n = 1 << 22
+    ref = noise(n, **kw, backend="reference")
+    assert torch.equal(_bits(noise(n, **kw, backend="cpu")), _bits(ref))
+    off = (1 << 18) - 3  # the reference's chunks are 2^16 blocks of 4 normals
+    part = noise(300_001, **kw, offset=off, backend="cpu")
+    assert torch.equal(_bits(part), _bits(noise(300_001, **kw, offset=off, backend="reference")))
+    assert torch.equal(_bits(part), _bits(ref[off : off + 300_001]))
+
+
+def test_reference_normals_are_the_cpu_normals_at_many_offsets():
+    """Windows at 200 offsets over the whole counter range (both 32-bit counter words, every lane
+    alignment), under keys, steps and param_indices at their extremes."""
+    gen = torch.Generator().manual_seed(11)
+    offsets = torch.randint(0, 2**62, (150,), generator=gen).tolist()
+    offsets += [0, 1, 2, 3, 2**31 - 5, 2**32 - 3, 4 * 2**32 - 6, 2**34 + 1, 2**62 + 7, 2**63 - 5000]
+    offsets += [4 * o + lane for o in (2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3) for lane in range(4)]
+    offsets += [int(o) for o in torch.randint(0, 2**20, (24,), generator=gen)]
+    keys = [dict(seed=0, param_index=0, step=0, stream=0), dict(seed=2**64 - 1, param_index=2**32 - 1, step=2**32 - 1,
+                                                             stream=7), dict(seed=SEED, param_index=3, step=STEP)]
+    for i, offset in enumerate(offsets):
+        kw = dict(keys[i % len(keys)], offset=offset)
+        n = 4099 - i % 5
+        z, ref = noise(n, **kw, backend="cpu"), noise(n, **kw, backend="reference")
+        assert torch.equal(_bits(z), _bits(ref)), kw
+
+
+@pytest.mark.slow
+def test_reference_normals_are_the_cpu_normals_over_32_million():
+    """2^25 normals across the wrap of the low counter word: 2^24 radii and as many angles, of the 2^24
+    uniforms that exist, about two thirds of each."""
+    kw = dict(seed=12345, param_index=9, step=1)
+    first = 2**32 * 4 - (1 << 24)
+    for start in range(first, first + (1 << 25), 1 << 23):
+        ref = noise(1 << 23, **kw, offset=start, backend="reference")
+        assert torch.equal(_bits(noise(1 << 23, **kw, offset=start, backend="cpu")), _bits(ref)), start
+
+
 def test_noise_statistics():
     z = noise(1 << 20, seed=1, backend="cpu")
     assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1) < 5e-3

@@ -54,3 +54,54 @@ def test_demo_runs_and_matches_the_textbook_update(tmp_path):
     assert "ResNet-18 (CIFAR): 62 tensors, 11.17M parameters" in out.stdout
     error = float(re.search(r"textbook update: ([0-9.e+-]+)", out.stdout).group(1))
     assert error < 1e-5
+
+
+def _setup_kwargs() -> dict:
+    """The keyword arguments setup.py passes to setuptools.setup, with torch unimportable."""
+    code = (
+        "import sys, json; sys.modules['torch'] = None; import setuptools; captured = {}; "
+        "setuptools.setup = lambda **kw: captured.update(kw); "
+        "import runpy; runpy.run_path('setup.py', run_name='__main__'); "
+        "print(json.dumps({k: captured[k] for k in ('install_requires', 'extras_require', 'version')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _release(version: str) -> tuple:
+    return tuple(int(x) for x in re.match(r"\d+(\.\d+)*", version).group(0).split("."))
+
+
+def test_dependency_floors_are_stated_once_and_tested():
+    """setup.py's floors come from rwp_kernels/_version.py; the torch floor is the lowest tested torch; the
+    Triton floor is a tested Triton; README states both; this torch is not below the floor."""
+    from rwp_kernels._version import MIN_TORCH, MIN_TRITON, TESTED
+
+    kw = _setup_kwargs()
+    assert f"torch>={MIN_TORCH}" in kw["install_requires"]
+    assert kw["extras_require"]["triton"] == [f"triton>={MIN_TRITON}"]
+    torches = [_release(t) for t, _, _ in TESTED]
+    assert min(torches)[: len(_release(MIN_TORCH))] == _release(MIN_TORCH), "the floor must be a tested torch"
+    tritons = [_release(tr) for _, tr, _ in TESTED if tr]
+    assert min(tritons)[: len(_release(MIN_TRITON))] == _release(MIN_TRITON), "the floor must be a tested Triton"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"PyTorch {MIN_TORCH} or newer" in readme and f"Triton {MIN_TRITON} or newer" in readme
+    for torch_version, triton_version, _ in TESTED:
+        assert torch_version in readme and (triton_version is None or triton_version in readme)
+    import torch
+
+    assert _release(torch.__version__) >= _release(MIN_TORCH)
+
+
+def test_report_prints_the_floors_and_the_tested_versions():
+    from rwp_kernels._version import MIN_TORCH, MIN_TRITON, TESTED
+    from rwp_kernels.report import environment_rows
+
+    rows = dict(environment_rows())
+    assert rows["supported"] == f"torch >= {MIN_TORCH}; the Triton backend: triton >= {MIN_TRITON}"
+    for torch_version, triton_version, _ in TESTED:
+        assert f"torch {torch_version}" in rows["tested with"]
+        assert triton_version is None or f"triton {triton_version}" in rows["tested with"]

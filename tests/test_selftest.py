@@ -55,6 +55,13 @@ def _noise_off(numel, **kw):
     return reference.noise(numel, **kw) * (1 + 3e-5)
 
 
+def _noise_one_ulp_off(numel, **kw):
+    """One normal in a million one float32 step away: the C++ backends' normals must be the reference's bits."""
+    z = reference.noise(numel, **kw)
+    z[numel // 2] = torch.nextafter(z[numel // 2], torch.tensor(10.0))
+    return z
+
+
 def _perturb_too_much(params, **kw):
     sigmas = reference.perturb_(params, **kw)
     for p in params:
@@ -80,12 +87,13 @@ def _step_ignoring_found_inf(params, **kw):
     [
         (dict(philox4x32_10=_philox_flip), "philox4x32_10"),
         (dict(noise=_noise_off), "noise"),
+        (dict(noise=_noise_one_ulp_off), "noise"),
         (dict(perturb_=_perturb_too_much), "perturb_"),
         (dict(restore_=_restore_slightly_off), "restore_"),
         (dict(sgd_step_=_step_without_weight_decay), "sgd_step_"),
         (dict(sgd_step_=_step_ignoring_found_inf), "found_inf"),
     ],
-    ids=["philox", "noise", "perturb", "restore", "sgd", "found_inf"],
+    ids=["philox", "noise", "noise_1ulp", "perturb", "restore", "sgd", "found_inf"],
 )
 def test_a_broken_backend_is_caught(monkeypatch, overrides, failing):
     install_fake_backend(monkeypatch, broken(**overrides))
