@@ -128,6 +128,7 @@ TOLERANCES = {
                             regenerated="eps"),
     "cpu": _CPP,
     "cuda": _CPP,  # the C++ CPU tolerances; its normals also equal the C++ CPU ones bit for bit
+    "cuda-emu": _CPP,  # the CUDA kernels run on the CPU: the same code, so the same rules
     "triton": Tolerances(sigma_rtol=1e-5, perturbed=CLOSE, mix=CLOSE, step=CLOSE, restored=CLOSE,
                          regenerated="eps_max"),
 }

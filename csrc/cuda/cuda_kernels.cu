@@ -1,21 +1,21 @@
 // CUDA kernels: one launch per op for all parameters of a call. The parameter table lives in device
-// memory; block b handles work unit b (perturb_: one row, reduced with cub::BlockReduce; restore_ and
+// memory; block b handles work unit b (perturb_: one row, reduced with BlockSum; restore_ and
 // sgd_step_: one chunk of kCudaChunkElems elements). A thread works on Philox quads (4 consecutive
 // elements, one Philox block), with one vector load/store per quad where the tensors are aligned.
-// No torch headers here (see binding.cpp); everything is asynchronous on the given CUDA stream.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// No torch headers here (see binding.cpp); everything is asynchronous on the given CUDA stream. The same
+// source is also compiled as host C++ and run on the CPU (csrc/emu, backend "cuda-emu"): CUDA's
+// vocabulary comes from simt.h.
+#include <algorithm>
 
-#include <cub/block/block_reduce.cuh>
-#include <type_traits>
-
+#include "block_sum.h"
 #include "cuda_kernels.h"
+#include "simt.h"
 
 namespace rwp::cuda {
 namespace {
 
 constexpr int kThreads = kCudaThreads;
-using BlockReduce = cub::BlockReduce<double, kThreads>;
+using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
 
@@ -35,9 +35,13 @@ __device__ __forceinline__ void from_f32(float x, bf16_bits* p) {
   p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
-// Four consecutive elements as one access: 16 bytes for float32, 8 bytes for the 16-bit types.
+// Four consecutive elements as one access: 16 bytes for float32, 8 bytes for the 16-bit types. An aligned
+// aggregate of the element type itself, so that reading the elements of a quad is no type punning (which
+// host compilers, unlike nvcc, exploit: the emulated build read the 16-bit elements of a vector as 0).
 template <class T>
-using QuadRaw = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+struct alignas(4 * sizeof(T)) QuadRaw {
+  T x[4];
+};
 
 template <class T>
 __device__ __forceinline__ bool quad_aligned(const void* p) {
@@ -50,9 +54,8 @@ template <class T>
 __device__ __forceinline__ void load_quad(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec, float v[4]) {
   if (vec) {
     const QuadRaw<T> raw = *reinterpret_cast<const QuadRaw<T>*>(p + e);
-    const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = to_f32(x[j]);
+    for (int j = 0; j < 4; ++j) v[j] = to_f32(raw.x[j]);
     return;
   }
 #pragma unroll
@@ -63,9 +66,8 @@ template <class T>
 __device__ __forceinline__ void store_quad(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const float v[4]) {
   if (vec) {
     QuadRaw<T> raw;
-    T* x = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) from_f32(v[j], x + j);
+    for (int j = 0; j < 4; ++j) from_f32(v[j], raw.x + j);
     *reinterpret_cast<QuadRaw<T>*>(p + e) = raw;
     return;
   }
@@ -130,8 +132,8 @@ __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t
 // ---- perturb_ ------------------------------------------------------------------------------------------
 
 template <class T>
-__device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a, BlockReduce::TempStorage& tmp,
-                            double* s_sums) {
+__device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a,
+                                            RowSum::TempStorage& tmp) {
   const int64_t n = p.row_len, lo = row * n, hi = lo + n;
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
@@ -144,16 +146,9 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
     sumsq += v * v;
     if (row_fisher) fsum += p.fisher[i];
   }
-  sumsq = BlockReduce(tmp).Sum(sumsq);
-  __syncthreads();
-  if (row_fisher) fsum = BlockReduce(tmp).Sum(fsum);
-  if (threadIdx.x == 0) {
-    s_sums[0] = sumsq;
-    s_sums[1] = fsum;
-  }
-  __syncthreads();
-  sumsq = s_sums[0];
-  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, s_sums[1], p.eta);
+  sumsq = RowSum::sum(tmp, sumsq);
+  if (row_fisher) fsum = RowSum::sum(tmp, fsum);
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
   float* sigmas = a.sigma + p.sigma_offset;
   if (!p.sigma_per_element && threadIdx.x == 0) sigmas[row] = row_sig;
 
@@ -189,11 +184,10 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
 
 __global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params, PerturbArgs a) {
   __shared__ ParamEntry entry;
-  __shared__ BlockReduce::TempStorage tmp;
-  __shared__ double sums[2];
+  __shared__ RowSum::TempStorage tmp;
   const ParamEntry& p = block_entry(table, num_params, entry);
   const int64_t row = blockIdx.x - p.first_unit;
-  dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp, sums); });
+  dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp); });
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
@@ -339,31 +333,26 @@ unsigned grid_for(int64_t items) {
 }  // namespace
 
 cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t cuda_stream) {
-  philox_kernel<<<grid_for(n), kThreads, 0, cuda_stream>>>(counter, key, out, n);
-  return cudaGetLastError();
+  return RWP_LAUNCH(philox_kernel, grid_for(n), kThreads, cuda_stream, counter, key, out, n);
 }
 
 cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t cuda_stream) {
-  noise_kernel<<<grid_for((numel + 3) / 4 + 1), kThreads, 0, cuda_stream>>>(out, numel, offset, param_index, key);
-  return cudaGetLastError();
+  return RWP_LAUNCH(noise_kernel, grid_for((numel + 3) / 4 + 1), kThreads, cuda_stream, out, numel, offset, param_index, key);
 }
 
 cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  perturb_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+  return RWP_LAUNCH(perturb_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
 }
 
 cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  restore_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+  return RWP_LAUNCH(restore_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
 }
 
 cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t cuda_stream) {
   if (too_many(units)) return cudaErrorInvalidConfiguration;
-  sgd_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+  return RWP_LAUNCH(sgd_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
 }
 
 }  // namespace rwp::cuda

@@ -2,7 +2,7 @@
 // `table` is a device copy of the parameter table; every launch is asynchronous on `cuda_stream`.
 #pragma once
 
-#include <cuda_runtime_api.h>
+#include "simt.h"
 
 #include "../rwp_api.h"
 
