@@ -118,7 +118,8 @@ __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_
 __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key) {
   ParamEntry p{};
   p.param_index = param_index;
-  const int64_t q_begin = offset >> 2, q_end = (offset + numel + 3) >> 2;
+  // offset + numel may be 2^63 itself: the block count is summed in pieces that cannot overflow
+  const int64_t q_begin = offset >> 2, q_end = q_begin + (((offset & 3) + numel + 3) >> 2);
   const bool aligned = (offset & 3) == 0 && quad_aligned<float>(out);
   for (int64_t q = q_begin + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < q_end;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
