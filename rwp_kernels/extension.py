@@ -191,6 +191,10 @@ def _build_locked(cfg: C.Config, rebuild: bool) -> float | None:
         # compiles here while we hold ours, so it is stale.
         (folder / "lock").unlink(missing_ok=True)
         _stamp_path(cfg).unlink(missing_ok=True)
+        if rebuild:  # ninja would find everything up to date and compile nothing
+            for path in folder.iterdir():
+                if path.suffix in (".o", LIB_SUFFIX) or path.name in ("build.ninja", ".ninja_log", ".ninja_deps"):
+                    path.unlink()
         seconds = _compile_in_child(cfg, lock_fd)
         _stamp_path(cfg).write_text(json.dumps({"seconds": round(seconds, 1), "config": cfg.__dict__}, indent=1))
         return seconds
