@@ -255,6 +255,7 @@ SWEEP = (
     Case("rows4608", (3, 4608)),
     Case("rows2053", (2, 2053)),  # longer than a tile; the second row starts inside a Philox block
     Case("rows70001", (2, 70001), fast=False),  # longer than 64k
+    Case("row100000", (1, 100000), fast=False),  # the longest row the suite promises (10^5 elements)
     Case("rows_of_1", (5, 1)),
     Case("rows_of_1_b", (7, 1)),
     Case("short_rows_40", (33, 40)),  # several rows share a tile
