@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -118,6 +119,7 @@ struct Table {
   std::vector<ParamEntry> entries;
   int64_t units = 0;
   bool cuda = false;
+  bool by_rows = false;
 };
 
 // The per-parameter plan of a call, as rwp_kernels.ext_backend packs rwp_kernels.layout.ParamPlan: four
@@ -130,6 +132,7 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
               " words but params needs ", kPlanWords * params.size());
   Table table;
   table.cuda = on_cuda_kernels(params[0]);
+  table.by_rows = by_rows;
   TORCH_CHECK(table.cuda || params[0].is_cpu(), RWP_OPS_PREFIX "", op, ": tensors on ", params[0].device(),
               " are not supported");
   for (size_t i = 0; i < params.size(); ++i) {
@@ -165,7 +168,7 @@ using CudaStream = c10::cuda::CUDAStream;
 // Device copy of a call's table, cached per (op, device, CUDA stream) and uploaded again only when its
 // contents change (new addresses, shapes or per-parameter hyperparameters). The upload is an
 // asynchronous copy from pinned memory on the current CUDA stream; no host synchronization.
-const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDAStream cuda_stream) {
+const ParamEntry* device_table(const std::vector<ParamEntry>& entries, const char* op, c10::cuda::CUDAStream cuda_stream) {
   struct Cached {
     std::vector<ParamEntry> host;
     Tensor device;
@@ -174,14 +177,14 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
   static std::map<std::tuple<std::string, int, int64_t>, Cached> cache;
   std::lock_guard<std::mutex> lock(mu);
   Cached& c = cache[{op, cuda_stream.device_index(), cuda_stream.id()}];
-  const size_t bytes = t.entries.size() * sizeof(ParamEntry);
-  if (!(c.device.defined() && c.host.size() == t.entries.size() &&
-        std::memcmp(c.host.data(), t.entries.data(), bytes) == 0)) {
+  const size_t bytes = entries.size() * sizeof(ParamEntry);
+  if (!(c.device.defined() && c.host.size() == entries.size() &&
+        std::memcmp(c.host.data(), entries.data(), bytes) == 0)) {
     Tensor pinned = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(pinned.data_ptr(), t.entries.data(), bytes);
+    std::memcpy(pinned.data_ptr(), entries.data(), bytes);
     c.device = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(cuda_stream.device()));
     c.device.copy_(pinned, /*non_blocking=*/true);
-    c.host = t.entries;
+    c.host = entries;
   }
   return static_cast<const ParamEntry*>(c.device.data_ptr());
 }
@@ -191,7 +194,7 @@ struct CudaStream {
   cudaStream_t stream() const { return nullptr; }
 };
 
-const ParamEntry* device_table(const Table& t, const char*, CudaStream) { return t.entries.data(); }
+const ParamEntry* device_table(const std::vector<ParamEntry>& entries, const char*, CudaStream) { return entries.data(); }
 #endif
 
 // RWP_CUDA(code): the code in a build with CUDA kernels, nullptr in one without (where it could not compile).
@@ -222,16 +225,49 @@ void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
 }
 
 // Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, cuda_stream).
+#ifdef RWP_CUDA_KERNELS
+// The table as the CUDA kernels take it: the entries grouped by kernel variant (dtype, and for perturb_ the
+// sigma mode; order kept within a group), work units renumbered in that order, one launch per group.
+struct CudaTable {
+  std::vector<ParamEntry> entries;
+  std::vector<cuda::Launch> launches;
+};
+
+CudaTable by_variant(const Table& t) {
+  CudaTable c{t.entries, {}};
+  auto variant = [&](const ParamEntry& e) { return std::make_pair(e.dtype, t.by_rows && e.sigma_per_element); };
+  std::stable_sort(c.entries.begin(), c.entries.end(),
+                   [&](const ParamEntry& a, const ParamEntry& b) { return variant(a) < variant(b); });
+  int64_t unit = 0;
+  for (size_t i = 0; i < c.entries.size(); ++i) {
+    ParamEntry& e = c.entries[i];
+    if (i == 0 || variant(c.entries[i - 1]) != variant(e))
+      c.launches.push_back({static_cast<int64_t>(i), 0, unit, 0, e.dtype, variant(e).second});
+    const int64_t units = units_of(e.numel, e.row_len, e.unit_size, t.by_rows);
+    e.first_unit = unit;
+    c.launches.back().count += 1;
+    c.launches.back().units += units;
+    unit += units;
+  }
+  return c;
+}
+#endif
+
 template <class CpuFn, class CudaFn>
 void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
-  const int64_t n = static_cast<int64_t>(t.entries.size());
   if (!t.cuda) {
-    cpu_fn(t.entries.data(), n, t.units);
+    cpu_fn(t.entries.data(), static_cast<int64_t>(t.entries.size()), t.units);
     return;
   }
   (void)cuda_fn;
   launch_cuda(like, op, RWP_CUDA([&](CudaStream cuda_stream) {
-    return cuda_fn(device_table(t, op, cuda_stream), n, t.units, cuda_stream.stream());
+    const CudaTable c = by_variant(t);
+    const ParamEntry* table = device_table(c.entries, op, cuda_stream);
+    for (const cuda::Launch& launch : c.launches) {
+      const cudaError_t err = cuda_fn(table, launch, cuda_stream.stream());
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   }));
 }
 
@@ -301,8 +337,8 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
                          sigmas.data_ptr<float>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::perturb(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::perturb(table, launch, args, cuda_stream);
       }));
   return sigmas;
 }
@@ -363,8 +399,8 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::restore(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::restore(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::restore(table, launch, args, cuda_stream);
       }));
 }
 
@@ -398,8 +434,8 @@ void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffer
                      inf};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::sgd_step(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::sgd_step(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::sgd_step(table, launch, args, cuda_stream);
       }));
 }
 

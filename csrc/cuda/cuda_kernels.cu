@@ -94,9 +94,13 @@ __device__ __forceinline__ void quad_normals(int64_t q, const ParamEntry& p, con
                z[0], z[1], z[2], z[3]);
 }
 
-// The block's parameter entry (the last whose first unit is <= blockIdx.x), copied to shared memory.
-__device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, ParamEntry& shared) {
-  if (threadIdx.x == 0) shared = table[owner_of(table, num_params, blockIdx.x)];
+// The block's work unit: units first_unit, first_unit + 1, ... go to blocks 0, 1, ... of a launch.
+__device__ __forceinline__ int64_t block_unit(int64_t first_unit) { return first_unit + blockIdx.x; }
+
+// The entry of the parameter that owns the block's unit, copied to shared memory.
+__device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                        ParamEntry& shared) {
+  if (threadIdx.x == 0) shared = table[owner_of(table, num_params, block_unit(first_unit))];
   __syncthreads();
   return shared;
 }
@@ -132,63 +136,116 @@ __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t
 
 // ---- perturb_ ------------------------------------------------------------------------------------------
 
+// A row of at most kStageBytes is read from DRAM once: each thread keeps the quads it summed in shared
+// memory, in slots only it uses (so no barrier is needed), and perturbs them from there. 18 KB: the largest
+// CNN row (512 * 3 * 3 elements) in float32, twice that in the 16-bit types.
+constexpr int kStageBytes = 4608 * 4;
+struct alignas(16) Stage {
+  unsigned char bytes[kStageBytes];
+};
+
+// The quad at e of p as stored (elements outside [lo, hi) are zero bits).
 template <class T>
+__device__ __forceinline__ QuadRaw<T> load_raw(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec) {
+  if (vec) return *reinterpret_cast<const QuadRaw<T>*>(p + e);
+  QuadRaw<T> raw{};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (e + j >= lo && e + j < hi) raw.x[j] = p[e + j];
+  return raw;
+}
+
+template <class T>
+__device__ __forceinline__ void store_raw(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const QuadRaw<T>& raw) {
+  if (vec) {
+    *reinterpret_cast<QuadRaw<T>*>(p + e) = raw;
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (e + j >= lo && e + j < hi) p[e + j] = raw.x[j];
+}
+
+// kPerElement: a 0-D/1-D parameter with ARWP, one sigma per element from its Fisher value.
+template <class T, bool kPerElement>
 __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a,
-                                            RowSum::TempStorage& tmp) {
+                                            RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
   const int64_t n = p.row_len, lo = row * n, hi = lo + n;
+  const int64_t q_lo = lo >> 2, q_hi = (hi + 3) >> 2;
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
-  const bool adaptive = p.fisher != nullptr;
-  const bool row_fisher = adaptive && !p.sigma_per_element;
+  T* grad = static_cast<T*>(p.grad);
+  const float grad_scale = a.grad_scale.get();
+  const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
+  const bool row_fisher = p.fisher != nullptr && !kPerElement;
+  const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
+                      quad_aligned<float>(p.fisher);
+  auto* stage = reinterpret_cast<QuadRaw<T>*>(stage_bytes);
+  const bool staged = q_hi - q_lo <= static_cast<int64_t>(kStageBytes / sizeof(QuadRaw<T>));
 
   double sumsq = 0.0, fsum = 0.0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    const double v = to_f32(w[i]);
-    sumsq += v * v;
-    if (row_fisher) fsum += p.fisher[i];
+  for (int64_t q = q_lo + threadIdx.x, k = threadIdx.x; q < q_hi; q += blockDim.x, k += blockDim.x) {
+    const int64_t e = 4 * q;
+    const bool vec = vec_ok && e >= lo && e + 4 <= hi;
+    const QuadRaw<T> raw = load_raw(w, e, lo, hi, vec);
+    if (staged) stage[k] = raw;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const double v = to_f32(raw.x[j]);
+      sumsq += v * v;
+    }
+    if (row_fisher) {
+      float f[4];
+      load_quad(p.fisher, e, lo, hi, vec, f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) fsum += f[j];
+    }
   }
   sumsq = RowSum::sum(tmp, sumsq);
   if (row_fisher) fsum = RowSum::sum(tmp, fsum);
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
   float* sigmas = a.sigma + p.sigma_offset;
-  if (!p.sigma_per_element && threadIdx.x == 0) sigmas[row] = row_sig;
+  if (!kPerElement && threadIdx.x == 0) sigmas[row] = row_sig;
 
-  const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup);
-  for (int64_t q = (lo >> 2) + threadIdx.x; 4 * q < hi; q += blockDim.x) {
+  for (int64_t q = q_lo + threadIdx.x, k = threadIdx.x; q < q_hi; q += blockDim.x, k += blockDim.x) {
     const int64_t e = 4 * q;
     const bool vec = vec_ok && e >= lo && e + 4 <= hi;
-    if (backup) copy_quad(backup, w, e, lo, hi, vec);
-    float sg[4];
+    const QuadRaw<T> raw = staged ? stage[k] : load_raw(w, e, lo, hi, vec);
+    if (backup) store_raw(backup, e, lo, hi, vec, raw);
+    float sg[4] = {row_sig, row_sig, row_sig, row_sig};
+    if (kPerElement) {
+      float f[4];
+      load_quad(p.fisher, e, lo, hi, vec, f);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      sg[j] = row_sig;
-      if (p.sigma_per_element && e + j >= lo && e + j < hi) {
-        sg[j] = row_sigma(sumsq, p.gamma, true, true, p.fisher[e + j], p.eta);
-        sigmas[e + j] = sg[j];
-      }
+      for (int j = 0; j < 4; ++j) sg[j] = row_sigma(sumsq, p.gamma, true, true, f[j], p.eta);
+      store_quad(sigmas, e, lo, hi, vec && quad_aligned<float>(sigmas), sg);  // any offset in the sigma array
     }
-    if (p.gamma == 0.0) continue;
-    float z[4], v[4];
-    quad_normals(q, p, a.key, z);
-    load_quad(w, e, lo, hi, vec, v);
+    if (p.gamma != 0.0) {
+      float z[4], v[4];
+      quad_normals(q, p, a.key, z);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = add_noise(v[j], sg[j], z[j]);
-    store_quad(w, e, lo, hi, vec, v);
-  }
-
-  const float grad_scale = a.grad_scale.get();
-  if (p.grad && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f)) {
-    T* g = static_cast<T*>(p.grad);
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) from_f32(to_f32(g[i]) * grad_scale, g + i);
+      for (int j = 0; j < 4; ++j) v[j] = add_noise(to_f32(raw.x[j]), sg[j], z[j]);
+      store_quad(w, e, lo, hi, vec, v);
+    }
+    if (scale_grad) {
+      float g[4];
+      load_quad(grad, e, lo, hi, vec, g);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[j] *= grad_scale;
+      store_quad(grad, e, lo, hi, vec, g);
+    }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params, PerturbArgs a) {
+// One instantiation per dtype and sigma mode (a launch takes the entries of one), for fewer registers.
+template <class T, bool kPerElement>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params,
+                                                           int64_t first_unit, PerturbArgs a) {
   __shared__ ParamEntry entry;
   __shared__ RowSum::TempStorage tmp;
-  const ParamEntry& p = block_entry(table, num_params, entry);
-  const int64_t row = blockIdx.x - p.first_unit;
-  dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp); });
+  __shared__ Stage stage;
+  const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
+  perturb_row<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a, tmp, stage.bytes);
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
@@ -304,24 +361,27 @@ __device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64
 
 // Runs body(entry, lo, hi) for the block's chunk [lo, hi) of its parameter's elements.
 template <class Body>
-__device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t num_params, const Body& body) {
+__device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                const Body& body) {
   __shared__ ParamEntry entry;
-  const ParamEntry& p = block_entry(table, num_params, entry);
-  const int64_t lo = (static_cast<int64_t>(blockIdx.x) - p.first_unit) * p.unit_size;
+  const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
+  const int64_t lo = (block_unit(first_unit) - p.first_unit) * p.unit_size;
   const int64_t hi = min(p.numel, lo + p.unit_size);
   body(p, lo, hi);
 }
 
-__global__ void __launch_bounds__(kThreads) restore_kernel(const ParamEntry* table, int64_t num_params, RestoreArgs a) {
-  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { restore_chunk<decltype(t)>(p, lo, hi, a); });
-  });
+template <class T>
+__global__ void __launch_bounds__(kThreads) restore_kernel(const ParamEntry* table, int64_t num_params,
+                                                           int64_t first_unit, RestoreArgs a) {
+  for_block_chunk(table, num_params, first_unit,
+                  [&](const ParamEntry& p, int64_t lo, int64_t hi) { restore_chunk<T>(p, lo, hi, a); });
 }
 
-__global__ void __launch_bounds__(kThreads) sgd_kernel(const ParamEntry* table, int64_t num_params, SgdArgs a) {
-  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { sgd_chunk<decltype(t)>(p, lo, hi, a); });
-  });
+template <class T>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                       SgdArgs a) {
+  for_block_chunk(table, num_params, first_unit,
+                  [&](const ParamEntry& p, int64_t lo, int64_t hi) { sgd_chunk<T>(p, lo, hi, a); });
 }
 
 // One block per work unit: the grid's x dimension holds up to 2^31 - 1 blocks.
@@ -341,19 +401,36 @@ cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_inde
   return RWP_LAUNCH(noise_kernel, grid_for((numel + 3) / 4 + 1), kThreads, cuda_stream, out, numel, offset, param_index, key);
 }
 
-cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  return RWP_LAUNCH(perturb_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
+// Each launcher runs the kernel variant of the launch's dtype (and sigma mode) on its entries.
+cudaError_t perturb(const ParamEntry* table, const Launch& l, PerturbArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    using T = decltype(t);
+    const auto kernel = l.per_element ? perturb_kernel<T, true> : perturb_kernel<T, false>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
-cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  return RWP_LAUNCH(restore_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
+cudaError_t restore(const ParamEntry* table, const Launch& l, RestoreArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    const auto kernel = restore_kernel<decltype(t)>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
-cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  return RWP_LAUNCH(sgd_kernel, static_cast<unsigned>(units), kThreads, cuda_stream, table, num_params, args);
+cudaError_t sgd_step(const ParamEntry* table, const Launch& l, SgdArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    const auto kernel = sgd_kernel<decltype(t)>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
 }  // namespace rwp::cuda
