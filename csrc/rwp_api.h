@@ -106,6 +106,16 @@ constexpr int64_t kCpuChunkElems = 16384;
 constexpr int64_t kCudaChunkElems = 8192;
 constexpr int kCudaThreads = 256;
 
+// CUDA perturb_: a row goes to a group of threads, a power of two from 8 to kCudaThreads with about one
+// thread per quad the row spans, and a block holds kCudaThreads / group rows: short rows do not leave
+// most of a block idle.
+RWP_HD int cuda_row_threads(int64_t row_len) {
+  const int64_t quads = row_len / 4 + 2;  // a row may start and end inside a quad
+  int group = 8;
+  while (group < quads && group < kCudaThreads) group *= 2;
+  return group;
+}
+
 // CPU entry points (cpu/cpu_kernels.cpp). `units` is the total over the table.
 namespace cpu {
 int64_t perturb_unit_rows(int64_t row_len);

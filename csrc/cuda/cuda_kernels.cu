@@ -166,11 +166,17 @@ __device__ __forceinline__ void store_raw(T* p, int64_t e, int64_t lo, int64_t h
     if (e + j >= lo && e + j < hi) p[e + j] = raw.x[j];
 }
 
-// kPerElement: a 0-D/1-D parameter with ARWP, one sigma per element from its Fisher value.
+// The rows of the block's unit: one per group of cuda_row_threads(row_len) threads. kPerElement: a 0-D/1-D
+// parameter with ARWP, one sigma per element from its Fisher value.
 template <class T, bool kPerElement>
-__device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a,
-                                            RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
-  const int64_t n = p.row_len, lo = row * n, hi = lo + n;
+__device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, const PerturbArgs& a,
+                                             RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
+  const unsigned group = kThreads / static_cast<unsigned>(p.unit_size), lane = threadIdx.x & (group - 1);
+  const unsigned group_index = threadIdx.x >> (__ffs(group) - 1);  // group is a power of two
+  const int64_t row = unit * p.unit_size + group_index;
+  const int64_t n = p.row_len;
+  const bool has_row = row < p.numel / n;  // the last unit of a parameter may have fewer rows than groups
+  const int64_t lo = has_row ? row * n : 0, hi = has_row ? lo + n : 0;
   const int64_t q_lo = lo >> 2, q_hi = (hi + 3) >> 2;
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
@@ -180,15 +186,17 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
   const bool row_fisher = p.fisher != nullptr && !kPerElement;
   const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
                       quad_aligned<float>(p.fisher);
-  auto* stage = reinterpret_cast<QuadRaw<T>*>(stage_bytes);
-  const bool staged = q_hi - q_lo <= static_cast<int64_t>(kStageBytes / sizeof(QuadRaw<T>));
+  // Each group stages its row's quads in its share of the stage; slot q - q_lo holds quad q.
+  const int64_t group_slots = kStageBytes / sizeof(QuadRaw<T>) / p.unit_size;
+  QuadRaw<T>* stage = reinterpret_cast<QuadRaw<T>*>(stage_bytes) + group_index * group_slots - q_lo;
+  const bool staged = q_hi - q_lo <= group_slots;
 
   double sumsq = 0.0, fsum = 0.0;
-  for (int64_t q = q_lo + threadIdx.x, k = threadIdx.x; q < q_hi; q += blockDim.x, k += blockDim.x) {
+  for (int64_t q = q_lo + lane; q < q_hi; q += group) {
     const int64_t e = 4 * q;
     const bool vec = vec_ok && e >= lo && e + 4 <= hi;
     const QuadRaw<T> raw = load_raw(w, e, lo, hi, vec);
-    if (staged) stage[k] = raw;
+    if (staged) stage[q] = raw;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const double v = to_f32(raw.x[j]);
@@ -201,16 +209,16 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
       for (int j = 0; j < 4; ++j) fsum += f[j];
     }
   }
-  sumsq = RowSum::sum(tmp, sumsq);
-  if (row_fisher) fsum = RowSum::sum(tmp, fsum);
+  sumsq = RowSum::sum(tmp, sumsq, group);
+  if (row_fisher) fsum = RowSum::sum(tmp, fsum, group);
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
   float* sigmas = a.sigma + p.sigma_offset;
-  if (!kPerElement && threadIdx.x == 0) sigmas[row] = row_sig;
+  if (!kPerElement && has_row && lane == 0) sigmas[row] = row_sig;
 
-  for (int64_t q = q_lo + threadIdx.x, k = threadIdx.x; q < q_hi; q += blockDim.x, k += blockDim.x) {
+  for (int64_t q = q_lo + lane; q < q_hi; q += group) {
     const int64_t e = 4 * q;
     const bool vec = vec_ok && e >= lo && e + 4 <= hi;
-    const QuadRaw<T> raw = staged ? stage[k] : load_raw(w, e, lo, hi, vec);
+    const QuadRaw<T> raw = staged ? stage[q] : load_raw(w, e, lo, hi, vec);
     if (backup) store_raw(backup, e, lo, hi, vec, raw);
     float sg[4] = {row_sig, row_sig, row_sig, row_sig};
     if (kPerElement) {
@@ -237,15 +245,19 @@ __device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, co
   }
 }
 
+// Resident blocks per SM that perturb_kernel's registers must allow: 40 warps on sm_80 and sm_90 (32 for the
+// per-element variant, which only 1-D ARWP parameters take).
+constexpr int kPerturbBlocksPerSm = 5;
+
 // One instantiation per dtype and sigma mode (a launch takes the entries of one), for fewer registers.
 template <class T, bool kPerElement>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params,
+__global__ void __launch_bounds__(kThreads, kPerElement ? 4 : kPerturbBlocksPerSm) perturb_kernel(const ParamEntry* table, int64_t num_params,
                                                            int64_t first_unit, PerturbArgs a) {
   __shared__ ParamEntry entry;
   __shared__ RowSum::TempStorage tmp;
   __shared__ Stage stage;
   const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
-  perturb_row<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a, tmp, stage.bytes);
+  perturb_rows<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a, tmp, stage.bytes);
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------

@@ -45,6 +45,8 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+inline int __ffs(int x) { return __builtin_ffs(x); }  // 1 + the index of the lowest set bit; 0 for 0
+
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
