@@ -151,7 +151,7 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
     e.sigma_per_element = e.whole_tensor && sigma_len == 1 && e.numel > 1;
     e.dtype = dtype_code(p, op, i);
     if (by_rows) {
-      e.unit_size = table.cuda ? kCudaThreads / cuda_row_threads(e.row_len) : cpu::perturb_unit_rows(e.row_len);
+      e.unit_size = table.cuda ? kCudaThreads / cuda_row_threads(e.row_len, e.dtype) : cpu::perturb_unit_rows(e.row_len);
     } else {
       e.unit_size = table.cuda ? kCudaChunkElems : kCpuChunkElems;
     }
