@@ -167,9 +167,10 @@ __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t
 // ---- perturb_ ------------------------------------------------------------------------------------------
 
 // A row of at most kStageBytes is read from DRAM once: each thread keeps the vectors it summed in shared
-// memory, in slots only it uses (so no barrier is needed), and perturbs them from there. 18 KB: the largest
-// CNN row (512 * 3 * 3 elements) in float32, twice that in the 16-bit types.
-constexpr int kStageBytes = 4608 * 4;
+// memory, in slots only it uses (so no barrier is needed), and perturbs them from there. 24 KB: 6144 float32
+// elements (WRN-28-10's longest row has 640 * 3 * 3 = 5760, ResNets' 512 * 3 * 3 = 4608), twice that in the
+// 16-bit types; five blocks per SM fit in sm_80's 164 KB of shared memory.
+constexpr int kStageBytes = 6144 * 4;
 struct alignas(16) Stage {
   unsigned char bytes[kStageBytes];
 };
