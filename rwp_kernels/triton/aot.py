@@ -107,32 +107,38 @@ def _spills(ptx: str, arch: int) -> dict:
     return dict(spill_store_bytes=int(m[1]), spill_load_bytes=int(m[2]))
 
 
+def compile_kernel(spec: Spec):
+    """The compiled kernel of one specialization (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``);
+    compile errors raise."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module_name, types = _KERNEL_ARGS[spec.kernel]
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    kernel = getattr(module, spec.kernel)
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile")
+    names = [n for n in kernel.arg_names if n not in ("DTYPE", "BLOCK")]
+    signature = dict(zip(names, [spec.index if t == INDEX else t for t in types], strict=True))
+    constexprs = {"BLOCK": spec.block}
+    if spec.dtype is not None:
+        constexprs["DTYPE"] = getattr(triton.language, {"fp32": "float32", "fp16": "float16",
+                                                         "bf16": "bfloat16"}[spec.dtype])
+    signature.update({name: "constexpr" for name in constexprs})
+    # Tensors from torch's allocator are 16-byte aligned; the JIT marks such pointers the same way.
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*")}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", spec.arch, 32), options={"num_warps": spec.num_warps})
+
+
 def compile_spec(spec: Spec) -> Result:
     """Compile one specialization; failures come back as ``Result.error``, not as exceptions."""
     try:
-        import importlib
-
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        module_name, types = _KERNEL_ARGS[spec.kernel]
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        kernel = getattr(module, spec.kernel)
-        if not isinstance(kernel, triton.runtime.JITFunction):
-            raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile")
-        names = [n for n in kernel.arg_names if n not in ("DTYPE", "BLOCK")]
-        signature = dict(zip(names, [spec.index if t == INDEX else t for t in types], strict=True))
-        constexprs = {"BLOCK": spec.block}
-        if spec.dtype is not None:
-            constexprs["DTYPE"] = getattr(triton.language, {"fp32": "float32", "fp16": "float16",
-                                                             "bf16": "bfloat16"}[spec.dtype])
-        signature.update({name: "constexpr" for name in constexprs})
-        # Tensors from torch's allocator are 16-byte aligned; the JIT marks such pointers the same way.
-        attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-                 if t.startswith("*")}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", spec.arch, 32), options={"num_warps": spec.num_warps})
+        compiled = compile_kernel(spec)
         return Result(spec, **_resource_usage(compiled.asm["cubin"]), **_spills(compiled.asm["ptx"], spec.arch))
     except Exception as err:  # reported per specialization
         return Result(spec, error=f"{type(err).__name__}: {err}".strip()[:2000])
