@@ -115,11 +115,11 @@ __device__ __forceinline__ void store_raw(T* p, int64_t e, int64_t lo, int64_t h
 
 // The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks.
 template <int N>
-__device__ __forceinline__ void normals(int64_t e, const ParamEntry& p, const NoiseKey& key, float (&z)[N]) {
+__device__ __forceinline__ void normals(int64_t e, uint32_t param_index, const NoiseKey& key, float (&z)[N]) {
 #pragma unroll
   for (int c = 0; c < N / 4; ++c) {
     const uint64_t q = static_cast<uint64_t>(e / 4 + c);
-    normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), p.param_index, key.step, key.k0, key.k1,
+    normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.k0, key.k1,
                  z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
   }
 }
@@ -150,15 +150,13 @@ __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_
 }
 
 __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key) {
-  ParamEntry p{};
-  p.param_index = param_index;
   // offset + numel may be 2^63 itself: the block count is summed in pieces that cannot overflow
   const int64_t q_begin = offset >> 2, q_end = q_begin + (((offset & 3) + numel + 3) >> 2);
   const bool aligned = (offset & 3) == 0 && aligned16(out);
   for (int64_t q = q_begin + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < q_end;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4];
-    normals(4 * q, p, key, z);
+    normals(4 * q, param_index, key, z);
     const int64_t e = 4 * q - offset;  // index in out of the block's first element
     store_elems(out, e, 0, numel, aligned && e + 4 <= numel, z);
   }
@@ -188,13 +186,17 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, 
   const bool has_row = row < p.numel / n;  // the last unit of a parameter may have fewer rows than groups
   const int64_t lo = has_row ? row * n : 0, hi = has_row ? lo + n : 0;
   const int64_t v_lo = lo / N, v_hi = (hi + N - 1) / N;  // the vectors the row touches
+  // The entry lives in shared memory: the fields the loops use are copied to registers once.
+  const uint32_t param_index = p.param_index;
+  const bool add = p.gamma != 0.0;
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
   T* grad = static_cast<T*>(p.grad);
   const float grad_scale = a.grad_scale.get();
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
-  const bool row_fisher = p.fisher != nullptr && !kPerElement;
-  const bool vec_ok = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(p.fisher);
+  float* const fisher = p.fisher;
+  const bool row_fisher = fisher != nullptr && !kPerElement;
+  const bool vec_ok = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(fisher);
   // Each group stages its row in its share of the stage; slot v - v_lo holds vector v.
   const int64_t group_slots = kStageBytes / sizeof(Vec<T>) / p.unit_size;
   Vec<T>* stage = reinterpret_cast<Vec<T>*>(stage_bytes) + group_index * group_slots - v_lo;
@@ -213,7 +215,7 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, 
     }
     if (row_fisher) {
       float f[N];
-      load_elems(p.fisher, e, lo, hi, vec, f);
+      load_elems(fisher, e, lo, hi, vec, f);
 #pragma unroll
       for (int j = 0; j < N; ++j) fsum += f[j];
     }
@@ -234,14 +236,14 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, 
     for (int j = 0; j < N; ++j) sg[j] = row_sig;
     if (kPerElement) {
       float f[N];
-      load_elems(p.fisher, e, lo, hi, vec, f);
+      load_elems(fisher, e, lo, hi, vec, f);
 #pragma unroll
       for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, p.gamma, true, true, f[j], p.eta);
       store_elems(sigmas, e, lo, hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
     }
-    if (p.gamma != 0.0) {
+    if (add) {
       float z[N], x[N];
-      normals(e, p, a.key, z);
+      normals(e, param_index, a.key, z);
 #pragma unroll
       for (int j = 0; j < N; ++j) x[j] = add_noise(to_f32(raw.x[j]), sg[j], z[j]);
       store_elems(w, e, lo, hi, vec, x);
@@ -321,7 +323,9 @@ __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, i
   T* grad = static_cast<T*>(p.grad);
   const T* clean = static_cast<const T*>(p.clean);
   const MixScalars mix = a.mix.get();
-  const bool aligned = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(clean) && aligned16(p.fisher);
+  const uint32_t param_index = p.param_index;
+  float* const fisher = p.fisher;
+  const bool aligned = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(clean) && aligned16(fisher);
   for_vectors<N>(lo, hi, aligned, [&](int64_t e, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     if (backup) {
@@ -333,7 +337,7 @@ __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, i
 #pragma unroll
       for (int c = 0; c < N / 4; ++c) {  // one Philox block at a time: fewer live registers
         float z[4];
-        normals(e + 4 * c, p, a.key, z);
+        normals(e + 4 * c, param_index, a.key, z);
 #pragma unroll
         for (int j = 0; j < 4; ++j) x[4 * c + j] = remove_noise(x[4 * c + j], sg[4 * c + j], z[j]);
       }
@@ -343,10 +347,10 @@ __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, i
     float g[N], c[N] = {}, f[N] = {};
     load_elems(grad, e, lo, hi, vec, g);
     if (clean) load_elems(clean, e, lo, hi, vec, c);
-    if (p.fisher) load_elems(p.fisher, e, lo, hi, vec, f);
-    mix_elems(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
+    if (fisher) load_elems(fisher, e, lo, hi, vec, f);
+    mix_elems(g, f, fisher != nullptr, c, clean != nullptr, mix);
     store_elems(grad, e, lo, hi, vec, g);
-    if (p.fisher) store_elems(p.fisher, e, lo, hi, vec, f);
+    if (fisher) store_elems(fisher, e, lo, hi, vec, f);
   });
 }
 
@@ -358,8 +362,9 @@ __device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64
   const T* grad = static_cast<const T*>(p.grad);
   const T* clean = static_cast<const T*>(p.clean);
   T* buf = static_cast<T*>(p.buf);
+  float* const fisher = p.fisher;
   const bool aligned = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(clean) && aligned16(buf) &&
-                       aligned16(p.fisher);
+                       aligned16(fisher);
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) {  // GradScaler overflow: restore only
     if (backup) {
       for_vectors<N>(lo, hi, aligned, [&](int64_t e, auto flag) {
@@ -377,15 +382,15 @@ __device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64
     float g[N], x[N], c[N] = {}, f[N] = {}, b[N] = {};
     load_elems(grad, e, lo, hi, vec, g);
     if (clean) load_elems(clean, e, lo, hi, vec, c);
-    if (p.fisher) load_elems(p.fisher, e, lo, hi, vec, f);
-    mix_elems(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
+    if (fisher) load_elems(fisher, e, lo, hi, vec, f);
+    mix_elems(g, f, fisher != nullptr, c, clean != nullptr, mix);
     load_elems(backup ? backup : w, e, lo, hi, vec, x);
     if (read_buf) load_elems(buf, e, lo, hi, vec, b);
 #pragma unroll
     for (int j = 0; j < N; ++j) sgd_update(x[j], b[j], g[j], s);
     store_elems(w, e, lo, hi, vec, x);
     if (s.has_momentum) store_elems(buf, e, lo, hi, vec, b);
-    if (p.fisher) store_elems(p.fisher, e, lo, hi, vec, f);
+    if (fisher) store_elems(fisher, e, lo, hi, vec, f);
   });
 }
 
