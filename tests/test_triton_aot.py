@@ -1,6 +1,16 @@
-"""Every Triton kernel specialization compiles ahead of time for sm_80 and sm_90 without a GPU, and spills nothing.
+"""The Triton kernels compile ahead of time for sm_80 and sm_90 without a GPU, in every specialization the
+launchers can produce, and spill nothing.
 
-The compilation runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled, and
+``rwp_kernels/triton/aot.py`` lists the specializations (dtype, tile, i32/i64 for each size or offset passed as
+a Python int; every integer argument is ``do_not_specialize`` and the caller's tensors that may sit at any
+address are ``do_not_specialize_on_alignment``, so the JIT makes no divisibility or value-1 variants).
+``test_launchers_produce_only_listed_specializations`` checks that list against the launchers themselves:
+it runs the public ops on many argument sets (sizes around 2**31, offsets past 2**32, one-element scale and
+found_inf tensors and sigma buffers at unaligned addresses, every dtype and tile) with the launch replaced
+by Triton's own binder, and requires every launch to be one of ``aot.specializations()``. The full
+compilation (54 specializations, about 30 s on 2 cores without Triton's cache) is ``slow``.
+
+Both run in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled, and
 tests/conftest.py switches the interpreter on in this process where there is no GPU).
 """
 import json
@@ -11,8 +21,6 @@ import sys
 import pytest
 
 from conftest import requires
-
-pytestmark = pytest.mark.slow  # builds, compiles, subprocesses or torchrun: see README, Tests
 
 
 def _tools_missing() -> str | None:
@@ -27,27 +35,115 @@ def _tools_missing() -> str | None:
     return None
 
 
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+# Runs the ops on CPU tensors with the compiled (not interpreted) kernels and records, for each launch, what the
+# JIT would compile (aot.jit_compile_inputs) instead of launching. The sizes of 2**31 and more use meta tensors.
+_LAUNCHES = r"""
+import json, os
+import torch
+import rwp_kernels.triton as RT
+from rwp_kernels.contract import NoiseKey
+from rwp_kernels.triton import aot, tables
+
+assert not RT.INTERPRETED
+os.environ["TRITON_INTERPRET"] = "1"  # let the public ops route CPU tensors to the launchers
+RT.INTERPRETED = True
+import rwp_kernels as rk
+
+seen = set()
+tables.launch = lambda kernel, programs, tile, device, *args, **constexprs: seen.add(
+    aot.jit_compile_inputs(kernel, *args, **tables.launch_kwargs(tile, constexprs)))
+
+
+def unaligned(value):
+    return torch.tensor([0.0, value])[1:].reshape(())
+
+
+key = NoiseKey(seed=1, stream=2, step=3)
+for numel, offset in [(1, 0), (16, 16), (17, 3), (5, 2**31 + 3), (3, 2**40), (1000, 1), (1000, 2**40),
+                      (2**31 + 1, 0), (2**31 + 1, 2**33)]:
+    RT.noise(numel, key=key, param_index=0, offset=offset, device=torch.device("meta"))
+for n in (1, 16, 17, 1000):
+    counter = torch.randint(0, 2**32, (4 * n + 1,))[1:].view(n, 4)  # at an address that is 8 mod 16
+    keys = torch.randint(0, 2**32, (2 * n + 1,))[1:].view(n, 2)
+    rk.philox4x32_10(counter, keys, backend="triton")
+    rk.philox4x32_10(counter.clone(), keys.clone(), backend="triton")
+RT.philox4x32_10(torch.zeros(2**31 + 1, 4, dtype=torch.int64, device="meta"),
+                 torch.zeros(2, dtype=torch.int64, device="meta"))
+
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shapes in ([(16, 3, 3, 3), (10,)], [(4, 1000), (7,)]):  # the 512- and the 1024-element tile
+        params = [torch.randn(s, dtype=dtype) for s in shapes]
+        grads = [torch.randn_like(p) for p in params]
+        fisher = [torch.rand(p.shape) for p in params]
+        backups = [torch.empty_like(p) for p in params]
+        bufs = [torch.zeros_like(p) for p in params]
+        for scale in (0.5, torch.tensor(0.5), unaligned(0.5)):
+            sigmas = rk.perturb_(params, gamma=0.1, seed=1, step=2, backups=backups, grads=grads, grad_scale=scale,
+                                 fisher=fisher, eta=0.1, backend="triton")
+            rk.perturb_(params, gamma=0.1, seed=1, step=2, backend="triton")
+            rk.restore_(params, sigmas=sigmas, seed=1, step=2, grads=grads, grad_scale=scale, fisher=fisher,
+                        beta=0.9, fisher_scale=scale, clean_grads=[g.clone() for g in grads], clean_scale=scale,
+                        backend="triton")
+            buffer = torch.empty(sum(s.numel() for s in sigmas) + 1)[1:]  # sigmas at an unaligned address
+            rk.restore_(params, sigmas=list(buffer.split([s.numel() for s in sigmas])), seed=1, step=2,
+                        backend="triton")
+            rk.restore_(params, backups=backups, backend="triton")
+            for found_inf in (None, torch.zeros(()), unaligned(0.0), torch.zeros(1, dtype=torch.int32)):
+                rk.sgd_step_(params, grads, bufs, lr=1, momentum=0.9, weight_decay=1, nesterov=True,
+                             grad_scale=scale, found_inf=found_inf, backups=backups, fisher=fisher, beta=1,
+                             fisher_scale=scale, backend="triton")
+                rk.sgd_step_(params, grads, None, lr=0.1, found_inf=found_inf, backend="triton")
+
+listed = {aot.spec_key(s): s.label for s in aot.specializations((90,))}
+print(json.dumps({"launches": len(seen), "listed": sorted(listed[k] for k in seen if k in listed),
+                  "unlisted": [repr(k) for k in seen if k not in listed], "all": len(listed)}))
+"""
+
+
+def test_launchers_produce_only_listed_specializations():
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        requires(False, f"triton is not importable ({err})", "triton-aot")
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHES], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert not out["unlisted"], "launches that rwp_kernels.triton.aot does not compile:\n" + "\n".join(out["unlisted"])
+    # Every listed specialization is reached by some argument set above (sm_90: 27).
+    assert len(out["listed"]) == out["all"] == 27, out["listed"]
+
+
+@pytest.mark.slow  # compiles 54 specializations: about 30 s on 2 cores without Triton's cache
 def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     missing = _tools_missing()
     requires(missing is None, f"ahead-of-time compilation: {missing}", "triton-aot")
     from rwp_kernels.triton import aot
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "rwp_kernels.triton.aot", "--json", "--arch", "80", "90",
          "--jobs", str(min(4, os.cpu_count() or 1))],
-        env=env, capture_output=True, text=True, timeout=1200,
+        env=_env(), capture_output=True, text=True, timeout=1200,
     )
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     key = ("kernel", "dtype", "block", "num_warps", "arch", "index")
     compiled = {tuple(r["spec"][k] for k in key) for r in results}
     expected = {tuple(getattr(s, k) for k in key) for s in aot.specializations((80, 90))}
     assert compiled == expected, f"specializations compiled vs. expected differ; stderr:\n{proc.stderr[-3000:]}"
+    assert len(expected) == 54
     assert {r["spec"]["kernel"] for r in results} == {
         "philox_kernel", "noise_kernel", "perturb_kernel", "restore_kernel", "sgd_step_kernel"}
+    # i32 and i64 for each Python-int size or offset, independently (the noise op's offset and numel).
+    assert {r["spec"]["index"] for r in results if r["spec"]["kernel"] == "noise_kernel"} == {
+        "i32,i32", "i32,i64", "i64,i32", "i64,i64"}
+    assert {r["spec"]["index"] for r in results if r["spec"]["kernel"] == "philox_kernel"} == {"i32", "i64"}
     for r in results:
         label = aot.Spec(**r["spec"]).label
         assert not r["error"], f"{label}: {r['error']}"
-        assert r["registers"] > 0, f"{label}: no register count read from the cubin"
+        assert r["registers"] > 0 and r["sass_instructions"] > 0, f"{label}: nothing read from the cubin"
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{label} spills: {r}"
+        assert r["stack_bytes"] == 0, f"{label} uses a stack frame: {r}"
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,16 +1,22 @@
-"""What is specific to the Triton kernels run by Triton's interpreter on CPU tensors: float32-to-bfloat16
-rounding (the interpreter's own conversion truncates), one launch per op and dtype, the cached address
-tables, the self-test on the interpreter, the report, and argument checks before any launch.
+"""What is specific to the Triton kernels run by Triton's interpreter on CPU tensors: they compute what the C++
+CPU backend computes, bit for bit (the normals; perturb_, restore_ and sgd_step_ except the sigmas' float64
+summation order), the interpreter's fma made exact, float32-to-bfloat16 rounding (the interpreter's own
+conversion truncates), one launch per op and dtype, the cached address tables, the self-test on the
+interpreter, the report, and argument checks before any launch.
 
 tests/conftest.py switches the interpreter on (TRITON_INTERPRET=1) where there is no GPU, before any kernel
 is created. The Triton backend against the reference (Philox, noise, perturb_, restore_, sgd_step_ over the
 shape/dtype/layout sweep, with the tolerances of docs/spec.md section 6) is in the conformance suite,
-tests/test_conformance.py.
+tests/test_conformance.py; what the compiler makes of the float math (no contraction, IEEE division and
+square root) is in tests/test_triton_ptx.py.
 """
 import os
+import struct
 import subprocess
 import sys
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,14 +26,206 @@ from rwp_kernels import conformance as C
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
+try:
+    from rwp_kernels.triton import perturb as triton_perturb  # its device functions, in test kernels
+except ImportError:  # no triton: the fixture above skips every test
+    triton_perturb = None
+
 
 def _params(dtype, seed=0):
     return C.sweep_params(dtype, seed=seed, fast=True)
 
 
-def assert_all_close(actual, expected, what):
-    errors = C.check(C.CLOSE, actual, expected, what)
+def assert_bitwise(actual, expected, what):
+    errors = C.check(C.EXACT, actual, expected, what)
     assert not errors, "\n".join(errors)
+
+
+# --- the interpreter's fma ----------------------------------------------------------------------------------
+
+def _round_to_float32(x: Fraction) -> float:
+    """The float32 nearest to the rational x, ties to even (from float64's guess and its neighbours)."""
+    guess = np.float32(float(x))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return float(min(candidates, key=lambda c: (abs(Fraction(float(c)) - x),
+                                                struct.unpack("<I", struct.pack("<f", c))[0] & 1)))
+
+
+def _fma_cases():
+    """(a, b, c) float32 triples: random over a wide exponent range, cancellation, and exact sums just beside a
+    float32 midpoint that rounding to float64 first would move onto it (where a * b + c in float64 errs)."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000)).astype(np.float32)
+    b = (rng.standard_normal(3000) * 2.0 ** rng.integers(-30, 30, 3000)).astype(np.float32)
+    c = (rng.standard_normal(3000) * 2.0 ** rng.integers(-60, 60, 3000)).astype(np.float32)
+    c[:500] = -(a[:500].astype(np.float64) * b[:500]).astype(np.float32)  # cancellation
+    x = np.float32(1 + 2**-12)  # x * x = 1 + 2^-11 + 2^-24: a float32 midpoint; +-2^-60 moves it off
+    hard_a = [x, x, -x, x, np.float32(1 + 2**-11 + 2**-12)]
+    hard_b = [x, x, x, -x, np.float32(1 + 2**-12)]
+    hard_c = [np.float32(2**-60), np.float32(-2**-60), np.float32(2**-60), np.float32(-2**-60), np.float32(2**-58)]
+    return (np.concatenate([a, hard_a]).astype(np.float32), np.concatenate([b, hard_b]).astype(np.float32),
+            np.concatenate([c, hard_c]).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def fma_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, b_ptr, c_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        a, b, c = tl.load(a_ptr + i, mask=m), tl.load(b_ptr + i, mask=m), tl.load(c_ptr + i, mask=m)
+        tl.store(out_ptr + i, tl.fma(a, b, c), mask=m)
+
+    return kernel
+
+
+def test_interpreter_fma_rounds_once(fma_kernel):
+    """tl.fma in the interpreter is a true fma (one rounding), as on a GPU and as the header's fmadd: the
+    interpreter's own is a * b + c in float32 (rwp_kernels/triton/rounding.py replaces it)."""
+    a, b, c = _fma_cases()
+    want = np.array([_round_to_float32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+                     for x, y, z in zip(a, b, c)], dtype=np.float32)
+    out = torch.empty(len(a))
+    fma_kernel[(triton_cdiv(len(a), 1024),)](torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c), out,
+                                              len(a), BLOCK=1024)
+    assert np.array_equal(out.numpy().view(np.uint32), want.view(np.uint32))
+    naive = (a * b + c).astype(np.float32)  # what the hard cases are for: two roundings differ there
+    assert not np.array_equal(naive[-5:].view(np.uint32), want[-5:].view(np.uint32))
+
+
+def triton_cdiv(n, d):
+    return -(-n // d)
+
+
+# --- the packed rows' sums ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def row_sums_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(values_ptr, row_ptr, last_ptr, out_ptr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+        lanes = tl.arange(0, BLOCK)
+        values, row, last = tl.load(values_ptr + lanes), tl.load(row_ptr + lanes), tl.load(last_ptr + lanes)
+        if SCAN:
+            sums = triton_perturb._row_sums_scan(values, row, last)
+        else:
+            sums = triton_perturb._row_sums_masked(values, row)
+        tl.store(out_ptr + lanes, sums)
+
+    return kernel
+
+
+def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel):
+    """The segmented scan the compiled kernel uses and the masked sum the interpreter uses give every element
+    its row's sum (to float64 rounding; exactly 0 for a row of zeros) for rows of lengths 1 to 9 with padding
+    lanes (rows -1 and BLOCK) around them, as perturb_kernel lays out a packed tile."""
+    block = 128
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 3, 9, 2, 5, 4, 7, 1, 6, 8, 3, 9, 2, 7, 5, 3, 6, 8, 4, 9, 1, 2]
+    row = torch.full((block,), block, dtype=torch.int32)
+    row[:3] = -1
+    start = 3
+    for r, n in enumerate(lengths):
+        row[start:start + n] = r
+        start += n
+    last = torch.zeros(block, dtype=torch.int32)
+    for r in range(len(lengths)):
+        idx = (row == r).nonzero().flatten()
+        last[idx] = idx.max().int()
+    values = torch.randn(block, generator=gen, dtype=torch.float64) ** 2
+    values[row == 4] = 0.0
+    out = {}
+    for scan in (True, False):
+        out[scan] = torch.empty(block, dtype=torch.float64)
+        row_sums_kernel[(1,)](values, row, last, out[scan], BLOCK=block, SCAN=scan)
+    for r in range(len(lengths)):
+        idx = row == r
+        for scan in (True, False):
+            sums = out[scan][idx]
+            torch.testing.assert_close(sums, values[idx].sum().expand_as(sums), rtol=1e-15, atol=0)
+            if r == 4:
+                assert torch.equal(sums, torch.zeros_like(sums))
+
+
+# --- bit for bit the C++ CPU backend ------------------------------------------------------------------------
+
+NOISE_WINDOWS = [  # (numel, offset, seed, param_index, step, stream)
+    (4, 0, 0, 0, 0, 0), (5000, 3, 20240611, 11, 2**32 + 7, 3), (777, 2**33 + 1, 2**64 - 1, 2**32 - 1, 2**32 + 3, 5),
+    (1031, 4 * 2**32 - 6, 0xDEADBEEF12345678, 7, 5, 3),  # the counter's low word wraps inside the window
+]
+
+
+@pytest.mark.parametrize("window", NOISE_WINDOWS, ids=lambda w: f"n{w[0]}-at{w[1]}")
+def test_normals_equal_the_cpp_backend(cpp_ext, window):
+    """The port of csrc/rwp_common.h's uniform / log_unit / sincos_2pi / box_muller gives its normals, bit for bit."""
+    numel, offset, seed, param_index, step, stream = window
+    args = dict(seed=seed, param_index=param_index, step=step, stream=stream, offset=offset)
+    z = rk.noise(numel, **args, backend="triton")
+    assert torch.equal(z.view(torch.int32), rk.noise(numel, **args, backend="cpu").view(torch.int32))
+
+
+def _table_ops(backend, params, mode):
+    """perturb_ (ARWP or RWP), a regenerated restore_ with the whole gradient mix, and two sgd_step_ calls
+    (fused restore, mix, Fisher, momentum with dampening; nesterov, weight decay, maximize) on copies."""
+    n = len(params)
+    fisher = C.fisher_like(params, seed=9)
+    indices = [3 * i + 1 for i in range(n)]
+    p, grads, backups = C.clone_all(params), C.like(params, seed=5), [torch.empty_like(x) for x in params]
+    kw = dict(fisher=C.clone_all(fisher), eta=0.3) if mode == "arwp" else {}
+    sigmas = rk.perturb_(p, gamma=[0.01 * (1 + i % 4) for i in range(n)], seed=20240611, step=7, stream=3,
+                         param_indices=indices, backups=backups, grads=grads, grad_scale=0.3, backend=backend, **kw)
+    restored, mixed, clean = C.clone_all(p), C.like(params, seed=6), C.like(params, seed=7)
+    f_restore = C.clone_all(fisher)
+    rk.restore_(restored, sigmas=sigmas, seed=20240611, step=7, stream=3, param_indices=indices, grads=mixed,
+                grad_scale=0.7, fisher=f_restore, beta=0.9, fisher_scale=0.5, clean_grads=clean, clean_scale=0.3,
+                backend=backend)
+    stepped, g, bufs, f_step = C.clone_all(p), C.like(params, seed=8), C.like(params, seed=10), C.clone_all(fisher)
+    rk.sgd_step_(stepped, g, bufs, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3, backups=backups,
+                 fisher=f_step, beta=0.99, grad_scale=0.75, clean_grads=clean, clean_scale=0.25, backend=backend)
+    nesterov, bufs2 = C.clone_all(p), C.like(params, seed=10)
+    rk.sgd_step_(nesterov, g, bufs2, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True,
+                 backend=backend)
+    return dict(sigmas=sigmas, perturbed=p, backups=backups, grads=grads, restored=restored, mixed=mixed,
+                 restore_fisher=f_restore, stepped=stepped, momentum_buffers=bufs, step_fisher=f_step,
+                 nesterov=nesterov, nesterov_buffers=bufs2)
+
+
+def assert_equal_to_cpp(ours, cpp):
+    """Bit for bit, except: sigmas within one float32 rounding (their float64 row sums are added in another
+    order); in a tensor whose sigmas differ, the weights computed with them (perturbed, then restored) within
+    what two sigmas times the same normal (|z| < 5.8872) and the roundings of w +- sigma z can differ by."""
+    errors = []
+    for i, (a, b) in enumerate(zip(ours["sigmas"], cpp["sigmas"])):
+        torch.testing.assert_close(a, b, rtol=2.0**-23, atol=0, msg=lambda m: f"sigmas[{i}]: {m}")
+    for what in ours:
+        for i, (a, b) in enumerate(zip(ours[what], cpp[what])):
+            same_sigma = C.bitwise_equal(ours["sigmas"][i], cpp["sigmas"][i])
+            if what == "sigmas" or (what in ("perturbed", "restored") and not same_sigma):
+                if what != "sigmas":
+                    slack = 5.8872 * (ours["sigmas"][i].double() - cpp["sigmas"][i].double()).abs().max()
+                    bound = 2 * slack + 4 * C.ulp(b).double()
+                    over = C.excess(a, b, bound)
+                    if over > 0:
+                        errors.append(f"{what}[{i}] (sigmas differ): exceeds its bound by {over:.3g}")
+                continue
+            errors += C.check(C.EXACT, [a], [b], f"{what}[{i}]")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("dtype,mode", [pytest.param(torch.float32, "arwp", id="float32-arwp")] + [
+    pytest.param(d, m, id=f"{str(d)[6:]}-{m}", marks=pytest.mark.slow)
+    for d in C.DTYPES for m in ("rwp", "arwp") if (d, m) != (torch.float32, "arwp")])
+def test_table_ops_equal_the_cpp_backend(cpp_ext, dtype, mode):
+    """perturb_, restore_ and sgd_step_ on the sweep's fast subset (packed short rows, rows longer than a tile,
+    rows starting inside a Philox block, 0-D/1-D tensors with per-element ARWP sigmas, channels_last, views at
+    odd offsets): what the C++ CPU backend computes, bit for bit."""
+    params = _params(dtype)
+    assert_equal_to_cpp(_table_ops("triton", params, mode), _table_ops("cpu", params, mode))
 
 
 def test_bfloat16_results_round_to_nearest_even():
@@ -65,13 +263,13 @@ def launches(monkeypatch):
 
 
 @pytest.mark.slow
-def test_small_cnn_step_in_one_launch_per_op(launches):
+def test_small_cnn_step_in_one_launch_per_op(launches, cpp_ext):
     torch.manual_seed(0)
     params = [p.detach() for p in models.small_cnn().parameters()]
     grads, bufs = C.like(params, seed=20), C.like(params, seed=22)
     fisher = C.fisher_like(params, seed=23)
     results = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "cpu"):
         p, g, b, f = C.clone_all(params), C.clone_all(grads), C.clone_all(bufs), C.clone_all(fisher)
         backups = [torch.empty_like(x) for x in p]
         before = len(launches)
@@ -82,21 +280,21 @@ def test_small_cnn_step_in_one_launch_per_op(launches):
         if backend == "triton":
             assert len(launches) - before == 2, "one launch per op for the whole parameter list"
         results[backend] = p, b, f, sigmas
-    for what, a, e in zip(("params", "momentum_buffers", "fisher", "sigmas"), results["triton"], results["reference"]):
-        assert_all_close(a, e, what)
+    (p, b, f, sigmas), (p_cpp, b_cpp, f_cpp, sigmas_cpp) = results["triton"], results["cpu"]
+    assert_equal_to_cpp(dict(sigmas=sigmas, stepped=p, momentum_buffers=b, step_fisher=f),
+                        dict(sigmas=sigmas_cpp, stepped=p_cpp, momentum_buffers=b_cpp, step_fisher=f_cpp))
 
 
-def test_one_launch_per_dtype_and_float64_to_reference(launches):
+def test_one_launch_per_dtype_and_float64_to_reference(launches, cpp_ext):
     params = [torch.randn(4, 9), torch.randn(6).half(), torch.randn(3, 5).double(), torch.randn(8, 2)]
-    p, p_ref = C.clone_all(params), C.clone_all(params)
+    p, p_cpp = C.clone_all(params), C.clone_all(params)
     sigmas = rk.perturb_(p, gamma=0.1, seed=1, step=2, backend="triton")
-    sigmas_ref = rk.perturb_(p_ref, gamma=0.1, seed=1, step=2, backend="reference")
+    sigmas_cpp = rk.perturb_(p_cpp, gamma=0.1, seed=1, step=2, backend="cpu")
     assert len(launches) == 2  # float32 and float16; float64 goes to the reference backend
-    assert_all_close(p, p_ref, "params")
-    assert_all_close(sigmas, sigmas_ref, "sigmas")
+    assert_equal_to_cpp(dict(sigmas=sigmas, perturbed=p), dict(sigmas=sigmas_cpp, perturbed=p_cpp))
 
 
-def test_tables_are_cached_and_follow_new_tensors(monkeypatch):
+def test_tables_are_cached_and_follow_new_tensors(monkeypatch, cpp_ext):
     from rwp_kernels.triton import tables
 
     uploads = []
@@ -111,9 +309,9 @@ def test_tables_are_cached_and_follow_new_tensors(monkeypatch):
     other = _params(torch.float32, seed=1)  # new tensors, same shapes: new addresses, new tables
     grads = C.like(other, seed=2)
     expected = C.clone_all(other)
-    rk.sgd_step_(expected, grads, None, lr=0.1, backend="reference")
+    rk.sgd_step_(expected, grads, None, lr=0.1, backend="cpu")
     rk.sgd_step_(other, grads, None, lr=0.1, backend="triton")
-    assert_all_close(other, expected, "params")
+    assert_bitwise(other, expected, "params")
     assert len(uploads) == 2
 
 

@@ -1,12 +1,32 @@
-"""Ahead-of-time compilation of every Triton kernel specialization the launchers use; no GPU needed.
+"""Ahead-of-time compilation of every Triton kernel specialization the launchers can produce; no GPU needed.
 
-Each (kernel, dtype, tile) is compiled for each target with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", cc, 32))``. Registers, stack and shared memory are read from the cubin with the
-``cuobjdump -res-usage`` that ships with Triton; spill bytes from the same ``ptxas -v`` run that Triton
-makes (same flags). ``python -m rwp_kernels.triton.aot`` prints the table and exits with status 1 on
-any spill or compile failure. Run it without TRITON_INTERPRET=1: interpreted kernels cannot be compiled.
+Triton's JIT compiles one specialization per kernel, constexprs (DTYPE, BLOCK), launch options (num_warps,
+``tables.COMPILE_OPTIONS``) and argument specialization: an integer argument is i32 or i64 by its value
+(and, unless ``do_not_specialize``, a separate variant when it equals 1 or is divisible by 16), a pointer
+gets ``tt.divisibility 16`` when its address is 16-byte aligned (unless ``do_not_specialize_on_alignment``).
+The kernels keep that set small and known: every integer argument is ``do_not_specialize``, and the
+pointers whose tensors can come from the caller at any address (one-element scale and found_inf tensors,
+the sigmas given to restore_, the counters and keys of the raw Philox op) are
+``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
+(16-byte aligned). What remains varies: the dtype, the tile (``tables.TILE_MENU``) and, for the kernels
+that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
+independently (an i64 size only with the largest tile). ``specializations()`` lists all of them (sm_80
+and sm_90: 54); ``compile_inputs`` gives the exact
+signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
+same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
+launchers on many argument sets and checks that each launch is one of ``specializations()``.
+
+Each specialization is compiled for each target with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
+cc, 32))``. Registers, stack and shared memory are read from the cubin with the ``cuobjdump -res-usage``
+that ships with Triton, the SASS instruction count with ``cuobjdump -sass``; spill bytes come from the
+same ``ptxas -v`` run that Triton makes (same flags). ``python -m rwp_kernels.triton.aot`` prints the
+table and exits with status 1 on any spill or compile failure (about 30 s on 2 cores without Triton's
+cache). Run it without TRITON_INTERPRET=1: interpreted kernels cannot be compiled.
 """
 import argparse
+import importlib
+import inspect
+import itertools
 import json
 import os
 import re
@@ -18,18 +38,23 @@ from dataclasses import asdict, dataclass
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
+INDEX_TYPES = ("i32", "i64")
 
-INDEX = "index"  # a size or offset passed as a Python int: i32 below 2**31, else i64 (two specializations)
+# A size or an offset passed as a Python int: i32 below 2**31, else i64. A SIZE of 2**31 or more takes more
+# than any tile, so the launcher picks the largest tile (tables.choose_tile): i64 sizes only come with it.
+INDEX, SIZE = "index", "size"
 _KERNEL_ARGS = {
     # kernel name -> (module, argument types in order); DTYPE and BLOCK are the constexprs.
-    "philox_kernel": ("noise", ["*i64", "*i64", "*i64", INDEX]),
-    "noise_kernel": ("noise", ["*fp32", INDEX, INDEX, "i32", "i32", "i32", "i32"]),
-    "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp32", "*fp32", "fp32", "*fp32", "i32", "i32", "i32"]),
+    "philox_kernel": ("noise", ["*i64", "*i64", "*i64", SIZE]),
+    "noise_kernel": ("noise", ["*fp32", INDEX, SIZE, "i32", "i32", "i32", "i32"]),
+    "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "fp32", "*fp32", "i32", "i32", "i32"]),
     "restore_kernel": ("restore", ["*i64", "*i64", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "*fp32", "fp32",
                                    "*fp32", "fp32", "*fp32"]),
     "sgd_step_kernel": ("sgd_step", ["*i64", "*i64", "fp32", "fp32", "fp32", "fp32", "i32", "i32", "i32", "*fp32",
                                      "fp32", "fp32", "*fp32", "fp32", "*fp32", "fp32", "*fp32"]),
 }
+KERNELS = tuple(_KERNEL_ARGS)
+_TL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -39,11 +64,13 @@ class Spec:
     block: int
     num_warps: int
     arch: int
-    index: str | None = None  # i32 / i64 for kernels that take sizes as Python ints
+    index: str | None = None  # the INDEX arguments' types, comma-separated (e.g. "i64,i32"); None if none
 
     @property
     def label(self) -> str:
-        variant = " ".join(v for v in (self.dtype, self.index) if v)
+        names = [n for n, t in zip(_arg_names(self.kernel), _KERNEL_ARGS[self.kernel][1]) if t in (INDEX, SIZE)]
+        index = " ".join(f"{n}={t}" for n, t in zip(names, self.index.split(","))) if self.index else ""
+        variant = " ".join(v for v in (self.dtype, index) if v)
         return f"{self.kernel} {variant} BLOCK={self.block} warps={self.num_warps} sm_{self.arch}".replace("  ", " ")
 
 
@@ -55,6 +82,7 @@ class Result:
     shared_bytes: int = -1
     spill_store_bytes: int = -1
     spill_load_bytes: int = -1
+    sass_instructions: int = -1
     error: str = ""
 
     @property
@@ -62,17 +90,92 @@ class Result:
         return not self.error and self.spill_store_bytes == 0 and self.spill_load_bytes == 0
 
 
+def _kernel(name: str):
+    module_name, _ = _KERNEL_ARGS[name]
+    return getattr(importlib.import_module(f"{__package__}.{module_name}"), name)
+
+
+def _arg_names(name: str) -> list[str]:
+    """The kernel's non-constexpr argument names (also when the kernels are interpreted)."""
+    return [n for n in inspect.signature(_kernel(name).fn).parameters if n not in ("DTYPE", "BLOCK")]
+
+
 def specializations(archs=ARCHS) -> list[Spec]:
+    """Every specialization the launchers can produce, per target."""
     from .tables import TILE_MENU
 
     specs = []
     for arch in archs:
         for block, warps in TILE_MENU:
-            for kernel in ("philox_kernel", "noise_kernel"):
-                specs += [Spec(kernel, None, block, warps, arch, index) for index in ("i32", "i64")]
-            for kernel in ("perturb_kernel", "restore_kernel", "sgd_step_kernel"):
-                specs += [Spec(kernel, dtype, block, warps, arch) for dtype in DTYPES]
+            for kernel in KERNELS:
+                kinds = [t for t in _KERNEL_ARGS[kernel][1] if t in (INDEX, SIZE)]
+                indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
+                           if block == TILE_MENU[-1][0] or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
+                dtypes = DTYPES if kernel not in ("philox_kernel", "noise_kernel") else (None,)
+                specs += [Spec(kernel, dtype, block, warps, arch, index or None) for dtype in dtypes
+                          for index in indices]
     return specs
+
+
+def compile_inputs(spec: Spec):
+    """(kernel, signature, constexprs, attrs, options) of ``spec``, as the JIT builds them for a launch."""
+    import triton
+
+    from .tables import COMPILE_OPTIONS
+
+    kernel = _kernel(spec.kernel)
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile")
+    types = _KERNEL_ARGS[spec.kernel][1]
+    index = iter(spec.index.split(",") if spec.index else ())
+    params = [p for p in kernel.params if not p.is_constexpr]
+    signature = {}
+    for p, t in zip(params, types, strict=True):
+        t = next(index) if t in (INDEX, SIZE) else t
+        if t[0] in "iu" and not p.do_not_specialize:
+            raise RuntimeError(f"{spec.kernel}: the JIT specializes integer argument {p.name} on its value (== 1, "
+                               f"divisible by 16): mark it do_not_specialize or list those variants here")
+        signature[p.name] = t
+    constexprs = {"BLOCK": spec.block}
+    if spec.dtype is not None:
+        constexprs["DTYPE"] = getattr(triton.language, _TL_DTYPES[spec.dtype])
+    # In the kernel's argument order, as the JIT builds it.
+    signature = {p.name: "constexpr" if p.is_constexpr else signature[p.name] for p in kernel.params}
+    # The JIT marks a pointer 16-byte aligned when its address is; the launcher's own tables and buffers always
+    # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
+    attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
+             if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
+    options = {"num_warps": spec.num_warps, **COMPILE_OPTIONS}
+    return kernel, signature, constexprs, attrs, options
+
+
+def _key(kernel, signature, constexprs, attrs, options) -> tuple:
+    """A comparable form of what the compiler gets (paths are turned into argument names)."""
+    def name(k):
+        return kernel.arg_names[k[0]] if isinstance(k, tuple) else k
+
+    return (kernel.__name__, tuple(signature.items()), tuple(sorted((name(k), str(v)) for k, v in constexprs.items())),
+            tuple(sorted((name(k), str(v)) for k, v in attrs.items() if v)),
+            tuple(sorted((k, options[k]) for k in ("num_warps", "enable_fp_fusion") if k in options)))
+
+
+def spec_key(spec: Spec) -> tuple:
+    return _key(*compile_inputs(spec))
+
+
+def jit_compile_inputs(kernel, *args, **kwargs) -> tuple:
+    """The ``spec_key`` form of what Triton's JIT compiles for ``kernel[grid](*args, **kwargs)``: its own
+    binder (argument types, divisibility, value specialization) and option parsing, for a CUDA target;
+    the tensors may live anywhere (only their addresses are read)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return _key(kernel, signature, constexprs, attrs, options.__dict__)
 
 
 def _tool(name: str) -> str:
@@ -81,65 +184,69 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _resource_usage(cubin: bytes) -> dict:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([_tool("cuobjdump"), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    out = _cuobjdump(cubin, "-res-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
     if not m:
         raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{out}")
     return dict(registers=int(m[1]), stack_bytes=int(m[2]), shared_bytes=int(m[3]))
 
 
-def _spills(ptx: str, arch: int) -> dict:
-    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M)[1]
+def sass_opcodes(cubin: bytes) -> list[str]:
+    """The SASS instructions' opcodes (with their modifiers, without predicates), NOPs left out."""
+    ops = []
+    for line in _cuobjdump(cubin, "-sass").splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m and m[1] != "NOP":
+            ops.append(m[1])
+    return ops
+
+
+def _spills(ptx: str, arch: int, options: dict) -> dict:
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    fmad = [] if options.get("enable_fp_fusion", True) else ["--fmad=false"]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
-                              "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr
+        # Triton's own ptxas flags (make_cubin), --fmad=false with fp fusion off (tables.COMPILE_OPTIONS).
+        log = subprocess.run([_tool("ptxas"), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not m:
         raise RuntimeError(f"ptxas -v printed no spill line:\n{log}")
     return dict(spill_store_bytes=int(m[1]), spill_load_bytes=int(m[2]))
 
 
-def compile_kernel(spec: Spec):
-    """The compiled kernel of one specialization (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``);
-    compile errors raise."""
-    import importlib
-
+def compile_kernel(spec: Spec, **option_overrides):
+    """The compiled kernel of ``spec`` (``.asm["ttir"]``, ``["ptx"]``, ``["cubin"]``, ...); ``option_overrides``
+    replace launch options (e.g. ``enable_fp_fusion=True``, to see what the checks would catch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module_name, types = _KERNEL_ARGS[spec.kernel]
-    module = importlib.import_module(f"{__package__}.{module_name}")
-    kernel = getattr(module, spec.kernel)
-    if not isinstance(kernel, triton.runtime.JITFunction):
-        raise RuntimeError("the kernels are interpreted (TRITON_INTERPRET=1): unset it to compile")
-    names = [n for n in kernel.arg_names if n not in ("DTYPE", "BLOCK")]
-    signature = dict(zip(names, [spec.index if t == INDEX else t for t in types], strict=True))
-    constexprs = {"BLOCK": spec.block}
-    if spec.dtype is not None:
-        constexprs["DTYPE"] = getattr(triton.language, {"fp32": "float32", "fp16": "float16",
-                                                         "bf16": "bfloat16"}[spec.dtype])
-    signature.update({name: "constexpr" for name in constexprs})
-    # Tensors from torch's allocator are 16-byte aligned; the JIT marks such pointers the same way.
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*")}
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                          target=GPUTarget("cuda", spec.arch, 32), options={"num_warps": spec.num_warps})
+    kernel, signature, constexprs, attrs, options = compile_inputs(spec)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", spec.arch, 32),
+                          options={**options, **option_overrides})
 
 
 def compile_spec(spec: Spec) -> Result:
     """Compile one specialization; failures come back as ``Result.error``, not as exceptions."""
     try:
         compiled = compile_kernel(spec)
-        return Result(spec, **_resource_usage(compiled.asm["cubin"]), **_spills(compiled.asm["ptx"], spec.arch))
+        cubin = compiled.asm["cubin"]
+        spills = _spills(compiled.asm["ptx"], spec.arch, compile_inputs(spec)[4])
+        return Result(spec, **_resource_usage(cubin), **spills,
+                      sass_instructions=len(sass_opcodes(cubin)))
     except Exception as err:  # reported per specialization
         return Result(spec, error=f"{type(err).__name__}: {err}".strip()[:2000])
 
@@ -153,19 +260,21 @@ def compile_all(specs=None, jobs: int = 1) -> list[Result]:
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'kernel specialization':<52} {'regs':>5} {'stack':>6} {'shared':>7} {'spill st/ld':>12}"]
+    lines = [f"{'kernel specialization':<62} {'regs':>5} {'stack':>6} {'shared':>7} {'spill st/ld':>12} {'SASS':>6}"]
     for r in results:
         if r.error:
-            lines.append(f"{r.spec.label:<52} FAILED: {r.error.splitlines()[0]}")
+            lines.append(f"{r.spec.label:<62} FAILED: {r.error.splitlines()[0]}")
         else:
             spills = f"{r.spill_store_bytes}/{r.spill_load_bytes}"
-            lines.append(f"{r.spec.label:<52} {r.registers:>5} {r.stack_bytes:>6} {r.shared_bytes:>7} {spills:>12}")
+            lines.append(f"{r.spec.label:<62} {r.registers:>5} {r.stack_bytes:>6} {r.shared_bytes:>7} {spills:>12} "
+                         f"{r.sass_instructions:>6}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    parser.add_argument("--kernel", nargs="+", choices=KERNELS, default=list(KERNELS), help="only these kernels")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     parser.add_argument("--json", action="store_true", help="print one JSON object per specialization")
     args = parser.parse_args(argv)
@@ -173,7 +282,7 @@ def main(argv=None) -> int:
         print("TRITON_INTERPRET=1 is set: the kernels are interpreted and cannot be compiled; unset it",
               file=sys.stderr)
         return 2
-    results = compile_all(specializations(args.arch), jobs=args.jobs)
+    results = compile_all([s for s in specializations(args.arch) if s.kernel in args.kernel], jobs=args.jobs)
     if args.json:
         for r in results:
             print(json.dumps({**asdict(r), "ok": r.ok}))

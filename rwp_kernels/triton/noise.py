@@ -8,7 +8,7 @@ from . import philox as P
 from . import tables as T
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"], do_not_specialize_on_alignment=["counter_ptr", "key_ptr"])
 def philox_kernel(counter_ptr, key_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr):
     """out[i, :] = Philox4x32-10(counter[i, :], key[i, :]) for int64 [n, 4] / [n, 2] inputs holding uint32 words."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -4,6 +4,17 @@ Philox4x32-10 is written out with ``tl.umulhi`` (``tl.randn`` has a 32-bit count
 whole Philox call per normal). Each call yields four normals: element ``e`` of a parameter is lane
 ``e % 4`` of block ``q = e // 4`` with counter ``(q lo, q hi, param_index, step)``.
 
+The uniforms and Box-Muller are ``uniform``, ``log_unit``, ``sincos_2pi``, ``box_muller`` and
+``normal_block`` of csrc/rwp_common.h, op for op: each ``fmadd`` there is ``tl.fma`` here (one
+rounding; ``rounding.py`` makes the interpreter's exact too), every other multiply and add is a separate,
+rounded operation (the kernels are compiled with ``enable_fp_fusion=False``, ``tables.COMPILE_OPTIONS``,
+so neither LLVM nor ptxas contracts them), ``round_to_int`` is ``rounding.rint``, the square root is IEEE
+(``tl.sqrt_rn``), and the float32 constants are the header's literals (each rounds to the same float32
+from its double value here as from the decimal in C++). So the normals equal the C++ CPU and CUDA
+backends' bit for bit, on a GPU and in Triton's interpreter. No libdevice call: its ``logf``/``sinf``/
+``cosf`` differ from the header's, and ``sinf``/``cosf`` carry a slow path for huge arguments (a stack
+frame, spills).
+
 Constants above 2**31 are written as their int32 two's complement and reinterpreted as uint32:
 the interpreter (TRITON_INTERPRET=1) rejects integer literals outside the int32 range.
 """
@@ -11,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import stream as S
+from .rounding import rint
 
 
 def as_int32(word: int) -> int:
@@ -23,9 +35,29 @@ M1: tl.constexpr = tl.constexpr(as_int32(S.PHILOX_M1))
 W0: tl.constexpr = tl.constexpr(as_int32(S.PHILOX_W0))
 W1: tl.constexpr = tl.constexpr(as_int32(S.PHILOX_W1))
 ROUNDS: tl.constexpr = tl.constexpr(S.PHILOX_ROUNDS)
-UNIFORM_SCALE: tl.constexpr = tl.constexpr(S.UNIFORM_SCALE)
-UNIFORM_OFFSET: tl.constexpr = tl.constexpr(S.UNIFORM_OFFSET)
-TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
+UNIFORM_SCALE: tl.constexpr = tl.constexpr(S.UNIFORM_SCALE)  # 2**-24
+UNIFORM_OFFSET: tl.constexpr = tl.constexpr(S.UNIFORM_OFFSET)  # 2**-25
+
+# csrc/rwp_common.h's float32 literals (each rounds to the same float32 from its double value here).
+SQRT_HALF: tl.constexpr = tl.constexpr(0.707106781186547524)
+LOG_P0: tl.constexpr = tl.constexpr(7.0376836292e-2)
+LOG_P1: tl.constexpr = tl.constexpr(-1.1514610310e-1)
+LOG_P2: tl.constexpr = tl.constexpr(1.1676998740e-1)
+LOG_P3: tl.constexpr = tl.constexpr(-1.2420140846e-1)
+LOG_P4: tl.constexpr = tl.constexpr(1.4249322787e-1)
+LOG_P5: tl.constexpr = tl.constexpr(-1.6668057665e-1)
+LOG_P6: tl.constexpr = tl.constexpr(2.0000714765e-1)
+LOG_P7: tl.constexpr = tl.constexpr(-2.4999993993e-1)
+LOG_P8: tl.constexpr = tl.constexpr(3.3333331174e-1)
+LN2_LO: tl.constexpr = tl.constexpr(-2.12194440e-4)
+LN2_HI: tl.constexpr = tl.constexpr(0.693359375)
+TWO_PI: tl.constexpr = tl.constexpr(6.28318530717958647692)
+SIN_P0: tl.constexpr = tl.constexpr(-1.9515295891e-4)
+SIN_P1: tl.constexpr = tl.constexpr(8.3321608736e-3)
+SIN_P2: tl.constexpr = tl.constexpr(-1.6666654611e-1)
+COS_P0: tl.constexpr = tl.constexpr(2.443315711809948e-5)
+COS_P1: tl.constexpr = tl.constexpr(-1.388731625493765e-3)
+COS_P2: tl.constexpr = tl.constexpr(4.166664568298827e-2)
 
 
 @triton.jit
@@ -55,31 +87,61 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def uniform(x):
-    """u(x) = (x >> 8) * 2**-24 + 2**-25 in float32: exact product, one rounding."""
-    return (x >> 8).to(tl.float32) * UNIFORM_SCALE + UNIFORM_OFFSET
+    """u(x) = (x >> 8) * 2**-24 + 2**-25 in float32: exact product, one rounding (rwp_common.h ``uniform``)."""
+    return tl.fma((x >> 8).to(tl.float32), UNIFORM_SCALE, UNIFORM_OFFSET)
 
 
 @triton.jit
-def cos_sin_2pi(v):
-    """(cos 2 pi v, sin 2 pi v) for v in (0, 1], within ~1e-7: an exact reduction to the nearest quarter turn
-    and Taylor polynomials on [-pi/4, pi/4]. Unlike tl.cos / tl.sin (libdevice), no call to a slow path for
-    huge arguments, which costs a stack frame and spills around the call."""
-    quarter = (v * 4.0 + 0.5).to(tl.int32)  # v > 0: truncation is floor
-    x = (v - quarter.to(tl.float32) * 0.25) * TWO_PI  # v - quarter / 4 is exact; |x| <= pi / 4
-    x2 = x * x
-    s = x * (1.0 + x2 * (-1.0 / 6 + x2 * (1.0 / 120 + x2 * (-1.0 / 5040 + x2 * (1.0 / 362880)))))
-    c = 1.0 + x2 * (-0.5 + x2 * (1.0 / 24 + x2 * (-1.0 / 720 + x2 * (1.0 / 40320))))
-    quadrant = quarter & 3
-    odd = (quadrant & 1) != 0
-    c_q = tl.where(odd, s, c)
-    s_q = tl.where(odd, c, s)
-    return tl.where((quadrant == 1) | (quadrant == 2), -c_q, c_q), tl.where(quadrant >= 2, -s_q, s_q)
+def log_unit(x):
+    """ln x for x in (0, 1], Cephes logf as rwp_common.h ``log_unit`` writes it (no special cases)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)  # x = m * 2^e, m in [0.5, 1)
+    small = m < SQRT_HALF
+    e = (bits >> 23).to(tl.int32) - 126 - small.to(tl.int32)  # e - 1 where m < sqrt(1/2)
+    fe = e.to(tl.float32)
+    t = (m - 1.0) + tl.where(small, m, 0.0)  # exact: 2m - 1 or m - 1
+    z = t * t
+    p = tl.fma(LOG_P0, t, LOG_P1)
+    p = tl.fma(p, t, LOG_P2)
+    p = tl.fma(p, t, LOG_P3)
+    p = tl.fma(p, t, LOG_P4)
+    p = tl.fma(p, t, LOG_P5)
+    p = tl.fma(p, t, LOG_P6)
+    p = tl.fma(p, t, LOG_P7)
+    p = tl.fma(p, t, LOG_P8)
+    y = (p * t) * z
+    y = tl.fma(fe, LN2_LO, y)
+    y = tl.fma(z, -0.5, y)
+    return tl.fma(fe, LN2_HI, t + y)
+
+
+@triton.jit
+def sincos_2pi(u):
+    """(cos 2 pi u, sin 2 pi u) for u in [0, 1] as rwp_common.h ``sincos_2pi``: u = k/4 + w exactly, the
+    Cephes sinf/cosf polynomials on [-pi/4, pi/4], rotation by k quarter turns with bit operations."""
+    k = rint(u * 4.0)  # round_to_int: to nearest, ties to even
+    q = k.to(tl.int32).to(tl.uint32, bitcast=True)
+    th = (u - k * 0.25) * TWO_PI
+    z = th * th
+    ps = tl.fma(SIN_P0, z, SIN_P1)
+    ps = tl.fma(ps, z, SIN_P2)
+    sr = tl.fma(ps * z, th, th)
+    pc = tl.fma(COS_P0, z, COS_P1)
+    pc = tl.fma(pc, z, COS_P2)
+    cr = tl.fma(pc * z, z, tl.fma(-0.5, z, 1.0))
+    odd = (q & 1) != 0
+    cs = tl.where(odd, sr, cr)
+    sn = tl.where(odd, cr, sr)
+    c = (cs.to(tl.uint32, bitcast=True) ^ (((q + 1) & 2) << 30)).to(tl.float32, bitcast=True)
+    s = (sn.to(tl.uint32, bitcast=True) ^ ((q & 2) << 30)).to(tl.float32, bitcast=True)
+    return c, s
 
 
 @triton.jit
 def box_muller(xa, xb):
-    r = tl.sqrt(-2.0 * tl.log(uniform(xa)))
-    c, s = cos_sin_2pi(uniform(xb))
+    """Two standard normals from two Philox words (rwp_common.h ``box_muller``)."""
+    r = tl.sqrt_rn(-2.0 * log_unit(uniform(xa)))
+    c, s = sincos_2pi(uniform(xb))
     return r * c, r * s
 
 
@@ -91,7 +153,8 @@ def key_words(k0, k1):
 
 @triton.jit
 def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr):
-    """Normals of elements 4*first_quad .. 4*first_quad + BLOCK - 1 of one parameter's stream, float32 [BLOCK].
+    """Normals of elements 4*first_quad .. 4*first_quad + BLOCK - 1 of one parameter's stream, float32 [BLOCK]
+    (rwp_common.h ``normal_block`` for BLOCK // 4 consecutive blocks).
 
     ``first_quad`` is an int64 scalar, ``param_index``, ``step``, ``k0``, ``k1`` uint32 scalars.
     """

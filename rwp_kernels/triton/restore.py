@@ -16,7 +16,8 @@ def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_m
                  clean_scale, DTYPE: tl.constexpr):
     """The float32 gradient ``grad * grad_scale (+ clean * clean_scale)`` of the elements ``start + lanes``
     (``grad_ptr`` points at element ``start``; absent tensors have address 0); with a Fisher state, first
-    ``F <- beta * F + (grad * fisher_scale)**2``, stored where ``fisher_mask``."""
+    ``F <- beta * F + (grad * fisher_scale)**2``, stored where ``fisher_mask``. As csrc/rwp_common.h
+    ``fisher_update`` and ``mix_grad``: every product and sum rounded on its own (no fma)."""
     g = to_float32(tl.load(grad_ptr + lanes, mask=mask, other=0.0))
     if fisher_addr != 0:
         f_ptr = fisher_addr.to(tl.pointer_type(tl.float32)) + start + lanes
@@ -42,7 +43,8 @@ def sigma_entries(lanes, start, sigma_len, BLOCK: tl.constexpr):
     return entry
 
 
-@triton.jit(do_not_specialize=["step", "k0", "k1"])
+@triton.jit(do_not_specialize=["step", "k0", "k1"],
+            do_not_specialize_on_alignment=["sigma_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
 def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
                    fisher_scale_ptr, clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)

@@ -1,13 +1,27 @@
-"""Conversions between the parameter dtype and float32 that are exact (and round to nearest even) on
-every target.
+"""Float operations that round exactly as csrc/rwp_common.h does, on a GPU and in Triton's interpreter.
 
-For bfloat16 both directions are written out in integer operations: Triton's interpreter converts
-float32 to bfloat16 by truncation and bfloat16 subnormals to float32 wrongly, so ``.to()`` would make
-the CPU tests disagree with a GPU and with the reference. The integer versions give the GPU's results
-on both (the widening is a shift; the narrowing rounds to nearest even and keeps NaNs NaN).
+* ``to_dtype`` / ``to_float32``: conversions between the parameter dtype and float32, to nearest even. For
+  bfloat16 both directions are integer operations: Triton's interpreter converts float32 to bfloat16 by
+  truncation and bfloat16 subnormals to float32 wrongly, so ``.to()`` would make the CPU tests disagree
+  with a GPU and with the other backends. The integer versions give the GPU's results on both (the
+  widening is a shift; the narrowing rounds to nearest even and keeps NaNs NaN).
+* ``tl.fma`` in the interpreter: Triton's interpreter computes it as ``x * y + z`` in float32 (two
+  roundings), not as the one-rounding fma a GPU (``fma.rn.f32``) and the header's ``fmadd`` compute.
+  ``exact_interpreter_fma`` replaces it with a correctly rounded one (float64 product, sum rounded to odd,
+  then to float32), so the kernels can use ``tl.fma`` and be tested in the interpreter bit for bit.
+* ``rint``: round to the nearest integer, ties to even (the header's ``round_to_int``), with the
+  1.5 * 2**23 trick: two float32 additions, exact on every target (the kernels are compiled without
+  fp fusion and without fast-math flags, so nothing folds them).
+
+Every other multiply and add of the kernels is a plain Triton operation, rounded on its own: the
+launchers compile with ``enable_fp_fusion=False`` (``tables.COMPILE_OPTIONS``), and the interpreter
+rounds each numpy operation anyway. tests/test_triton_ptx.py checks the compiled PTX for it.
 """
+import numpy as np
 import triton
 import triton.language as tl
+
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
 
 
 @triton.jit
@@ -28,3 +42,50 @@ def to_float32(x):
         return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
+
+
+@triton.jit
+def rint(x):
+    """x rounded to the nearest integer, ties to even, as float32, for |x| < 2**22 (``round_to_int``)."""
+    return (x + ROUND_MAGIC) - ROUND_MAGIC
+
+
+def _fma_float32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 fma of numpy arrays: the product of two float32 values is exact in float64;
+    the sum is rounded to odd (to nearest, then, where inexact and the last bit is even, one ulp towards the
+    exact sum, which Knuth's TwoSum gives), and rounding that to float32 is the correctly rounded result
+    (53 >= 24 + 2 bits: Boldo and Melquiond, "Emulation of FMA and correctly rounded sums", 2008)."""
+    p = x.astype(np.float64) * y.astype(np.float64)
+    c = z.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = p + c
+        back = s - p
+        err = (p - (s - back)) + (c - back)  # p + c == s + err exactly (s finite)
+    bits = np.asarray(s).view(np.int64)
+    towards = np.where((err > 0) == (s > 0), 1, -1)  # the exact sum is larger / smaller in magnitude than s
+    fix = np.isfinite(s) & (err != 0) & ((bits & 1) == 0)
+    odd = np.where(fix, bits + towards, bits).view(np.float64)
+    with np.errstate(over="ignore"):
+        return odd.astype(np.float32)
+
+
+def exact_interpreter_fma() -> None:
+    """Make ``tl.fma`` on float32 one rounding in Triton's interpreter, as on a GPU (idempotent). Called when
+    the kernels are interpreted; without the interpreter it changes nothing that runs."""
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    if getattr(InterpreterBuilder.create_fma, "_rwp_exact", False):
+        return
+    original = InterpreterBuilder.create_fma
+
+    def create_fma(self, x, y, z):
+        if x.data.dtype == y.data.dtype == z.data.dtype == np.float32:
+            return TensorHandle(_fma_float32(x.data, y.data, z.data), z.dtype.scalar)
+        return original(self, x, y, z)
+
+    create_fma._rwp_exact = True
+    InterpreterBuilder.create_fma = create_fma
+
+
+if triton.knobs.runtime.interpret:
+    exact_interpreter_fma()

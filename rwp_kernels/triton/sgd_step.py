@@ -12,7 +12,8 @@ from .tables import BACKUP, CLEAN, COLUMNS, FISHER, GRAD, MOMENTUM_BUFFER, W
 from .restore import mix_gradient
 
 
-@triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"])
+@triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"],
+            do_not_specialize_on_alignment=["found_inf_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
 def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize,
                     first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
                     clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
@@ -37,19 +38,20 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
                      clean_scale * tl.load(clean_scale_ptr), DTYPE)
     if maximize != 0:
         g = -g
+    # csrc/rwp_common.h sgd_update: fma exactly where the header has fmadd (ATen's add(alpha=)).
     if weight_decay != 0:
-        g += weight_decay * x
+        g = tl.fma(x, weight_decay, g)
     if momentum != 0:
         buf_ptr = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE)) + start + lanes
         buf = g
         if first_step == 0:
-            buf = to_float32(tl.load(buf_ptr, mask=mask, other=0.0)) * momentum + one_minus_dampening * g
+            buf = tl.fma(g, one_minus_dampening, to_float32(tl.load(buf_ptr, mask=mask, other=0.0)) * momentum)
         tl.store(buf_ptr, to_dtype(buf, DTYPE), mask=mask & update)
         if nesterov != 0:
-            g += momentum * buf
+            g = tl.fma(buf, momentum, g)
         else:
             g = buf
-    new = tl.where(update, x - lr * g, x)
+    new = tl.where(update, tl.fma(g, -lr, x), x)
     tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
 
 

@@ -38,6 +38,11 @@ PARAM_INDEX: tl.constexpr = tl.constexpr(10)
 VECTOR: tl.constexpr = tl.constexpr(11)  # 1 for 0-D/1-D tensors: their norm gets NORM_EPS
 COLUMNS: tl.constexpr = tl.constexpr(12)
 
+# Options of every launch (and of the ahead-of-time compilation, aot.py): no floating-point contraction, so
+# a multiply and an add stay two roundings as csrc/rwp_common.h has them (LLVM emits mul.rn / add.rn, which
+# ptxas does not fuse either); the fma the header has are explicit tl.fma. See docs/triton.md, Rounding.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
 # (elements per program, warps): a program holds its tile in registers, a few elements per thread.
 TILE_MENU = ((512, 4), (1024, 8))
 
@@ -159,9 +164,9 @@ def tables(device: torch.device, rows: list[tuple], tile: Tile, *, by_rows: bool
     return _tables.get((_where(device), tile, by_rows, tuple(rows)), build)
 
 
-def float_table(device: torch.device, values: tuple) -> torch.Tensor:
-    """A cached float32 device tensor holding ``values`` (per-parameter hyperparameters)."""
-    return _floats.get((_where(device), values), lambda: upload(list(values), torch.float32, device))
+def float_table(device: torch.device, values: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A cached device tensor of ``dtype`` holding ``values`` (per-parameter hyperparameters)."""
+    return _floats.get((_where(device), dtype, values), lambda: upload(list(values), dtype, device))
 
 
 def constant(device: torch.device, value: float) -> torch.Tensor:
@@ -200,10 +205,15 @@ def clear_caches() -> None:
     _constants.clear()
 
 
+def launch_kwargs(tile: Tile, constexprs: dict) -> dict:
+    """The keyword arguments of a launch: constexprs, the tile's BLOCK and warps, ``COMPILE_OPTIONS``."""
+    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **COMPILE_OPTIONS, **constexprs)
+
+
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """One launch of ``kernel`` on ``device``'s current stream."""
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        kernel[(programs,)](*args, BLOCK=tile.block, num_warps=tile.num_warps, **constexprs)
+        kernel[(programs,)](*args, **launch_kwargs(tile, constexprs))
 
 
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:

@@ -1,0 +1,182 @@
+"""The compiled Triton kernels round as csrc/rwp_common.h does: read from their PTX, no GPU needed.
+
+Triton's interpreter rounds every operation on its own, so the interpreter tests cannot see what the compiler
+does to the float math. This file compiles the kernels for sm_80 and sm_90 with the launchers' options
+(``rwp_kernels/triton/aot.py``, in a subprocess without TRITON_INTERPRET) and reads the PTX:
+
+* no approximate or flush-to-zero float instruction (``div.full``, ``div.approx``, ``sqrt.approx``,
+  ``rcp.approx``, ``ex2.approx``, ``lg2.approx``, ``sin.approx``, ``cos.approx``, ``.ftz``) and no libdevice
+  call (``tt.extern_elementwise`` in the Triton IR): every float operation is IEEE, as in the header;
+* every float add, sub and mul carries an explicit rounding (``add.rn.f32``, ...): PTX lets ptxas contract a
+  ``mul.f32`` / ``add.f32`` pair into an fma, but never one with ``.rn``;
+* the ``fma.rn.f32`` count is exactly the header's: ``fmadd`` in ``normal_block`` (counted in rwp_common.h)
+  per Philox block, times the blocks each thread computes, times the places a kernel generates noise, and
+  ``sgd_update``'s ``fmadd`` per element of ``sgd_step_kernel``; no ``fma.rn.f64`` (``row_sigma`` has none).
+
+With ``enable_fp_fusion=True`` (Triton's default) LLVM contracts the spec's separate multiply and add into fma
+and emits contractible ``mul.f32`` / ``add.f32``: ``test_the_checks_catch_fp_fusion`` compiles the noise kernel
+that way and asserts that the checks fail, so this file fails if fusion is ever switched back on.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires
+
+pytestmark = pytest.mark.slow  # compiles ~25 kernels in a subprocess (about 30 s on 2 cores without Triton's cache)
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = ROOT / "csrc" / "rwp_common.h"
+
+# (kernel, dtype, block, warps, arch, index); the 1024-element tile for the noise-generating kernels on sm_90.
+SPECS = ([("philox_kernel", None, 512, 4, a, "i32") for a in (80, 90)]
+         + [("noise_kernel", None, 512, 4, a, "i64,i32") for a in (80, 90)]
+         + [(k, d, 512, 4, a, None) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
+            for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
+         + [("noise_kernel", None, 1024, 8, 90, "i32,i64"), ("perturb_kernel", "fp32", 1024, 8, 90, None),
+            ("restore_kernel", "bf16", 1024, 8, 90, None)])
+FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32")  # compiled with enable_fp_fusion=True: the checks must fail
+
+_COMPILE = r"""
+import json, sys
+from rwp_kernels.triton import aot
+out, jobs = sys.argv[1], json.loads(sys.argv[2])
+manifest = []
+for i, (spec, overrides) in enumerate(jobs):
+    compiled = aot.compile_kernel(aot.Spec(*spec), **overrides)
+    for ext in ("ptx", "ttir"):
+        with open(f"{out}/{i}.{ext}", "w") as f:
+            f.write(compiled.asm[ext])
+    manifest.append([spec, overrides, i])
+print(json.dumps(manifest))
+"""
+
+
+def _tools_missing() -> str | None:
+    try:
+        import triton
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return None if os.access(ptxas, os.X_OK) else f"Triton's ptxas is missing ({ptxas})"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{(spec, fused): (ptx, ttir)} for SPECS with the launchers' options, and FUSED with fp fusion on."""
+    missing = _tools_missing()
+    requires(missing is None, f"compiling the Triton kernels: {missing}", "triton-aot")
+    out = tmp_path_factory.mktemp("ptx")
+    jobs = [(list(s), {}) for s in SPECS] + [(list(FUSED), {"enable_fp_fusion": True})]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(out), json.dumps(jobs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = {}
+    for spec, overrides, i in json.loads(proc.stdout.splitlines()[-1]):
+        result[(tuple(spec), bool(overrides))] = ((out / f"{i}.ptx").read_text(), (out / f"{i}.ttir").read_text())
+    return result
+
+
+# ---- what the header has ----------------------------------------------------------------------------------
+
+def header_function(name: str) -> str:
+    """The body of the function ``name`` in csrc/rwp_common.h."""
+    text = HEADER.read_text()
+    m = re.search(rf"RWP_HD [^(;]*\b{name}\(.*?\n}}\n", text, re.S)
+    assert m, f"{name} not found in {HEADER}"
+    return m[0]
+
+
+def fmadds(name: str) -> int:
+    return header_function(name).count("fmadd(")
+
+
+def fma_per_normal_block() -> int:
+    """fmadd in normal_block: two box_muller, each two uniform, one log_unit and one sincos_2pi."""
+    assert fmadds("normal_block") == 0 and fmadds("box_muller") == 0, "the count below assumes none there"
+    return 2 * (2 * fmadds("uniform") + fmadds("log_unit") + fmadds("sincos_2pi"))
+
+
+# Places where a kernel generates noise (P.normal_tile calls) and explicit fma per element outside it.
+NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 2, "restore_kernel": 1, "sgd_step_kernel": 0}
+
+
+def expected_fma(spec) -> int:
+    kernel, _, block, warps, _, _ = spec
+    threads = 32 * warps
+    blocks_per_thread = max(1, block // 4 // threads)  # normal_tile: BLOCK // 4 Philox blocks per program
+    count = NOISE_SITES[kernel] * fma_per_normal_block() * blocks_per_thread
+    if kernel == "sgd_step_kernel":
+        count += fmadds("sgd_update") * max(1, block // threads)  # one sgd_update per element
+    return count
+
+
+def test_the_header_counts_are_what_the_port_has():
+    """40 fma per Philox block (uniform 1, log_unit 11, sincos_2pi 7; twice Box-Muller), 4 in sgd_update, none
+    in the per-element noise and mix formulas: the numbers the PTX counts below are compared with."""
+    assert (fmadds("uniform"), fmadds("log_unit"), fmadds("sincos_2pi")) == (1, 11, 7)
+    assert fma_per_normal_block() == 40
+    assert fmadds("sgd_update") == 4
+    for name in ("add_noise", "remove_noise", "fisher_update", "mix_grad", "row_sigma"):
+        assert fmadds(name) == 0, name
+    from rwp_kernels.triton import philox
+
+    source = Path(philox.__file__).read_text()
+    port = {name: source[source.index(f"def {name}("):].split("\n@triton.jit")[0].count("tl.fma(")
+            for name in ("uniform", "log_unit", "sincos_2pi")}
+    assert port == {"uniform": 1, "log_unit": 11, "sincos_2pi": 7}
+
+
+# ---- the PTX checks ---------------------------------------------------------------------------------------
+
+INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", re.M)
+APPROXIMATE = re.compile(r"\.approx\b|^div\.full\b|\.ftz\b")
+CONTRACTIBLE = re.compile(r"^(add|sub|mul|mad)\.f(16|32|64)$")
+
+
+def instructions(ptx: str) -> list[str]:
+    return INSTRUCTION.findall(ptx)
+
+
+def problems(spec, ptx: str, ttir: str) -> list[str]:
+    ops = instructions(ptx)
+    out = [f"approximate / flush-to-zero: {op}" for op in sorted(set(ops)) if APPROXIMATE.search(op)]
+    out += [f"contractible (no rounding modifier, ptxas may fuse it): {op} x{ops.count(op)}"
+            for op in sorted(set(ops)) if CONTRACTIBLE.search(op)]
+    if "tt.extern_elementwise" in ttir:
+        out.append("a libdevice call (tt.extern_elementwise)")
+    fma32, fma64 = ops.count("fma.rn.f32"), ops.count("fma.rn.f64")
+    if fma32 != expected_fma(spec):
+        out.append(f"fma.rn.f32 x{fma32}, the header has {expected_fma(spec)}")
+    if fma64:
+        out.append(f"fma.rn.f64 x{fma64}, the header has none")
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(str(v) for v in s if v is not None))
+def test_ptx_rounds_as_the_header(compiled, spec):
+    ptx, ttir = compiled[(spec, False)]
+    assert ".target sm_" in ptx
+    assert not problems(spec, ptx, ttir), "\n".join(problems(spec, ptx, ttir))
+    ops = instructions(ptx)
+    if NOISE_SITES[spec[0]]:  # the Box-Muller radius and the sigma: IEEE square roots
+        assert "sqrt.rn.f32" in ops
+    if spec[0] == "perturb_kernel":  # row_sigma in float64: IEEE sqrt and division, rounded once
+        assert {"sqrt.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"} <= set(ops)
+
+
+def test_the_checks_catch_fp_fusion(compiled):
+    """The same noise kernel with Triton's default fp fusion: contracted fma and contractible mul/add appear,
+    and the checks above report them (so they would fail if the launchers compiled with fusion on)."""
+    ptx, ttir = compiled[(FUSED, True)]
+    found = problems(FUSED, ptx, ttir)
+    assert any(p.startswith("contractible") for p in found), found
+    assert any(p.startswith("fma.rn.f32") for p in found), found
+    unfused, _ = compiled[(("noise_kernel", None, 512, 4, 90, "i64,i32"), False)]
+    assert instructions(ptx).count("fma.rn.f32") > instructions(unfused).count("fma.rn.f32") == 40
