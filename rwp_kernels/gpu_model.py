@@ -506,13 +506,14 @@ def triton_specs(archs, dtypes=("fp32", "bf16"), tiles=None) -> list:
     from .triton import aot
     from .triton.tables import TILE_MENU
 
-    specs = []
-    for arch in archs:
-        for block, warps in tiles or TILE_MENU:
-            specs += [aot.Spec(k, None, block, warps, arch, "i32") for k in ("philox_kernel", "noise_kernel")]
-            specs += [aot.Spec(k, d, block, warps, arch) for d in dtypes
-                      for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")]
-    return specs
+    wanted_tiles = set(tiles or TILE_MENU)
+
+    def wanted(spec) -> bool:
+        if (spec.block, spec.num_warps) not in wanted_tiles or spec.dtype not in (None, *dtypes):
+            return False
+        return spec.index is None or set(spec.index.split(",")) == {"i32"}  # sizes below 2**31
+
+    return [spec for spec in aot.specializations(archs) if wanted(spec)]
 
 
 def _triton_reports(spec, compiled: dict) -> list[KernelReport]:
