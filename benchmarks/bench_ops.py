@@ -20,7 +20,10 @@ round are printed too):
   fused launches of the exact mode read and write), as one tensor copy; and, per fused backend, the
   ratio perturb+step / floor as the median over back-to-back pairs of calls (robust to a shared
   machine's slow phases, which the ratio of two separately measured medians is not).
-Prints a table and writes bench_ops.csv and bench_ops.png under --out.
+Prints a table and writes bench_ops.csv and bench_ops.png under --out. With --device cuda it also prints
+the GPU-blind estimate of rwp_kernels.gpu_model (what benchmarks/bench_gpu_model.py reports) next to the
+measured perturb_, sgd_step_ and perturb+step medians of the cuda and triton backends, and writes them to
+bench_ops_estimate.csv: the figures that calibrate the model.
 """
 import argparse
 import csv
@@ -208,6 +211,53 @@ def summarize(rows):
     return lines
 
 
+def gpu_estimates(rows, models, out):
+    """The model's estimate (rwp_kernels.gpu_model, float32, the configuration timed here) next to the
+    measured medians of the fused GPU backends; written to bench_ops_estimate.csv."""
+    from rwp_kernels import gpu_model
+
+    backends_here = [b for b in ("cuda", "triton") if any(r["backend"] == b for r in rows)]
+    if not backends_here:
+        return
+    gpu, source, index, errors = gpu_model.device_model(backends_here, ("fp32",))
+    print(f"\nthe model's estimate (rwp_kernels.gpu_model: from the SASS, nothing measured) next to the measured "
+          f"medians: {source}, HBM "
+          f"{gpu.hbm_bytes_per_s / 1e12:.2f} TB/s, {gpu.sms} SMs, {gpu.clock_hz / 1e9:.2f} GHz")
+    for err in errors:
+        print(f"  no estimate for {err}")
+    measured = {(r["model"], r["op"], r["backend"]): r["median_ms"] for r in rows}
+    ops = {"perturb_": "perturb_", "sgd_step_": "sgd_step_", gpu_model.STEP: "perturb+step"}
+    out_rows = []
+    print(f"  {'model':<9} {'backend':<7} {'op':<13} {'measured':>10} {'estimate':>10} {'bound':<16} "
+          f"{'meas/est':>8} {'% HBM peak meas / est':>22}")
+    for model in models:
+        for backend in backends_here:
+            try:
+                estimates = gpu_model.estimate_model(MODELS[model](), "fp32", gpu, index, backend, model)
+            except KeyError as err:
+                print(f"  {model:<9} {backend:<7} no estimate: {err.args[0]}")
+                continue
+            for e in estimates:
+                ms = measured.get((model, ops[e.op], backend))
+                if ms is None:
+                    continue
+                pct = e.min_bytes / gpu.hbm_bytes_per_s / (ms * 1e-3)
+                print(f"  {model:<9} {backend:<7} {ops[e.op]:<13} {ms:8.3f} ms {e.time * 1e3:7.3f} ms {e.bound:<16} "
+                      f"{ms / (e.time * 1e3):7.2f}x {pct:10.0%} / {e.pct_hbm_peak:.0%}")
+                out_rows.append(dict(model=model, backend=backend, op=ops[e.op], gpu=gpu.name, measured_ms=ms,
+                                     estimate_ms=e.time * 1e3, bound=e.bound,
+                                     measured_over_estimate=ms / (e.time * 1e3),
+                                     measured_pct_hbm_peak=100 * pct, estimate_pct_hbm_peak=100 * e.pct_hbm_peak,
+                                     memory_ms=e.t_memory * 1e3, latency_ms=e.t_latency * 1e3,
+                                     compute_ms=e.t_compute * 1e3, launch_ms=e.t_launch * 1e3))
+    if out_rows:
+        with open(out / "bench_ops_estimate.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(out_rows[0]))
+            writer.writeheader()
+            writer.writerows(out_rows)
+        print(f"wrote {out / 'bench_ops_estimate.csv'}")
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -250,6 +300,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False), so there is "
+                 "nothing to measure; python benchmarks/bench_gpu_model.py prints the GPU-blind estimate instead")
     names = args.backends or [device.type, "reference"]
     for name in names:
         reason = backends.unavailable_reason(name, device.type)
@@ -283,6 +336,8 @@ def main(argv=None):
         writer.writerows(rows)
     plot(rows, args.out / "bench_ops.png")
     print(f"wrote {args.out / 'bench_ops.csv'} and {args.out / 'bench_ops.png'}")
+    if device.type == "cuda":
+        gpu_estimates(rows, args.models, args.out)
 
 
 if __name__ == "__main__":

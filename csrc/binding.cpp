@@ -2,12 +2,17 @@
 // turns tensor lists into the kernels' parameter table and calls the CPU or the CUDA kernels.
 // This is the only translation unit that includes torch headers.
 //
+// Three builds: CPU kernels only; CPU and CUDA kernels (RWP_WITH_CUDA); and the emulated build
+// (RWP_EMULATE_CUDA, csrc/emu): the CUDA kernels compiled as host C++ run on CPU tensors, through this same
+// table building and argument packing, as the ops of the library rwp_kernels_emu (backend "cuda-emu").
+//
 // Absent companions: an empty list (the whole list absent) or an empty tensor (absent for one parameter).
 // Float arguments that may live on the device come as (Tensor? t, float value): t's value if t is given.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -17,12 +22,22 @@
 
 #include "rwp_api.h"
 
-#ifdef RWP_WITH_CUDA
+#if defined(RWP_EMULATE_CUDA)
+#include "cuda/cuda_kernels.h"
+#define RWP_OPS rwp_kernels_emu
+#define RWP_OPS_PREFIX "rwp_kernels_emu::"
+#define RWP_CUDA_KERNELS
+#elif defined(RWP_WITH_CUDA)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/cuda_kernels.h"
+#define RWP_CUDA_KERNELS
+#endif
+#if !defined(RWP_OPS)
+#define RWP_OPS rwp_kernels
+#define RWP_OPS_PREFIX "rwp_kernels::"
 #endif
 
 namespace rwp {
@@ -32,22 +47,31 @@ using at::Tensor;
 using at::TensorList;
 using OptTensor = std::optional<Tensor>;
 
+// Whether the CUDA kernels run on tensors like t: CUDA tensors, and in the emulated build CPU tensors.
+bool on_cuda_kernels(const Tensor& t) {
+#if defined(RWP_EMULATE_CUDA)
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
 int32_t dtype_code(const Tensor& t, const char* op, size_t i) {
   switch (t.scalar_type()) {
     case at::kFloat: return kFloat32;
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
-    default: TORCH_CHECK(false, "rwp_kernels::", op, ": params[", i, "] has unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, RWP_OPS_PREFIX "", op, ": params[", i, "] has unsupported dtype ", t.scalar_type());
   }
 }
 
 // A dense tensor whose rows (shape[0]) are contiguous runs: the layouts the kernels can walk.
 void check_param(const Tensor& p, const Tensor& first, const char* op, size_t i) {
-  TORCH_CHECK(p.device() == first.device(), "rwp_kernels::", op, ": params[", i, "] is on ", p.device(),
+  TORCH_CHECK(p.device() == first.device(), RWP_OPS_PREFIX "", op, ": params[", i, "] is on ", p.device(),
               " but params[0] is on ", first.device());
-  TORCH_CHECK(p.numel() > 0, "rwp_kernels::", op, ": params[", i, "] is empty");
+  TORCH_CHECK(p.numel() > 0, RWP_OPS_PREFIX "", op, ": params[", i, "] is empty");
   TORCH_CHECK(p.is_non_overlapping_and_dense() && (p.dim() < 2 || p.size(0) == 1 || p.stride(0) == p.numel() / p.size(0)),
-              "rwp_kernels::", op, ": params[", i, "] is not dense with contiguous rows");
+              RWP_OPS_PREFIX "", op, ": params[", i, "] is not dense with contiguous rows");
 }
 
 // Same strides wherever the size is not 1 (as rwp_kernels._validate compares layouts).
@@ -65,24 +89,24 @@ void* companion(TensorList list, size_t i, const Tensor& p, const char* op, cons
   const Tensor& t = list[i];
   if (!t.defined() || t.numel() == 0) return nullptr;
   TORCH_CHECK(t.scalar_type() == dtype.value_or(p.scalar_type()) && same_layout(t, p) && t.device() == p.device(),
-              "rwp_kernels::", op, ": ", name, "[", i, "] does not match params[", i, "] in dtype, shape, layout or device");
+              RWP_OPS_PREFIX "", op, ": ", name, "[", i, "] does not match params[", i, "] in dtype, shape, layout or device");
   return t.data_ptr();
 }
 
 void check_length(TensorList list, size_t n, const char* op, const char* name) {
-  TORCH_CHECK(list.empty() || list.size() == n, "rwp_kernels::", op, ": ", name, " has ", list.size(),
+  TORCH_CHECK(list.empty() || list.size() == n, RWP_OPS_PREFIX "", op, ": ", name, " has ", list.size(),
               " entries but params has ", n);
 }
 
 ScalarArg scalar_arg(const OptTensor& t, double value, const Tensor& like, const char* op, const char* name) {
   if (!t.has_value()) return {nullptr, static_cast<float>(value)};
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
-              "rwp_kernels::", op, ": ", name, " must be a one-element float32 tensor on ", like.device());
+              RWP_OPS_PREFIX "", op, ": ", name, " must be a one-element float32 tensor on ", like.device());
   return {t->data_ptr<float>(), 1.0f};
 }
 
 uint32_t word(int64_t v, const char* op, const char* name) {
-  TORCH_CHECK(v >= 0 && v < (int64_t{1} << 32), "rwp_kernels::", op, ": ", name, " must be in [0, 2**32), got ", v);
+  TORCH_CHECK(v >= 0 && v < (int64_t{1} << 32), RWP_OPS_PREFIX "", op, ": ", name, " must be in [0, 2**32), got ", v);
   return static_cast<uint32_t>(v);
 }
 
@@ -95,6 +119,7 @@ struct Table {
   std::vector<ParamEntry> entries;
   int64_t units = 0;
   bool cuda = false;
+  bool by_rows = false;
 };
 
 // The per-parameter plan of a call, as rwp_kernels.ext_backend packs rwp_kernels.layout.ParamPlan: four
@@ -102,12 +127,13 @@ struct Table {
 constexpr size_t kPlanWords = 4;
 
 Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const char* op) {
-  TORCH_CHECK(!params.empty(), "rwp_kernels::", op, ": params is empty");
-  TORCH_CHECK(plan.size() == kPlanWords * params.size(), "rwp_kernels::", op, ": plan has ", plan.size(),
+  TORCH_CHECK(!params.empty(), RWP_OPS_PREFIX "", op, ": params is empty");
+  TORCH_CHECK(plan.size() == kPlanWords * params.size(), RWP_OPS_PREFIX "", op, ": plan has ", plan.size(),
               " words but params needs ", kPlanWords * params.size());
   Table table;
-  table.cuda = params[0].is_cuda();
-  TORCH_CHECK(table.cuda || params[0].is_cpu(), "rwp_kernels::", op, ": tensors on ", params[0].device(),
+  table.cuda = on_cuda_kernels(params[0]);
+  table.by_rows = by_rows;
+  TORCH_CHECK(table.cuda || params[0].is_cpu(), RWP_OPS_PREFIX "", op, ": tensors on ", params[0].device(),
               " are not supported");
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor& p = params[i];
@@ -119,13 +145,13 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
     e.row_len = words[0];
     const int64_t sigma_len = words[1];
     TORCH_CHECK(e.row_len > 0 && e.numel % e.row_len == 0 && sigma_len > 0 && e.numel % sigma_len == 0,
-                "rwp_kernels::", op, ": the plan of params[", i, "] does not fit its ", e.numel, " elements");
+                RWP_OPS_PREFIX "", op, ": the plan of params[", i, "] does not fit its ", e.numel, " elements");
     e.param_index = word(words[2], op, "param_index");
     e.whole_tensor = words[3] != 0;
     e.sigma_per_element = e.whole_tensor && sigma_len == 1 && e.numel > 1;
     e.dtype = dtype_code(p, op, i);
     if (by_rows) {
-      e.unit_size = table.cuda ? 1 : cpu::perturb_unit_rows(e.row_len);
+      e.unit_size = table.cuda ? kCudaThreads / cuda_row_threads(e.row_len, e.dtype) : cpu::perturb_unit_rows(e.row_len);
     } else {
       e.unit_size = table.cuda ? kCudaChunkElems : kCpuChunkElems;
     }
@@ -136,11 +162,13 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
   return table;
 }
 
-#ifdef RWP_WITH_CUDA
+#if defined(RWP_WITH_CUDA)
+using CudaStream = c10::cuda::CUDAStream;
+
 // Device copy of a call's table, cached per (op, device, CUDA stream) and uploaded again only when its
 // contents change (new addresses, shapes or per-parameter hyperparameters). The upload is an
 // asynchronous copy from pinned memory on the current CUDA stream; no host synchronization.
-const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDAStream cuda_stream) {
+const ParamEntry* device_table(const std::vector<ParamEntry>& entries, const char* op, c10::cuda::CUDAStream cuda_stream) {
   struct Cached {
     std::vector<ParamEntry> host;
     Tensor device;
@@ -149,22 +177,28 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
   static std::map<std::tuple<std::string, int, int64_t>, Cached> cache;
   std::lock_guard<std::mutex> lock(mu);
   Cached& c = cache[{op, cuda_stream.device_index(), cuda_stream.id()}];
-  const size_t bytes = t.entries.size() * sizeof(ParamEntry);
-  if (!(c.device.defined() && c.host.size() == t.entries.size() &&
-        std::memcmp(c.host.data(), t.entries.data(), bytes) == 0)) {
+  const size_t bytes = entries.size() * sizeof(ParamEntry);
+  if (!(c.device.defined() && c.host.size() == entries.size() &&
+        std::memcmp(c.host.data(), entries.data(), bytes) == 0)) {
     Tensor pinned = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(pinned.data_ptr(), t.entries.data(), bytes);
+    std::memcpy(pinned.data_ptr(), entries.data(), bytes);
     c.device = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(cuda_stream.device()));
     c.device.copy_(pinned, /*non_blocking=*/true);
-    c.host = t.entries;
+    c.host = entries;
   }
   return static_cast<const ParamEntry*>(c.device.data_ptr());
 }
+#elif defined(RWP_EMULATE_CUDA)
+// The emulated kernels read the host table itself, on an emulated stream.
+struct CudaStream {
+  cudaStream_t stream() const { return nullptr; }
+};
 
+const ParamEntry* device_table(const std::vector<ParamEntry>& entries, const char*, CudaStream) { return entries.data(); }
 #endif
 
 // RWP_CUDA(code): the code in a build with CUDA kernels, nullptr in one without (where it could not compile).
-#ifdef RWP_WITH_CUDA
+#ifdef RWP_CUDA_KERNELS
 #define RWP_CUDA(...) __VA_ARGS__
 #else
 #define RWP_CUDA(...) nullptr
@@ -174,28 +208,66 @@ const ParamEntry* device_table(const Table& t, const char* op, c10::cuda::CUDASt
 // then nullptr) a clear error instead.
 template <class Launch>
 void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
-#ifdef RWP_WITH_CUDA
+#if defined(RWP_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(like.device());
   const c10::cuda::CUDAStream cuda_stream = c10::cuda::getCurrentCUDAStream(like.device().index());
   C10_CUDA_CHECK(launch(cuda_stream));
+#elif defined(RWP_EMULATE_CUDA)
+  (void)like;
+  const cudaError_t err = launch(CudaStream{});
+  TORCH_CHECK(err == cudaSuccess, RWP_OPS_PREFIX, op, ": the emulated CUDA launch failed (error ", static_cast<int>(err),
+              "): ", simt::last_error());
 #else
   (void)like;
   (void)launch;
-  TORCH_CHECK(false, "rwp_kernels::", op, ": this build of the extension has no CUDA kernels");
+  TORCH_CHECK(false, RWP_OPS_PREFIX "", op, ": this build of the extension has no CUDA kernels");
 #endif
 }
 
 // Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, cuda_stream).
+#ifdef RWP_CUDA_KERNELS
+// The table as the CUDA kernels take it: the entries grouped by kernel variant (dtype, and for perturb_ the
+// sigma mode; order kept within a group), work units renumbered in that order, one launch per group.
+struct CudaTable {
+  std::vector<ParamEntry> entries;
+  std::vector<cuda::Launch> launches;
+};
+
+CudaTable by_variant(const Table& t) {
+  CudaTable c{t.entries, {}};
+  auto variant = [&](const ParamEntry& e) { return std::make_pair(e.dtype, t.by_rows && e.sigma_per_element); };
+  std::stable_sort(c.entries.begin(), c.entries.end(),
+                   [&](const ParamEntry& a, const ParamEntry& b) { return variant(a) < variant(b); });
+  int64_t unit = 0;
+  for (size_t i = 0; i < c.entries.size(); ++i) {
+    ParamEntry& e = c.entries[i];
+    if (i == 0 || variant(c.entries[i - 1]) != variant(e))
+      c.launches.push_back({static_cast<int64_t>(i), 0, unit, 0, e.dtype, variant(e).second});
+    const int64_t units = units_of(e.numel, e.row_len, e.unit_size, t.by_rows);
+    e.first_unit = unit;
+    c.launches.back().count += 1;
+    c.launches.back().units += units;
+    unit += units;
+  }
+  return c;
+}
+#endif
+
 template <class CpuFn, class CudaFn>
 void run(const Table& t, const Tensor& like, const char* op, const CpuFn& cpu_fn, const CudaFn& cuda_fn) {
-  const int64_t n = static_cast<int64_t>(t.entries.size());
   if (!t.cuda) {
-    cpu_fn(t.entries.data(), n, t.units);
+    cpu_fn(t.entries.data(), static_cast<int64_t>(t.entries.size()), t.units);
     return;
   }
   (void)cuda_fn;
-  launch_cuda(like, op, RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
-    return cuda_fn(device_table(t, op, cuda_stream), n, t.units, cuda_stream.stream());
+  launch_cuda(like, op, RWP_CUDA([&](CudaStream cuda_stream) {
+    const CudaTable c = by_variant(t);
+    const ParamEntry* table = device_table(c.entries, op, cuda_stream);
+    for (const cuda::Launch& launch : c.launches) {
+      const cudaError_t err = cuda_fn(table, launch, cuda_stream.stream());
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   }));
 }
 
@@ -205,12 +277,12 @@ Tensor philox_op(const Tensor& counter, const Tensor& key) {
   TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong && counter.dim() == 2 &&
                   key.dim() == 2 && counter.size(1) == 4 && key.size(1) == 2 && counter.size(0) == key.size(0) &&
                   counter.device() == key.device(),
-              "rwp_kernels::philox4x32_10: expects int64 counter [n, 4] and key [n, 2] on one device");
+              RWP_OPS_PREFIX "philox4x32_10: expects int64 counter [n, 4] and key [n, 2] on one device");
   const Tensor c = counter.contiguous(), k = key.contiguous();
   Tensor out = at::empty({c.size(0), 4}, c.options());
   if (c.size(0) == 0) return out;
-  if (c.is_cuda()) {
-    launch_cuda(c, "philox4x32_10", RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
+  if (on_cuda_kernels(c)) {
+    launch_cuda(c, "philox4x32_10", RWP_CUDA([&](CudaStream cuda_stream) {
       return cuda::philox(c.data_ptr<int64_t>(), k.data_ptr<int64_t>(), out.data_ptr<int64_t>(), c.size(0),
                           cuda_stream.stream());
     }));
@@ -222,13 +294,13 @@ Tensor philox_op(const Tensor& counter, const Tensor& key) {
 
 void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index, int64_t step, int64_t offset) {
   const char* op = "noise_";
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "rwp_kernels::noise_: out must be a contiguous float32 tensor");
-  TORCH_CHECK(offset >= 0, "rwp_kernels::noise_: offset must be >= 0");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), RWP_OPS_PREFIX "noise_: out must be a contiguous float32 tensor");
+  TORCH_CHECK(offset >= 0, RWP_OPS_PREFIX "noise_: offset must be >= 0");
   const NoiseKey key = noise_key(key0, key1, step, op);
   const uint32_t pi = word(param_index, op, "param_index");
   if (out.numel() == 0) return;
-  if (out.is_cuda()) {
-    launch_cuda(out, op, RWP_CUDA([&](c10::cuda::CUDAStream cuda_stream) {
+  if (on_cuda_kernels(out)) {
+    launch_cuda(out, op, RWP_CUDA([&](CudaStream cuda_stream) {
       return cuda::noise(out.data_ptr<float>(), out.numel(), offset, pi, key, cuda_stream.stream());
     }));
   } else {
@@ -245,7 +317,7 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
   check_length(backups, n, op, "backups");
   check_length(grads, n, op, "grads");
   check_length(fisher, n, op, "fisher");
-  TORCH_CHECK(gammas.size() == n && etas.size() == n, "rwp_kernels::perturb_: gammas and etas need one entry per param");
+  TORCH_CHECK(gammas.size() == n && etas.size() == n, RWP_OPS_PREFIX "perturb_: gammas and etas need one entry per param");
   int64_t sigma_rows = 0;
   for (size_t i = 0; i < n; ++i) {
     ParamEntry& e = t.entries[i];
@@ -255,7 +327,7 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
     e.fisher = static_cast<float*>(companion(fisher, i, p, op, "fisher", at::kFloat));
     e.gamma = gammas[i];
     e.eta = etas[i];
-    TORCH_CHECK(!e.sigma_per_element || (e.whole_tensor && e.fisher), "rwp_kernels::perturb_: the plan gives params[",
+    TORCH_CHECK(!e.sigma_per_element || (e.whole_tensor && e.fisher), RWP_OPS_PREFIX "perturb_: the plan gives params[",
                 i, "] one sigma per element, which only a 0-D/1-D tensor with a Fisher state has");
     e.sigma_offset = sigma_rows;
     sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
@@ -265,8 +337,8 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
                          sigmas.data_ptr<float>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::perturb(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::perturb(table, launch, args, cuda_stream);
       }));
   return sigmas;
 }
@@ -289,7 +361,7 @@ void fill_mix(Table& t, TensorList params, TensorList grads, TensorList fisher, 
     e.grad = companion(grads, i, params[i], op, "grads");
     e.fisher = static_cast<float*>(companion(fisher, i, params[i], op, "fisher", at::kFloat));
     e.clean = companion(clean_grads, i, params[i], op, "clean_grads");
-    TORCH_CHECK(e.grad || (!e.fisher && !e.clean), "rwp_kernels::", op, ": fisher or clean_grads[", i,
+    TORCH_CHECK(e.grad || (!e.fisher && !e.clean), RWP_OPS_PREFIX "", op, ": fisher or clean_grads[", i,
                 "] given without grads[", i, "]");
   }
 }
@@ -302,22 +374,22 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
   Table t = make_table(params, plan, /*by_rows=*/false, op);
   const size_t n = params.size();
   check_length(backups, n, op, "backups");
-  TORCH_CHECK(backups.empty() != sigmas.empty(), "rwp_kernels::restore_: pass either backups or sigmas");
-  TORCH_CHECK(sigmas.empty() || sigmas.size() == n, "rwp_kernels::restore_: sigmas needs one entry per param");
+  TORCH_CHECK(backups.empty() != sigmas.empty(), RWP_OPS_PREFIX "restore_: pass either backups or sigmas");
+  TORCH_CHECK(sigmas.empty() || sigmas.size() == n, RWP_OPS_PREFIX "restore_: sigmas needs one entry per param");
   fill_mix(t, params, grads, fisher, clean_grads, op);
   const float* sigma_base = sigmas.empty() ? nullptr : sigmas[0].data_ptr<float>();
   for (size_t i = 0; i < n; ++i) {
     ParamEntry& e = t.entries[i];
     if (!backups.empty()) {
       e.backup = companion(backups, i, params[i], op, "backups");
-      TORCH_CHECK(e.backup, "rwp_kernels::restore_: backups[", i, "] is missing");
+      TORCH_CHECK(e.backup, RWP_OPS_PREFIX "restore_: backups[", i, "] is missing");
       continue;
     }
     const Tensor& s = sigmas[i];
     const int64_t count = e.sigma_per_element ? e.numel : e.numel / e.row_len;
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == params[i].device() &&
                     s.numel() == count,
-                "rwp_kernels::restore_: sigmas[", i, "] does not fit params[", i, "] and its plan");
+                RWP_OPS_PREFIX "restore_: sigmas[", i, "] does not fit params[", i, "] and its plan");
     // Views of one buffer (as perturb_ returns them) keep the same offsets from step to step.
     e.sigma_offset = (reinterpret_cast<intptr_t>(s.data_ptr<float>()) - reinterpret_cast<intptr_t>(sigma_base)) /
                      static_cast<intptr_t>(sizeof(float));
@@ -327,8 +399,8 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::restore(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::restore(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::restore(table, launch, args, cuda_stream);
       }));
 }
 
@@ -340,17 +412,17 @@ void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffer
   const char* op = "sgd_step_";
   Table t = make_table(params, plan, /*by_rows=*/false, op);
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n, "rwp_kernels::sgd_step_: grads needs one entry per param");
+  TORCH_CHECK(grads.size() == n, RWP_OPS_PREFIX "sgd_step_: grads needs one entry per param");
   check_length(momentum_buffers, n, op, "momentum_buffers");
   check_length(backups, n, op, "backups");
-  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), "rwp_kernels::sgd_step_: momentum needs momentum_buffers");
+  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), RWP_OPS_PREFIX "sgd_step_: momentum needs momentum_buffers");
   fill_mix(t, params, grads, fisher, clean_grads, op);
   for (size_t i = 0; i < n; ++i) {
     ParamEntry& e = t.entries[i];
-    TORCH_CHECK(e.grad, "rwp_kernels::sgd_step_: grads[", i, "] is missing");
+    TORCH_CHECK(e.grad, RWP_OPS_PREFIX "sgd_step_: grads[", i, "] is missing");
     e.backup = companion(backups, i, params[i], op, "backups");
     e.buf = momentum != 0.0 ? companion(momentum_buffers, i, params[i], op, "momentum_buffers") : nullptr;
-    TORCH_CHECK(momentum == 0.0 || e.buf, "rwp_kernels::sgd_step_: momentum_buffers[", i, "] is missing");
+    TORCH_CHECK(momentum == 0.0 || e.buf, RWP_OPS_PREFIX "sgd_step_: momentum_buffers[", i, "] is missing");
   }
   const SgdScalars sgd{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                        static_cast<float>(weight_decay), nesterov, maximize, is_first_step, momentum != 0.0};
@@ -362,15 +434,15 @@ void sgd_step_op(TensorList params, TensorList grads, TensorList momentum_buffer
                      inf};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::sgd_step(table, np, units, args); },
-      RWP_CUDA([&](const ParamEntry* table, int64_t np, int64_t units, cudaStream_t cuda_stream) {
-        return cuda::sgd_step(table, np, units, args, cuda_stream);
+      RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {
+        return cuda::sgd_step(table, launch, args, cuda_stream);
       }));
 }
 
 }  // namespace
 }  // namespace rwp
 
-TORCH_LIBRARY(rwp_kernels, m) {
+TORCH_LIBRARY(RWP_OPS, m) {
   m.set_python_module("rwp_kernels.ext_backend");  // holds the fake (meta) implementations
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
   m.def("noise_(Tensor(a!) out, int key0, int key1, int param_index, int step, int offset) -> ()");
@@ -391,7 +463,14 @@ TORCH_LIBRARY(rwp_kernels, m) {
       "float clean_scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(rwp_kernels, CPU, m) {
+#if defined(RWP_EMULATE_CUDA)
+TORCH_LIBRARY_FRAGMENT(RWP_OPS, m) {
+  // The seed of the emulated threads' order (launch n of the process runs in the order of (seed, n)).
+  m.def("set_schedule_seed(int seed) -> ()", [](int64_t seed) { rwp::simt::set_schedule_seed(static_cast<uint64_t>(seed)); });
+}
+#endif
+
+TORCH_LIBRARY_IMPL(RWP_OPS, CPU, m) {
   m.impl("philox4x32_10", &rwp::philox_op);
   m.impl("noise_", &rwp::noise_op);
   m.impl("perturb_", &rwp::perturb_op);
@@ -400,7 +479,7 @@ TORCH_LIBRARY_IMPL(rwp_kernels, CPU, m) {
 }
 
 #ifdef RWP_WITH_CUDA
-TORCH_LIBRARY_IMPL(rwp_kernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(RWP_OPS, CUDA, m) {
   m.impl("philox4x32_10", &rwp::philox_op);
   m.impl("noise_", &rwp::noise_op);
   m.impl("perturb_", &rwp::perturb_op);

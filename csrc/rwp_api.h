@@ -106,6 +106,18 @@ constexpr int64_t kCpuChunkElems = 16384;
 constexpr int64_t kCudaChunkElems = 8192;
 constexpr int kCudaThreads = 256;
 
+inline int64_t dtype_bytes(int32_t dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// CUDA perturb_: a row goes to a group of threads, a power of two from 8 to kCudaThreads with about one
+// thread per 16-byte vector the row spans, and a block holds kCudaThreads / group rows: short rows do not
+// leave most of a block idle.
+inline int cuda_row_threads(int64_t row_len, int32_t dtype) {
+  const int64_t vectors = row_len * dtype_bytes(dtype) / 16 + 2;  // a row may start and end inside a vector
+  int group = 8;
+  while (group < vectors && group < kCudaThreads) group *= 2;
+  return group;
+}
+
 // CPU entry points (cpu/cpu_kernels.cpp). `units` is the total over the table.
 namespace cpu {
 int64_t perturb_unit_rows(int64_t row_len);

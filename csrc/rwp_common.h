@@ -71,16 +71,12 @@ RWP_HD float from_bits(uint32_t u) {
   return x;
 #endif
 }
-// High and low 32-bit words of the 64-bit product a * m.
+// High and low 32-bit words of the 64-bit product a * m (one IMAD.WIDE.U32 on the GPU, where __umulhi plus a
+// low multiply would take two).
 RWP_HD void mulhilo(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
-  hi = __umulhi(a, m);
-  lo = a * m;
-#else
   const uint64_t p = static_cast<uint64_t>(a) * m;
   hi = static_cast<uint32_t>(p >> 32);
   lo = static_cast<uint32_t>(p);
-#endif
 }
 
 // ---- Philox4x32-10 ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ loads this file by path: it imports only the standard library and torch, never t
 Environment variables (all optional):
   RWP_KERNELS_BUILD_CUDA   "0" builds the CPU kernels only, even where CUDA could be compiled
   RWP_KERNELS_MARCH        the -march value of the CPU kernels (default "native": the building machine)
+  RWP_KERNELS_SANITIZE     a -fsanitize= value for the host code, e.g. "address" (the tests run backend
+                           "cuda-emu" under AddressSanitizer this way; the library then needs libasan preloaded)
   TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "8.0;9.0" (default: the local GPUs, else 8.0 and 9.0)
   CUDA_HOME / CUDA_PATH    the CUDA toolkit (default: found from the nvcc on the PATH)
   CXX, MAX_JOBS            compiler and parallel jobs, as torch.utils.cpp_extension uses them
@@ -27,11 +29,13 @@ import torch
 PACKAGE_DIR = Path(__file__).resolve().parent
 CPU_SOURCES = ("binding.cpp", "cpu/cpu_kernels.cpp")
 CUDA_SOURCES = ("cuda/cuda_kernels.cu",)
+EMULATED_SOURCES = ("emu/cuda_kernels_emu.cpp", "emu/simt_emu.cpp")  # added to CPU_SOURCES
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno")  # plus -march; no fusion: see csrc/rwp_common.h
 NVCC_FLAGS = ("-O3", "--fmad=false", "-std=c++17")
 NAME_PREFIX = "rwp_kernels_ext"
+EMULATED_NAME_PREFIX = "rwp_kernels_emu"
 AOT_STAMP = "_C_build.json"  # setup.py's ahead-of-time build: written next to rwp_kernels/_C*.so
 
 
@@ -156,17 +160,22 @@ class Config:
     cflags: list[str]
     cuda_cflags: list[str]
     ldflags: list[str]
+    emulated: bool = False
     key: str = field(default="")
 
     @property
     def name(self) -> str:
+        if self.emulated:
+            return f"{EMULATED_NAME_PREFIX}_{self.key}"
         return f"{NAME_PREFIX}_{'cuda' if self.with_cuda else 'cpu'}_{self.key}"
 
 
-def make_config() -> Config:
+def make_config(emulated: bool = False) -> Config:
+    """The build of the extension; ``emulated``: the library of backend "cuda-emu" instead (the CUDA kernels
+    compiled as host C++, ops ``torch.ops.rwp_kernels_emu``; no nvcc needed)."""
     src = source_dir()
-    nvcc = find_nvcc()
-    why_no_cuda = cuda_unavailable_reason(nvcc)
+    nvcc = None if emulated else find_nvcc()
+    why_no_cuda = "it emulates the CUDA kernels on the CPU" if emulated else cuda_unavailable_reason(nvcc)
     with_cuda = why_no_cuda is None
     cuda_home = find_cuda_home(nvcc) if with_cuda else None
     archs, archs_from = cuda_archs() if with_cuda else ([], "")
@@ -176,15 +185,23 @@ def make_config() -> Config:
     if torch.backends.openmp.is_available():  # at::parallel_for is inline: without -fopenmp it runs on one thread
         cflags.append("-fopenmp")
         ldflags = openmp_link_flags()
+    sanitize = os.environ.get("RWP_KERNELS_SANITIZE", "").strip()
+    if sanitize:
+        cflags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g1"]
+        ldflags = [*ldflags, f"-fsanitize={sanitize}"]
     cuda_cflags = []
     sources = [str(src / s) for s in CPU_SOURCES]
+    if emulated:
+        cflags.append("-DRWP_EMULATE_CUDA")
+        sources += [str(src / s) for s in EMULATED_SOURCES]
     if with_cuda:
         cflags.append("-DRWP_WITH_CUDA")
         cuda_cflags = list(NVCC_FLAGS)
         if archs_from != "TORCH_CUDA_ARCH_LIST":  # otherwise torch turns the variable into flags itself
             cuda_cflags += gencode_flags(archs)
         sources += [str(src / s) for s in CUDA_SOURCES]
-    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, sources, cflags, cuda_cflags, ldflags)
+    cfg = Config(with_cuda, why_no_cuda, nvcc, cuda_home, archs, archs_from, sources, cflags, cuda_cflags, ldflags,
+                 emulated)
     cfg.key = _key(cfg, src)
     return cfg
 

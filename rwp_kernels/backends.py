@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+NAMES = ("auto", "reference", "cpu", "cuda", "triton", "cuda-emu")
 FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 ALL_DTYPES = FUSED_DTYPES | {torch.float64}
 
@@ -66,6 +66,14 @@ def _load_cuda(device_type: str):
     return module
 
 
+def _load_cuda_emu(device_type: str):
+    if device_type != "cpu":
+        raise BackendUnavailableError(f"it runs the CUDA kernels on CPU tensors, not on {device_type} tensors")
+    from . import extension
+
+    return extension.backend(emulated=True)[0]
+
+
 def _load_triton(device_type: str):
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cpu" and not interpret:
@@ -93,6 +101,9 @@ REGISTRY = {
     "cpu": Backend("cpu", "C++ extension, CPU kernels", ("cpu",), FUSED_DTYPES, _load_cpu),
     "cuda": Backend("cuda", "C++ extension, CUDA kernels", ("cuda",), FUSED_DTYPES, _load_cuda),
     "triton": Backend("triton", "Triton kernels", ("cuda", "cpu"), FUSED_DTYPES, _load_triton, one_dtype_per_call=True),
+    # Never chosen by "auto": a test bed that runs the CUDA kernels' code on the CPU, slowly.
+    "cuda-emu": Backend("cuda-emu", "the CUDA kernels emulated on the CPU (for testing)", ("cpu",), FUSED_DTYPES,
+                        _load_cuda_emu),
 }
 
 # Preference of backend="auto" per device type; the reference is the last resort everywhere.

@@ -142,6 +142,7 @@ TOLERANCES = {
                             regenerated="eps", noise=EXACT),
     "cpu": _CPP,
     "cuda": _CPP,  # the same code as the C++ CPU backend: its normals equal the C++ CPU ones bit for bit
+    "cuda-emu": _CPP,  # the CUDA kernels run on the CPU (csrc/emu): the same code, so the same rules
     # the C++ CPU tolerances: Triton computes what csrc/rwp_common.h computes, op for op (docs/triton.md);
     # its results equal the C++ CPU backend's bit for bit except for the float64 row sums' order (sigmas)
     "triton": _CPP,
@@ -290,6 +291,7 @@ SWEEP = (
     Case("rows4608", (3, 4608)),
     Case("rows2053", (2, 2053)),  # longer than a tile; the second row starts inside a Philox block
     Case("rows70001", (2, 70001), fast=False),  # longer than 64k
+    Case("row100000", (1, 100000), fast=False),  # the longest row the suite promises (10^5 elements)
     Case("rows_of_1", (5, 1)),
     Case("rows_of_1_b", (7, 1)),
     Case("short_rows_40", (33, 40)),  # several rows share a tile

@@ -52,7 +52,7 @@ class Extension:
     build_seconds: float | None = None
 
 
-_outcome: Extension | ExtensionUnavailable | None = None
+_outcomes: dict[bool, Extension | ExtensionUnavailable] = {}  # by `emulated`
 _outcome_lock = threading.Lock()
 
 
@@ -72,34 +72,36 @@ def _stamp_path(cfg: C.Config) -> Path:
     return build_dir(cfg) / "built.json"
 
 
-def load(*, rebuild: bool = False) -> Extension:
-    """The loaded extension (building it first if needed); the outcome is remembered for the process."""
-    global _outcome
+def load(*, rebuild: bool = False, emulated: bool = False) -> Extension:
+    """The loaded extension (building it first if needed); the outcome is remembered for the process.
+    ``emulated``: the library of backend "cuda-emu" (the CUDA kernels run on the CPU) instead."""
     with _outcome_lock:
-        if rebuild and isinstance(_outcome, Extension):
+        outcome = _outcomes.get(emulated)
+        if rebuild and isinstance(outcome, Extension):
             raise RuntimeError("the extension is already loaded in this process; rebuild it in a new process")
-        if _outcome is None or rebuild:
+        if outcome is None or rebuild:
             try:
-                _outcome = _load(rebuild)
+                outcome = _load(rebuild, emulated)
             except ExtensionUnavailable as err:
-                _outcome = err
-        outcome = _outcome
+                outcome = err
+            _outcomes[emulated] = outcome
     if isinstance(outcome, ExtensionUnavailable):
         raise ExtensionUnavailable(str(outcome))
     return outcome
 
 
-def backend():
-    """(the backend module over the extension, the loaded extension); compiles it on first use."""
-    ext = load()
+def backend(emulated: bool = False):
+    """(the backend over the extension, the loaded extension); compiles it on first use."""
+    ext = load(emulated=emulated)
     from . import ext_backend
 
-    return ext_backend, ext
+    return ext_backend.ops_backend(emulated), ext
 
 
-def loaded() -> Extension | None:
+def loaded(emulated: bool = False) -> Extension | None:
     """The extension if this process has loaded it, else None (never builds)."""
-    return _outcome if isinstance(_outcome, Extension) else None
+    outcome = _outcomes.get(emulated)
+    return outcome if isinstance(outcome, Extension) else None
 
 
 def _has_cuda_kernels() -> bool:
@@ -111,9 +113,9 @@ def _loaded(path: Path, origin: str, cfg: C.Config, seconds: float | None = None
         torch.ops.load_library(str(path))
     except OSError as err:
         raise ExtensionUnavailable(f"the extension {path} does not load: {err}") from None
-    with_cuda = _has_cuda_kernels()
+    with_cuda = not cfg.emulated and _has_cuda_kernels()
     why = None
-    if not with_cuda:
+    if not with_cuda and not cfg.emulated:
         why = cfg.why_no_cuda if origin != "ahead-of-time build" else "the ahead-of-time build has no CUDA kernels"
         why = f"the extension was compiled without CUDA kernels ({why})"
     return Extension(str(path), origin, with_cuda, why, seconds)
@@ -136,9 +138,9 @@ def _ahead_of_time_library() -> Path | None:
     return found[0]
 
 
-def _load(rebuild: bool) -> Extension:
-    cfg = C.make_config()
-    aot = None if rebuild else _ahead_of_time_library()
+def _load(rebuild: bool, emulated: bool) -> Extension:
+    cfg = C.make_config(emulated)
+    aot = None if rebuild or emulated else _ahead_of_time_library()
     if aot is not None:
         try:
             return _loaded(aot, "ahead-of-time build", cfg)
@@ -189,6 +191,10 @@ def _build_locked(cfg: C.Config, rebuild: bool) -> float | None:
         # compiles here while we hold ours, so it is stale.
         (folder / "lock").unlink(missing_ok=True)
         _stamp_path(cfg).unlink(missing_ok=True)
+        if rebuild:  # ninja would find everything up to date and compile nothing
+            for path in folder.iterdir():
+                if path.suffix in (".o", LIB_SUFFIX) or path.name in ("build.ninja", ".ninja_log", ".ninja_deps"):
+                    path.unlink()
         seconds = _compile_in_child(cfg, lock_fd)
         _stamp_path(cfg).write_text(json.dumps({"seconds": round(seconds, 1), "config": cfg.__dict__}, indent=1))
         return seconds
@@ -252,12 +258,15 @@ def _compile_in_child(cfg: C.Config, lock_fd: int) -> float:
     if cfg.cuda_home:
         env["CUDA_HOME"] = cfg.cuda_home
     what = "CPU and CUDA kernels" if cfg.with_cuda else "CPU kernels"
+    if cfg.emulated:
+        what = "CUDA kernels emulated on the CPU, for testing"
     print(f"rwp_kernels: compiling the C++ extension ({what}) in {build_dir(cfg)}; once per installation, "
           "this takes a few minutes ...", end="", file=sys.stderr, flush=True)
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "rwp_kernels.build", "--compile-only", "--name", cfg.name],
+            [sys.executable, "-m", "rwp_kernels.build", "--compile-only", "--name", cfg.name,
+             *(["--emulated"] if cfg.emulated else [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=lock_fd, env=env,
         )
     seconds = time.monotonic() - start
@@ -313,8 +322,8 @@ def facts() -> dict[str, str]:
     if ext is not None:
         kind = "with CUDA kernels" if ext.with_cuda else "CPU kernels only"
         out["extension"] = f"loaded: {ext.library} ({ext.origin}, {kind})"
-    elif isinstance(_outcome, ExtensionUnavailable):
-        out["extension"] = f"unavailable: {_outcome}"
+    elif isinstance(_outcomes.get(False), ExtensionUnavailable):
+        out["extension"] = f"unavailable: {_outcomes[False]}"
     elif os.path.isfile(library_path(cfg)):
         out["extension"] = "built, not loaded in this process"
     else:

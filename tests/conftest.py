@@ -40,6 +40,7 @@ def cuda_device():
 BACKEND_CAPABILITY = {
     ("cpu", "cpu"): "cpp-ext",
     ("triton", "cpu"): "triton-interpret",
+    ("cuda-emu", "cpu"): "cuda-emu",
     ("cuda", "cuda"): "cuda-build",
     ("triton", "cuda"): "triton-gpu",
 }

@@ -103,6 +103,21 @@ def test_a_build_held_by_another_process_is_waited_for_with_a_limit(tmp_path, mo
     assert "waiting for another process" in out.stderr
 
 
+def test_force_clears_the_previous_build_so_that_ninja_compiles_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    cfg = C.make_config(emulated=True)
+    folder = extension.build_dir(cfg)
+    folder.mkdir(parents=True)
+    old = ["binding.o", "build.ninja", ".ninja_log", ".ninja_deps", f"{cfg.name}{extension.LIB_SUFFIX}"]
+    for name in [*old, "build.log"]:
+        (folder / name).write_text("from an earlier build")
+    seen = []
+    monkeypatch.setattr(extension, "_compile_in_child", lambda cfg, fd: seen.append(sorted(os.listdir(folder))) or 1.0)
+    assert extension._build_locked(cfg, rebuild=True) == 1.0
+    assert not set(old) & set(seen[0]), seen
+    assert "build.log" in seen[0]
+
+
 # ---- toolchain detection ---------------------------------------------------------------------------------
 
 def write_script(path: Path, body: str) -> Path:

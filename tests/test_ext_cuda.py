@@ -63,6 +63,30 @@ def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert not spills, f"register spills (registers, store bytes, load bytes): {spills}"
 
 
+APPROXIMATE = re.compile(r"\b(?:\w+\.approx\S*|\w+\.ftz\S*|div\.full\S*)")
+
+
+def _ptx(nvcc, tmp_path, *flags) -> str:
+    out = tmp_path / "kernels.ptx"
+    run = subprocess.run([nvcc, "-ptx", str(CUDA_DIR / "cuda_kernels.cu"), "-o", str(out), "-arch=sm_90", *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out.read_text()
+
+
+@pytest.mark.slow
+def test_cuda_ptx_rounds_as_the_cpu_does(tmp_path):
+    """IEEE division and square root, no flush to zero, and no multiply-add contracted beyond the header's
+    explicit fmaf: the arithmetic the emulated and C++ CPU builds execute."""
+    nvcc = C.find_nvcc()
+    requires(nvcc is not None, "nvcc was not found (no CUDA toolkit)", "cuda-build")
+    ours = _ptx(nvcc, tmp_path, *C.NVCC_FLAGS)
+    assert not APPROXIMATE.findall(ours), sorted(set(APPROXIMATE.findall(ours)))
+    contracted = _ptx(nvcc, tmp_path, *[f for f in C.NVCC_FLAGS if f != "--fmad=false"], "--fmad=true")
+    explicit = ours.count("fma.rn.f32")
+    assert 0 < explicit < contracted.count("fma.rn.f32")  # the check sees contraction where it happens
+
+
 @pytest.fixture(scope="module")
 def cuda_extension():
     requires(torch.version.cuda is not None, f"torch {torch.__version__} is not a CUDA build", "cuda-build")

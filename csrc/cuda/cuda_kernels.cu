@@ -1,21 +1,26 @@
-// CUDA kernels: one launch per op for all parameters of a call. The parameter table lives in device
-// memory; block b handles work unit b (perturb_: one row, reduced with cub::BlockReduce; restore_ and
-// sgd_step_: one chunk of kCudaChunkElems elements). A thread works on Philox quads (4 consecutive
-// elements, one Philox block), with one vector load/store per quad where the tensors are aligned.
-// No torch headers here (see binding.cpp); everything is asynchronous on the given CUDA stream.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// CUDA kernels: one launch per op and kernel variant (dtype, and for perturb_ the sigma mode) for all
+// parameters of a call. The parameter table lives in device memory; block b handles work unit first_unit + b
+// (perturb_: a few rows, one per group of threads, each summed with BlockSum; restore_ and sgd_step_: one
+// chunk of kCudaChunkElems elements). A thread works on vectors: the elements of one 16-byte access (whole
+// Philox quads), with one access per vector where the tensors are aligned.
+// No torch headers here (see binding.cpp); everything is asynchronous on the given CUDA stream. The same
+// source is also compiled as host C++ and run on the CPU (csrc/emu, backend "cuda-emu"): CUDA's
+// vocabulary comes from simt.h.
+#include <algorithm>
 
-#include <cub/block/block_reduce.cuh>
-#include <type_traits>
-
+#include "block_sum.h"
 #include "cuda_kernels.h"
+#include "simt.h"
 
 namespace rwp::cuda {
 namespace {
 
 constexpr int kThreads = kCudaThreads;
-using BlockReduce = cub::BlockReduce<double, kThreads>;
+// Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90; 32 for
+// restore_ in the 16-bit types (eight elements per thread and access with the gradient mix spill at 48
+// registers) and 24 for perturb_'s per-element variant, which only 1-D ARWP parameters take.
+constexpr int kBlocksPerSm = 5;
+using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
 
@@ -35,66 +40,97 @@ __device__ __forceinline__ void from_f32(float x, bf16_bits* p) {
   p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
-// Four consecutive elements as one access: 16 bytes for float32, 8 bytes for the 16-bit types.
+// A vector: the elements of one 16-byte access, whole Philox quads (four float32, eight 16-bit values). An
+// aligned aggregate of the element type itself, so that reading its elements is no type punning (which host
+// compilers, unlike nvcc, exploit: the emulated build read the 16-bit elements of a punned vector as 0).
 template <class T>
-using QuadRaw = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
 
 template <class T>
-__device__ __forceinline__ bool quad_aligned(const void* p) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % sizeof(QuadRaw<T>) == 0;
+struct alignas(16) Vec {
+  T x[kVecElems<T>];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// The quad of elements e .. e+3 of p (as floats); elements outside [lo, hi) read as 0. `vec`: the quad
-// lies inside [lo, hi) and p is quad-aligned, so one vector access does.
-template <class T>
-__device__ __forceinline__ void load_quad(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec, float v[4]) {
+// Elements e .. e+N-1 of p (as floats; N a multiple of p's vector length); elements outside [lo, hi) read
+// as 0. `vec`: they lie inside [lo, hi) and p + e is 16-byte aligned, so N / kVecElems<T> vector accesses do.
+template <int N, class T>
+__device__ __forceinline__ void load_elems(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec, float (&v)[N]) {
+  constexpr int K = kVecElems<T>;
   if (vec) {
-    const QuadRaw<T> raw = *reinterpret_cast<const QuadRaw<T>*>(p + e);
-    const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = to_f32(x[j]);
+    for (int c = 0; c < N / K; ++c) {
+      const Vec<T> raw = *reinterpret_cast<const Vec<T>*>(p + e + c * K);
+#pragma unroll
+      for (int j = 0; j < K; ++j) v[c * K + j] = to_f32(raw.x[j]);
+    }
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) v[j] = (e + j >= lo && e + j < hi) ? to_f32(p[e + j]) : 0.0f;
+  for (int j = 0; j < N; ++j) v[j] = (e + j >= lo && e + j < hi) ? to_f32(p[e + j]) : 0.0f;
 }
 
-template <class T>
-__device__ __forceinline__ void store_quad(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const float v[4]) {
+template <int N, class T>
+__device__ __forceinline__ void store_elems(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const float (&v)[N]) {
+  constexpr int K = kVecElems<T>;
   if (vec) {
-    QuadRaw<T> raw;
-    T* x = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) from_f32(v[j], x + j);
-    *reinterpret_cast<QuadRaw<T>*>(p + e) = raw;
+    for (int c = 0; c < N / K; ++c) {
+      Vec<T> raw;
+#pragma unroll
+      for (int j = 0; j < K; ++j) from_f32(v[c * K + j], raw.x + j);
+      *reinterpret_cast<Vec<T>*>(p + e + c * K) = raw;
+    }
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
+  for (int j = 0; j < N; ++j)
     if (e + j >= lo && e + j < hi) from_f32(v[j], p + e + j);
 }
 
-// dst <- src bit for bit (exact backups and restores).
+// The vector at e of p as stored (elements outside [lo, hi) are zero bits), and back.
 template <class T>
-__device__ __forceinline__ void copy_quad(T* dst, const T* src, int64_t e, int64_t lo, int64_t hi, bool vec) {
+__device__ __forceinline__ Vec<T> load_raw(const T* p, int64_t e, int64_t lo, int64_t hi, bool vec) {
+  if (vec) return *reinterpret_cast<const Vec<T>*>(p + e);
+  Vec<T> raw{};
+#pragma unroll
+  for (int j = 0; j < kVecElems<T>; ++j)
+    if (e + j >= lo && e + j < hi) raw.x[j] = p[e + j];
+  return raw;
+}
+
+template <class T>
+__device__ __forceinline__ void store_raw(T* p, int64_t e, int64_t lo, int64_t hi, bool vec, const Vec<T>& raw) {
   if (vec) {
-    *reinterpret_cast<QuadRaw<T>*>(dst + e) = *reinterpret_cast<const QuadRaw<T>*>(src + e);
+    *reinterpret_cast<Vec<T>*>(p + e) = raw;
     return;
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
-    if (e + j >= lo && e + j < hi) dst[e + j] = src[e + j];
+  for (int j = 0; j < kVecElems<T>; ++j)
+    if (e + j >= lo && e + j < hi) p[e + j] = raw.x[j];
 }
 
-__device__ __forceinline__ void quad_normals(int64_t q, const ParamEntry& p, const NoiseKey& key, float z[4]) {
-  const uint64_t uq = static_cast<uint64_t>(q);
-  normal_block(static_cast<uint32_t>(uq), static_cast<uint32_t>(uq >> 32), p.param_index, key.step, key.k0, key.k1,
-               z[0], z[1], z[2], z[3]);
+// The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks.
+template <int N>
+__device__ __forceinline__ void normals(int64_t e, uint32_t param_index, const NoiseKey& key, float (&z)[N]) {
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) {
+    const uint64_t q = static_cast<uint64_t>(e / 4 + c);
+    normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.k0, key.k1,
+                 z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
+  }
 }
 
-// The block's parameter entry (the last whose first unit is <= blockIdx.x), copied to shared memory.
-__device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, ParamEntry& shared) {
-  if (threadIdx.x == 0) shared = table[owner_of(table, num_params, blockIdx.x)];
+// The block's work unit: units first_unit, first_unit + 1, ... go to blocks 0, 1, ... of a launch.
+__device__ __forceinline__ int64_t block_unit(int64_t first_unit) { return first_unit + blockIdx.x; }
+
+// The entry of the parameter that owns the block's unit, copied to shared memory.
+__device__ __forceinline__ const ParamEntry& block_entry(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                        ParamEntry& shared) {
+  if (threadIdx.x == 0) shared = table[owner_of(table, num_params, block_unit(first_unit))];
   __syncthreads();
   return shared;
 }
@@ -114,96 +150,137 @@ __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_
 }
 
 __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key) {
-  ParamEntry p{};
-  p.param_index = param_index;
-  const int64_t q_begin = offset >> 2, q_end = (offset + numel + 3) >> 2;
-  const bool aligned = (offset & 3) == 0 && quad_aligned<float>(out);
+  // offset + numel may be 2^63 itself: the block count is summed in pieces that cannot overflow
+  const int64_t q_begin = offset >> 2, q_end = q_begin + (((offset & 3) + numel + 3) >> 2);
+  const bool aligned = (offset & 3) == 0 && aligned16(out);
   for (int64_t q = q_begin + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < q_end;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4];
-    quad_normals(q, p, key, z);
-    const int64_t e = 4 * q - offset;  // index in out of the quad's first element
-    store_quad(out, e, 0, numel, aligned && e + 4 <= numel, z);
+    normals(4 * q, param_index, key, z);
+    const int64_t e = 4 * q - offset;  // index in out of the block's first element
+    store_elems(out, e, 0, numel, aligned && e + 4 <= numel, z);
   }
 }
 
 // ---- perturb_ ------------------------------------------------------------------------------------------
 
-template <class T>
-__device__ __forceinline__ void perturb_row(const ParamEntry& p, int64_t row, const PerturbArgs& a, BlockReduce::TempStorage& tmp,
-                            double* s_sums) {
-  const int64_t n = p.row_len, lo = row * n, hi = lo + n;
+// A row of at most kStageBytes is read from DRAM once: each thread keeps the vectors it summed in shared
+// memory, in slots only it uses (so no barrier is needed), and perturbs them from there. 24 KB: 6144 float32
+// elements (WRN-28-10's longest row has 640 * 3 * 3 = 5760, ResNets' 512 * 3 * 3 = 4608), twice that in the
+// 16-bit types; five blocks per SM fit in sm_80's 164 KB of shared memory.
+constexpr int kStageBytes = 6144 * 4;
+struct alignas(16) Stage {
+  unsigned char bytes[kStageBytes];
+};
+
+// The rows of the block's unit: one per group of cuda_row_threads() threads. kPerElement: a 0-D/1-D
+// parameter with ARWP, one sigma per element from its Fisher value.
+template <class T, bool kPerElement>
+__device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, const PerturbArgs& a,
+                                             RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
+  constexpr int N = kVecElems<T>;
+  const unsigned group = kThreads / static_cast<unsigned>(p.unit_size), lane = threadIdx.x & (group - 1);
+  const unsigned group_index = threadIdx.x >> (__ffs(group) - 1);  // group is a power of two
+  const int64_t row = unit * p.unit_size + group_index;
+  const int64_t n = p.row_len;
+  const bool has_row = row < p.numel / n;  // the last unit of a parameter may have fewer rows than groups
+  const int64_t lo = has_row ? row * n : 0, hi = has_row ? lo + n : 0;
+  const int64_t v_lo = lo / N, v_hi = (hi + N - 1) / N;  // the vectors the row touches
+  // The entry lives in shared memory: the fields the loops use are copied to registers once.
+  const uint32_t param_index = p.param_index;
+  const bool add = p.gamma != 0.0;
   T* w = static_cast<T*>(p.w);
   T* backup = static_cast<T*>(p.backup);
-  const bool adaptive = p.fisher != nullptr;
-  const bool row_fisher = adaptive && !p.sigma_per_element;
+  T* grad = static_cast<T*>(p.grad);
+  const float grad_scale = a.grad_scale.get();
+  const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
+  float* const fisher = p.fisher;
+  const bool row_fisher = fisher != nullptr && !kPerElement;
+  const bool vec_ok = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(fisher);
+  // Each group stages its row in its share of the stage; slot v - v_lo holds vector v.
+  const int64_t group_slots = kStageBytes / sizeof(Vec<T>) / p.unit_size;
+  Vec<T>* stage = reinterpret_cast<Vec<T>*>(stage_bytes) + group_index * group_slots - v_lo;
+  const bool staged = v_hi - v_lo <= group_slots;
 
   double sumsq = 0.0, fsum = 0.0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-    const double v = to_f32(w[i]);
-    sumsq += v * v;
-    if (row_fisher) fsum += p.fisher[i];
-  }
-  sumsq = BlockReduce(tmp).Sum(sumsq);
-  __syncthreads();
-  if (row_fisher) fsum = BlockReduce(tmp).Sum(fsum);
-  if (threadIdx.x == 0) {
-    s_sums[0] = sumsq;
-    s_sums[1] = fsum;
-  }
-  __syncthreads();
-  sumsq = s_sums[0];
-  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, s_sums[1], p.eta);
-  float* sigmas = a.sigma + p.sigma_offset;
-  if (!p.sigma_per_element && threadIdx.x == 0) sigmas[row] = row_sig;
-
-  const bool vec_ok = quad_aligned<T>(w) && quad_aligned<T>(backup);
-  for (int64_t q = (lo >> 2) + threadIdx.x; 4 * q < hi; q += blockDim.x) {
-    const int64_t e = 4 * q;
-    const bool vec = vec_ok && e >= lo && e + 4 <= hi;
-    if (backup) copy_quad(backup, w, e, lo, hi, vec);
-    float sg[4];
+  for (int64_t v = v_lo + lane; v < v_hi; v += group) {
+    const int64_t e = N * v;
+    const bool vec = vec_ok && e >= lo && e + N <= hi;
+    const Vec<T> raw = load_raw(w, e, lo, hi, vec);
+    if (staged) stage[v] = raw;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      sg[j] = row_sig;
-      if (p.sigma_per_element && e + j >= lo && e + j < hi) {
-        sg[j] = row_sigma(sumsq, p.gamma, true, true, p.fisher[e + j], p.eta);
-        sigmas[e + j] = sg[j];
-      }
+    for (int j = 0; j < N; ++j) {
+      const double x = to_f32(raw.x[j]);
+      sumsq += x * x;
     }
-    if (p.gamma == 0.0) continue;
-    float z[4], v[4];
-    quad_normals(q, p, a.key, z);
-    load_quad(w, e, lo, hi, vec, v);
+    if (row_fisher) {
+      float f[N];
+      load_elems(fisher, e, lo, hi, vec, f);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = add_noise(v[j], sg[j], z[j]);
-    store_quad(w, e, lo, hi, vec, v);
+      for (int j = 0; j < N; ++j) fsum += f[j];
+    }
   }
+  sumsq = RowSum::sum(tmp, sumsq, group);
+  if (row_fisher) fsum = RowSum::sum(tmp, fsum, group);
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
+  float* sigmas = a.sigma + p.sigma_offset;
+  if (!kPerElement && has_row && lane == 0) sigmas[row] = row_sig;
 
-  const float grad_scale = a.grad_scale.get();
-  if (p.grad && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f)) {
-    T* g = static_cast<T*>(p.grad);
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) from_f32(to_f32(g[i]) * grad_scale, g + i);
+  for (int64_t v = v_lo + lane; v < v_hi; v += group) {
+    const int64_t e = N * v;
+    const bool vec = vec_ok && e >= lo && e + N <= hi;
+    const Vec<T> raw = staged ? stage[v] : load_raw(w, e, lo, hi, vec);
+    if (backup) store_raw(backup, e, lo, hi, vec, raw);
+    float sg[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) sg[j] = row_sig;
+    if (kPerElement) {
+      float f[N];
+      load_elems(fisher, e, lo, hi, vec, f);
+#pragma unroll
+      for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, p.gamma, true, true, f[j], p.eta);
+      store_elems(sigmas, e, lo, hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
+    }
+    if (add) {
+      float z[N], x[N];
+      normals(e, param_index, a.key, z);
+#pragma unroll
+      for (int j = 0; j < N; ++j) x[j] = add_noise(to_f32(raw.x[j]), sg[j], z[j]);
+      store_elems(w, e, lo, hi, vec, x);
+    }
+    if (scale_grad) {
+      float g[N];
+      load_elems(grad, e, lo, hi, vec, g);
+#pragma unroll
+      for (int j = 0; j < N; ++j) g[j] *= grad_scale;
+      store_elems(grad, e, lo, hi, vec, g);
+    }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const ParamEntry* table, int64_t num_params, PerturbArgs a) {
+
+
+// One instantiation per dtype and sigma mode (a launch takes the entries of one), for fewer registers.
+template <class T, bool kPerElement>
+__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kBlocksPerSm) perturb_kernel(const ParamEntry* table, int64_t num_params,
+                                                           int64_t first_unit, PerturbArgs a) {
   __shared__ ParamEntry entry;
-  __shared__ BlockReduce::TempStorage tmp;
-  __shared__ double sums[2];
-  const ParamEntry& p = block_entry(table, num_params, entry);
-  const int64_t row = blockIdx.x - p.first_unit;
-  dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { perturb_row<decltype(t)>(p, row, a, tmp, sums); });
+  __shared__ RowSum::TempStorage tmp;
+  __shared__ Stage stage;
+  const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
+  perturb_rows<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a, tmp, stage.bytes);
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
 
-// The sigma of each element of the quad at e (per row, or per element for 0-D/1-D ARWP parameters).
-__device__ __forceinline__ void quad_sigmas(const ParamEntry& p, const float* sigmas, int64_t e, int64_t hi, float sg[4]) {
+// The sigma of each element e .. e+N-1 (per row, or per element for 0-D/1-D ARWP parameters).
+template <int N>
+__device__ __forceinline__ void elem_sigmas(const ParamEntry& p, const float* sigmas, int64_t e, int64_t hi,
+                                            float (&sg)[N]) {
   int64_t row = e / p.row_len;
   int64_t in_row = e - row * p.row_len;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < N; ++j) {
     if (in_row == p.row_len) {
       ++row;
       in_row = 0;
@@ -213,76 +290,86 @@ __device__ __forceinline__ void quad_sigmas(const ParamEntry& p, const float* si
   }
 }
 
-// Fisher update from the gradient as it arrives, and the mixed gradient, for a quad.
-__device__ __forceinline__ void mix_quad(float (&g)[4], float (&fisher)[4], bool has_fisher, const float (&clean)[4],
-                                         bool has_clean, const MixScalars& mix) {
+// Fisher update from the gradient as it arrives, and the mixed gradient, for N elements.
+template <int N>
+__device__ __forceinline__ void mix_elems(float (&g)[N], float (&fisher)[N], bool has_fisher, const float (&clean)[N],
+                                          bool has_clean, const MixScalars& mix) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < N; ++j) {
     if (has_fisher) fisher[j] = fisher_update(fisher[j], g[j], mix);
     g[j] = mix_grad(g[j], clean[j], has_clean, mix);
   }
 }
 
-// Calls quad(e, vec) for this thread's quads e, e+1, e+2, e+3 of [lo, hi) (lo is a multiple of 4), with
-// vec a compile-time flag: true for full quads of aligned tensors (one vector access each).
+// Calls vector(e, vec) for this thread's vectors e .. e+N-1 of [lo, hi) (lo a multiple of N), with vec a
+// compile-time flag: true for whole vectors of aligned tensors (16-byte accesses).
 template <bool V>
 struct VecFlag {
   static constexpr bool value = V;
 };
 
-template <class Quad>
-__device__ __forceinline__ void for_quads(int64_t lo, int64_t hi, bool aligned, const Quad& quad) {
-  const int64_t full_end = aligned ? lo + (hi - lo) / 4 * 4 : lo;
-  for (int64_t e = lo + 4 * threadIdx.x; e < full_end; e += 4 * blockDim.x) quad(e, VecFlag<true>{});
-  for (int64_t e = full_end + 4 * threadIdx.x; e < hi; e += 4 * blockDim.x) quad(e, VecFlag<false>{});
+template <int N, class Body>
+__device__ __forceinline__ void for_vectors(int64_t lo, int64_t hi, bool aligned, const Body& vector) {
+  const int64_t full_end = aligned ? lo + (hi - lo) / N * N : lo;
+  for (int64_t e = lo + N * threadIdx.x; e < full_end; e += N * blockDim.x) vector(e, VecFlag<true>{});
+  for (int64_t e = full_end + N * threadIdx.x; e < hi; e += N * blockDim.x) vector(e, VecFlag<false>{});
 }
 
 template <class T>
 __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, int64_t hi, const RestoreArgs& a) {
+  constexpr int N = kVecElems<T>;
   T* w = static_cast<T*>(p.w);
   const T* backup = static_cast<const T*>(p.backup);
   T* grad = static_cast<T*>(p.grad);
   const T* clean = static_cast<const T*>(p.clean);
   const MixScalars mix = a.mix.get();
-  const bool aligned = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
-                       quad_aligned<T>(clean) && quad_aligned<float>(p.fisher);
-  for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
+  const uint32_t param_index = p.param_index;
+  float* const fisher = p.fisher;
+  const bool aligned = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(clean) && aligned16(fisher);
+  for_vectors<N>(lo, hi, aligned, [&](int64_t e, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     if (backup) {
-      copy_quad(w, backup, e, lo, hi, vec);
+      store_raw(w, e, lo, hi, vec, load_raw(backup, e, lo, hi, vec));
     } else {
-      float z[4], sg[4], v[4];
-      quad_normals(e >> 2, p, a.key, z);
-      quad_sigmas(p, a.sigma + p.sigma_offset, e, hi, sg);
-      load_quad(w, e, lo, hi, vec, v);
+      float sg[N], x[N];
+      elem_sigmas(p, a.sigma + p.sigma_offset, e, hi, sg);
+      load_elems(w, e, lo, hi, vec, x);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = remove_noise(v[j], sg[j], z[j]);
-      store_quad(w, e, lo, hi, vec, v);
+      for (int c = 0; c < N / 4; ++c) {  // one Philox block at a time: fewer live registers
+        float z[4];
+        normals(e + 4 * c, param_index, a.key, z);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[4 * c + j] = remove_noise(x[4 * c + j], sg[4 * c + j], z[j]);
+      }
+      store_elems(w, e, lo, hi, vec, x);
     }
     if (!grad) return;
-    float g[4], c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    load_quad(grad, e, lo, hi, vec, g);
-    if (clean) load_quad(clean, e, lo, hi, vec, c);
-    if (p.fisher) load_quad(p.fisher, e, lo, hi, vec, f);
-    mix_quad(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
-    store_quad(grad, e, lo, hi, vec, g);
-    if (p.fisher) store_quad(p.fisher, e, lo, hi, vec, f);
+    float g[N], c[N] = {}, f[N] = {};
+    load_elems(grad, e, lo, hi, vec, g);
+    if (clean) load_elems(clean, e, lo, hi, vec, c);
+    if (fisher) load_elems(fisher, e, lo, hi, vec, f);
+    mix_elems(g, f, fisher != nullptr, c, clean != nullptr, mix);
+    store_elems(grad, e, lo, hi, vec, g);
+    if (fisher) store_elems(fisher, e, lo, hi, vec, f);
   });
 }
 
 template <class T>
 __device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64_t hi, const SgdArgs& a) {
+  constexpr int N = kVecElems<T>;
   T* w = static_cast<T*>(p.w);
   const T* backup = static_cast<const T*>(p.backup);
   const T* grad = static_cast<const T*>(p.grad);
   const T* clean = static_cast<const T*>(p.clean);
   T* buf = static_cast<T*>(p.buf);
-  const bool aligned = quad_aligned<T>(w) && quad_aligned<T>(backup) && quad_aligned<T>(grad) &&
-                       quad_aligned<T>(clean) && quad_aligned<T>(buf) && quad_aligned<float>(p.fisher);
+  float* const fisher = p.fisher;
+  const bool aligned = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(clean) && aligned16(buf) &&
+                       aligned16(fisher);
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) {  // GradScaler overflow: restore only
     if (backup) {
-      for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
-        copy_quad(w, backup, e, lo, hi, decltype(flag)::value);
+      for_vectors<N>(lo, hi, aligned, [&](int64_t e, auto flag) {
+        constexpr bool vec = decltype(flag)::value;
+        store_raw(w, e, lo, hi, vec, load_raw(backup, e, lo, hi, vec));
       });
     }
     return;
@@ -290,43 +377,46 @@ __device__ __forceinline__ void sgd_chunk(const ParamEntry& p, int64_t lo, int64
   const SgdScalars& s = a.sgd;
   const MixScalars mix = a.mix.get();
   const bool read_buf = s.has_momentum && !s.first_step;
-  for_quads(lo, hi, aligned, [&](int64_t e, auto flag) {
+  for_vectors<N>(lo, hi, aligned, [&](int64_t e, auto flag) {
     constexpr bool vec = decltype(flag)::value;
-    float g[4], v[4], c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, f[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    load_quad(grad, e, lo, hi, vec, g);
-    if (clean) load_quad(clean, e, lo, hi, vec, c);
-    if (p.fisher) load_quad(p.fisher, e, lo, hi, vec, f);
-    mix_quad(g, f, p.fisher != nullptr, c, clean != nullptr, mix);
-    load_quad(backup ? backup : w, e, lo, hi, vec, v);
-    if (read_buf) load_quad(buf, e, lo, hi, vec, b);
+    float g[N], x[N], c[N] = {}, f[N] = {}, b[N] = {};
+    load_elems(grad, e, lo, hi, vec, g);
+    if (clean) load_elems(clean, e, lo, hi, vec, c);
+    if (fisher) load_elems(fisher, e, lo, hi, vec, f);
+    mix_elems(g, f, fisher != nullptr, c, clean != nullptr, mix);
+    load_elems(backup ? backup : w, e, lo, hi, vec, x);
+    if (read_buf) load_elems(buf, e, lo, hi, vec, b);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) sgd_update(v[j], b[j], g[j], s);
-    store_quad(w, e, lo, hi, vec, v);
-    if (s.has_momentum) store_quad(buf, e, lo, hi, vec, b);
-    if (p.fisher) store_quad(p.fisher, e, lo, hi, vec, f);
+    for (int j = 0; j < N; ++j) sgd_update(x[j], b[j], g[j], s);
+    store_elems(w, e, lo, hi, vec, x);
+    if (s.has_momentum) store_elems(buf, e, lo, hi, vec, b);
+    if (fisher) store_elems(fisher, e, lo, hi, vec, f);
   });
 }
 
 // Runs body(entry, lo, hi) for the block's chunk [lo, hi) of its parameter's elements.
 template <class Body>
-__device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t num_params, const Body& body) {
+__device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                const Body& body) {
   __shared__ ParamEntry entry;
-  const ParamEntry& p = block_entry(table, num_params, entry);
-  const int64_t lo = (static_cast<int64_t>(blockIdx.x) - p.first_unit) * p.unit_size;
+  const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
+  const int64_t lo = (block_unit(first_unit) - p.first_unit) * p.unit_size;
   const int64_t hi = min(p.numel, lo + p.unit_size);
   body(p, lo, hi);
 }
 
-__global__ void __launch_bounds__(kThreads) restore_kernel(const ParamEntry* table, int64_t num_params, RestoreArgs a) {
-  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { restore_chunk<decltype(t)>(p, lo, hi, a); });
-  });
+template <class T>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : kBlocksPerSm) restore_kernel(const ParamEntry* table, int64_t num_params,
+                                                           int64_t first_unit, RestoreArgs a) {
+  for_block_chunk(table, num_params, first_unit,
+                  [&](const ParamEntry& p, int64_t lo, int64_t hi) { restore_chunk<T>(p, lo, hi, a); });
 }
 
-__global__ void __launch_bounds__(kThreads) sgd_kernel(const ParamEntry* table, int64_t num_params, SgdArgs a) {
-  for_block_chunk(table, num_params, [&](const ParamEntry& p, int64_t lo, int64_t hi) {
-    dispatch_dtype<half_bits, bf16_bits>(p.dtype, [&](auto t) { sgd_chunk<decltype(t)>(p, lo, hi, a); });
-  });
+template <class T>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) sgd_kernel(const ParamEntry* table, int64_t num_params, int64_t first_unit,
+                                                       SgdArgs a) {
+  for_block_chunk(table, num_params, first_unit,
+                  [&](const ParamEntry& p, int64_t lo, int64_t hi) { sgd_chunk<T>(p, lo, hi, a); });
 }
 
 // One block per work unit: the grid's x dimension holds up to 2^31 - 1 blocks.
@@ -339,31 +429,43 @@ unsigned grid_for(int64_t items) {
 }  // namespace
 
 cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t cuda_stream) {
-  philox_kernel<<<grid_for(n), kThreads, 0, cuda_stream>>>(counter, key, out, n);
-  return cudaGetLastError();
+  return RWP_LAUNCH(philox_kernel, grid_for(n), kThreads, cuda_stream, counter, key, out, n);
 }
 
 cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t cuda_stream) {
-  noise_kernel<<<grid_for((numel + 3) / 4 + 1), kThreads, 0, cuda_stream>>>(out, numel, offset, param_index, key);
-  return cudaGetLastError();
+  return RWP_LAUNCH(noise_kernel, grid_for((numel + 3) / 4 + 1), kThreads, cuda_stream, out, numel, offset, param_index, key);
 }
 
-cudaError_t perturb(const ParamEntry* table, int64_t num_params, int64_t units, PerturbArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  perturb_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+// Each launcher runs the kernel variant of the launch's dtype (and sigma mode) on its entries.
+cudaError_t perturb(const ParamEntry* table, const Launch& l, PerturbArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    using T = decltype(t);
+    const auto kernel = l.per_element ? perturb_kernel<T, true> : perturb_kernel<T, false>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
-cudaError_t restore(const ParamEntry* table, int64_t num_params, int64_t units, RestoreArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  restore_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+cudaError_t restore(const ParamEntry* table, const Launch& l, RestoreArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    const auto kernel = restore_kernel<decltype(t)>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
-cudaError_t sgd_step(const ParamEntry* table, int64_t num_params, int64_t units, SgdArgs args, cudaStream_t cuda_stream) {
-  if (too_many(units)) return cudaErrorInvalidConfiguration;
-  sgd_kernel<<<static_cast<unsigned>(units), kThreads, 0, cuda_stream>>>(table, num_params, args);
-  return cudaGetLastError();
+cudaError_t sgd_step(const ParamEntry* table, const Launch& l, SgdArgs args, cudaStream_t cuda_stream) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    const auto kernel = sgd_kernel<decltype(t)>;
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+  });
+  return err;
 }
 
 }  // namespace rwp::cuda

@@ -1,0 +1,257 @@
+"""GPU-blind performance report: every CUDA and Triton kernel compiled as the run time compiles it, read from
+its SASS, and a roofline ESTIMATE of perturb_ and sgd_step_ on A100 / H100 / H200. No GPU needed.
+
+    python benchmarks/bench_gpu_model.py [--arch 80 90] [--models resnet18 wrn28_10 resnet50]
+                                         [--dtypes fp32 bf16] [--quick] [--jobs N] [--out benchmarks/results]
+
+1. Compiles csrc/cuda/cuda_kernels.cu with nvcc and the extension's flags (rwp_kernels._ext_config:
+   NVCC_FLAGS, the SASS gencode of gencode_flags, torch's COMMON_NVCC_FLAGS) to a cubin per architecture
+   (-Xptxas -v for registers and spills), and every Triton specialization the launchers use with
+   rwp_kernels.triton.aot.compile_kernel (the same signature, constexprs and alignment as the run time);
+   results are cached in a folder of the temp dir (rwp_kernels.gpu_model.cache_dir()).
+2. Per kernel: registers, spill bytes, shared memory, resident warps per SM and what limits them, the hot
+   path (rwp_kernels.sass: the cheapest path through the chosen loop body, or through the program, that
+   does the configured work) with its instructions, elements per iteration, instructions per element, the
+   width of every global / shared access on it, the busiest pipe, and DRAM bytes per element.
+3. The roofline estimate (rwp_kernels.gpu_model.estimate) per GPU, model, dtype and backend, with its
+   assumptions printed.
+Prints markdown tables and writes bench_gpu_model.csv (estimates), bench_gpu_model_kernels.csv and
+bench_gpu_model.png under --out. --quick: sm_90 only and only the Triton tiles the models use.
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels cannot be compiled: drop it before triton loads
+    del os.environ["TRITON_INTERPRET"]
+
+from rwp_kernels import gpu_model as G  # noqa: E402
+
+TARGETS = {"fp32": 0.80, "bf16": 0.60}  # issue 15: fused step >= 80 % of HBM peak (fp32), >= 60 % (bf16)
+
+
+def kernel_rows(reports) -> list[dict]:
+    rows = []
+    for r in reports:
+        rows.append(dict(
+            backend=r.backend, kernel=r.label, dtype=r.dtype or "", arch=f"sm_{r.arch}", registers=r.registers,
+            spill_store_bytes=r.spill_stores, spill_load_bytes=r.spill_loads, smem_bytes=r.smem, threads=r.threads,
+            warps_per_sm=r.warps, limiter=r.limiter, config=r.facts.config, hot_path=r.path_summary(),
+            path_instructions=r.path_instrs() if r.complete else "", elements_per_iteration=r.facts.elems,
+            instructions_per_element=round(r.instr_per_elem(), 1) if r.complete else "",
+            warp_cycles_per_iteration=round(r.warp_cycles(), 1) if r.complete else "", bound=r.bound_pipe(),
+            accesses=r.accesses(), dram_passes=r.facts.dram_passes(r.dtype),
+            dram_bytes_per_element=r.facts.dram_bytes_per_elem, dram_note=r.facts.dram_note))
+    return rows
+
+
+def print_kernels(rows) -> None:
+    print("## Kernels (compiled as the run time does; SASS hot paths)\n")
+    print("| backend | kernel | arch | regs | spill st/ld | smem/block | threads | warps/SM (limit) | hot path: "
+          "instructions / loop body | elements / iteration | instructions / element | bound (busiest pipe: its "
+          "cycles / issue slots) | memory accesses on "
+          "the path | DRAM passes / element |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|")
+    for r in rows:
+        print(f"| {r['backend']} | {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
+              f"{r['spill_load_bytes']} | {r['smem_bytes']} | {r['threads']} | {r['warps_per_sm']} ({r['limiter']}) | "
+              f"{r['hot_path']} | {r['elements_per_iteration']} | {r['instructions_per_element']} | {r['bound']} | "
+              f"{r['accesses']} | {r['dram_passes']} |")
+    print()
+
+
+def print_facts(reports) -> None:
+    """The per-kernel facts the model rests on: configuration, elements per iteration, DRAM passes."""
+    print("## Per-kernel facts (rwp_kernels/gpu_model.py: cuda_facts, triton_facts)\n")
+    print("| backend | kernel | configured case | hot path(s): requirement | elements / iteration | "
+          "DRAM passes / element | why |")
+    print("|---|---|---|---|---:|---:|---|")
+    seen = set()
+    for r in reports:
+        key = (r.backend, r.key, r.dtype, r.block)
+        if key in seen or r.arch != max(x.arch for x in reports):
+            continue
+        seen.add(key)
+        paths = "; ".join(f"{p.name}: {'loop' if p.loop else 'program'} with "
+                          + ", ".join(f"{k}>={v}" for k, v in p.require.items()) for p in r.facts.paths)
+        print(f"| {r.backend} | {r.label} | {r.facts.config} | {paths} | {r.facts.elems} | "
+              f"{r.facts.dram_passes(r.dtype)} | {r.facts.dram_note} |")
+    print("\nElements per iteration: CUDA, one 16-byte vector per thread (4 float32, 8 16-bit: kVecElems in "
+          "csrc/cuda/cuda_kernels.cu; noise: one Philox block of 4); Triton, BLOCK / (num_warps * 32) per thread "
+          "(TILE_MENU in rwp_kernels/triton/tables.py). Tags: ld/st<bits> global accesses (p: predicated), "
+          "lds/sts<bits> shared, ld64@<offset> a table column, philox a Philox multiply. A loop path runs from the "
+          "loop's head to its back edge; the loop chosen is the largest whose body has a path meeting the "
+          "requirement; the path is the one with the fewest instructions that meets it and calls no slow path.\n")
+
+
+def estimate_rows(reports, gpus, models, dtypes, backends) -> tuple[list, list[str]]:
+    index = G.report_index(reports)
+    archs = {r.arch for r in reports}
+    rows, notes = [], []
+    shapes = {m: G.model_shapes(m) for m in models}
+    for m, (_, source) in shapes.items():
+        notes.append(f"{m}: {sum(n for n, _ in G.param_rows(shapes[m][0])) / 1e6:.2f}M parameters in "
+                     f"{len(shapes[m][0])} tensors ({source})")
+    for gpu in gpus:
+        if gpu.arch not in archs:
+            notes.append(f"{gpu.name}: skipped (sm_{gpu.arch} not compiled in this run)")
+            continue
+        for m in models:
+            for dtype in dtypes:
+                for backend in backends:
+                    try:
+                        rows += G.estimate_model(shapes[m][0], dtype, gpu, index, backend, m)
+                    except KeyError as err:
+                        notes.append(f"{gpu.name} {m} {dtype} {backend}: no estimate ({err.args[0]})")
+    return rows, notes
+
+
+def print_estimates(estimates, notes) -> None:
+    print(f"## Roofline {G.ESTIMATE_LABEL}\n")
+    for line in G.assumption_lines():
+        print(line)
+    for line in notes:
+        print(f"  {line}")
+    print()
+    by = {(e.gpu, e.model, e.dtype, e.backend, e.op): e for e in estimates}
+    keys = list(dict.fromkeys((e.gpu, e.model, e.dtype) for e in estimates))
+    print("| GPU | model | dtype | floor (HBM peak) | cuda perturb_ | cuda sgd_step_ | cuda perturb_ + sgd_step_ | "
+          "cuda % of HBM peak | triton perturb_ + sgd_step_ | triton % of HBM peak |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for gpu, model, dtype in keys:
+        c = {op: by.get((gpu, model, dtype, "cuda", op)) for op in (*G.OPS, G.STEP)}
+        t = by.get((gpu, model, dtype, "triton", G.STEP))
+        step = c[G.STEP] or t
+        floor = step.min_bytes / next(g for g in G.GPUS if g.name == gpu).hbm_bytes_per_s
+
+        def fmt(e):
+            return "-" if e is None else f"{e.time * 1e6:.0f} us ({e.bound})"
+
+        pct = "-" if c[G.STEP] is None else f"{c[G.STEP].pct_hbm_peak:.0%}"
+        tpct = "-" if t is None else f"{t.pct_hbm_peak:.0%}"
+        print(f"| {gpu} | {model} | {dtype} | {floor * 1e6:.0f} us | {fmt(c['perturb_'])} | {fmt(c['sgd_step_'])} | "
+              f"{fmt(c[G.STEP])} | {pct} | {fmt(t)} | {tpct} |")
+    print()
+    for backend in dict.fromkeys(e.backend for e in estimates):
+        for dtype, target in TARGETS.items():
+            steps = [e for e in estimates if e.op == G.STEP and e.dtype == dtype and e.backend == backend]
+            if not steps:
+                continue
+            lo, hi = min(steps, key=lambda e: e.pct_hbm_peak), max(steps, key=lambda e: e.pct_hbm_peak)
+            compute = sum("compute" in e.bound for e in steps)
+            print(f"target {backend} {dtype} perturb_ + sgd_step_ >= {target:.0%} of HBM peak: estimate "
+                  f"{lo.pct_hbm_peak:.0%} ({lo.gpu} {lo.model}) to {hi.pct_hbm_peak:.0%} ({hi.gpu} {hi.model}); "
+                  f"{sum(e.pct_hbm_peak >= target for e in steps)} of {len(steps)} cases meet it, {compute} have a "
+                  f"compute-bound op ({G.ESTIMATE_LABEL})")
+    print()
+
+
+def plot(estimates, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e for e in estimates if e.op == G.STEP]
+    gpus = list(dict.fromkeys(e.gpu for e in steps))
+    series = list(dict.fromkeys((e.backend, e.dtype) for e in steps))
+    models = list(dict.fromkeys(e.model for e in steps))
+    fig, axes = plt.subplots(1, len(gpus), figsize=(5.5 * len(gpus), 4), squeeze=False, sharey=True)
+    width = 0.8 / max(1, len(series))
+    for ax, gpu in zip(axes[0], gpus):
+        for i, (backend, dtype) in enumerate(series):
+            values = [next((e.pct_hbm_peak * 100 for e in steps if (e.gpu, e.model, e.backend, e.dtype) ==
+                            (gpu, m, backend, dtype)), 0) for m in models]
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=f"{backend} {dtype}")
+        for dtype, target in TARGETS.items():
+            ax.axhline(target * 100, color="gray", lw=0.8, ls="--" if dtype == "fp32" else ":")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models, fontsize=8)
+        ax.set_title(f"{gpu}", fontsize=9)
+        ax.set_ylim(0, 100)
+    axes[0][0].set_ylabel("% of HBM peak, perturb_ + sgd_step_")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{G.ESTIMATE_LABEL}: targets 80 % (fp32, dashed), 60 % (bf16, dotted)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (80 90)")
+    parser.add_argument("--models", nargs="+", default=list(G.MODELS), choices=list(G.MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
+    parser.add_argument("--quick", action="store_true", help="sm_90 only, only the Triton tiles the models use")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel Triton compiles")
+    parser.add_argument("--threads", type=int, default=None, help="accepted for symmetry; compiles use --jobs")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+
+    archs = [90] if args.quick else args.arch
+    tiles = None
+    if args.quick and "triton" in args.backends:
+        tiles = quick_tiles(args.models)
+    start = time.perf_counter()
+    reports, errors = G.analyze_all(archs, tuple(args.dtypes), tiles, jobs=args.jobs,
+                                    triton="triton" in args.backends)
+    print(f"# GPU-blind kernel report and roofline {G.ESTIMATE_LABEL}\n")
+    print(f"compiled for {', '.join(f'sm_{a}' for a in archs)} in {time.perf_counter() - start:.0f} s "
+          f"(cache: {G.cache_dir()}); nvcc flags: {' '.join(G.cuda_compile_flags(archs[0])[:-1])} "
+          f"-gencode=arch=compute_XX,code=sm_XX\n")
+    for err in errors:
+        print(f"FAILED: {err}")
+    if not reports:
+        print("nothing was compiled: no report")
+        return 1
+    krows = kernel_rows(reports)
+    print_kernels(krows)
+    print_facts(reports)
+    gpus = [g for g in G.GPUS if g.arch in archs]
+    estimates, notes = estimate_rows(reports, G.GPUS, args.models, args.dtypes,
+                                     [b for b in args.backends if any(r.backend == b for r in reports)])
+    print_estimates(estimates, notes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(krows, args.out / "bench_gpu_model_kernels.csv")
+    if estimates:
+        write_csv([dict(label=G.ESTIMATE_LABEL, gpu=e.gpu, model=e.model, dtype=e.dtype, backend=e.backend, op=e.op,
+                        elements=e.elements, launches=e.launches, min_bytes=int(e.min_bytes),
+                        dram_bytes=int(e.dram_bytes), memory_us=round(e.t_memory * 1e6, 2),
+                        latency_us=round(e.t_latency * 1e6, 2), compute_us=round(e.t_compute * 1e6, 2),
+                        launch_us=round(e.t_launch * 1e6, 2), estimate_us=round(e.time * 1e6, 2), bound=e.bound,
+                        pct_hbm_peak=round(100 * e.pct_hbm_peak, 1),
+                        instructions_per_element=round(e.instr_per_elem, 1),
+                        warps_per_sm=e.warps, triton_tile=e.tile) for e in estimates],
+                  args.out / "bench_gpu_model.csv")
+        plot(estimates, args.out / "bench_gpu_model.png")
+    print(f"wrote {args.out / 'bench_gpu_model.csv'}, {args.out / 'bench_gpu_model_kernels.csv'} and "
+          f"{args.out / 'bench_gpu_model.png'} ({len(gpus)} GPUs)")
+    return 1 if errors else 0
+
+
+def quick_tiles(models) -> list[tuple[int, int]]:
+    """The Triton tiles perturb_ and sgd_step_ choose for the models (the launchers' choose_tile)."""
+    from rwp_kernels.triton.tables import choose_tile
+
+    tiles = set()
+    for m in models:
+        params = G.param_rows(G.model_shapes(m)[0])
+        for tile in (choose_tile([(r, n // r) for n, r in params]), choose_tile([(n, 1) for n, _ in params])):
+            tiles.add((tile.block, tile.num_warps))
+    return sorted(tiles)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The GPU-blind performance model: the SASS reader on a canned listing, the roofline arithmetic against a hand
+computation, and (slow) the report script end to end. No GPU needed; the slow tests need nvcc and Triton's
+cuobjdump."""
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires
+from rwp_kernels import gpu_model as G
+from rwp_kernels import sass
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# cuobjdump -sass layout: two functions, encodings after each instruction, a trap BRA at the end.
+LISTING = """
+	code for sm_90
+		Function : _ZN3rwp4cuda48_GLOBAL__N__a2751081_15_cuda_kernels_cu_2b7faf8c10sgd_kernelIfEEvPKNS_10ParamEntryEllNS_7SgdArgsE
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   S2R R0, SR_TID.X ;                                  /* 0x0000000000007919 */
+                                                                                       /* 0x000e2e0000002100 */
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;                 /* 0x000000100000780c */
+        /*0020*/               @P0 EXIT ;                                              /* 0x000000000000094d */
+        /*0030*/                   ISETP.NE.AND P1, PT, R5, RZ, PT ;                   /* 0x000000ff0500720c */
+        /*0040*/              @!P1 BRA 0x90 ;                                          /* 0x0000000000109947 */
+        /*0050*/                   LD.E.128 R8, desc[UR4][R2.64] ;                     /* 0x0000000402087980 */
+        /*0060*/                   IMAD.WIDE.U32 R10, R8, -0x2daee0ad, RZ ;            /* 0xd2511f53080a7825 */
+        /*0070*/                   ST.E.128 desc[UR4][R2.64], R8 ;                     /* 0x0000000802007985 */
+        /*0080*/                   BRA 0xe0 ;                                          /* 0x0000000000147947 */
+        /*0090*/               @P2 LD.E R8, desc[UR4][R2.64] ;                         /* 0x0000000402082980 */
+        /*00a0*/                   IMAD.WIDE.U32 R10, R8, 0xcd9e8d57, RZ ;             /* 0xcd9e8d57080a7825 */
+        /*00b0*/                   ST.E.U16 desc[UR4][R2.64], R8 ;                     /* 0x0000000802007986 */
+        /*00c0*/                   FADD R8, R8, 1 ;                                    /* 0x3f80000008087421 */
+        /*00d0*/                   FMUL R8, R8, 2 ;                                    /* 0x4000000008087820 */
+        /*00e0*/                   IADD3 R0, R0, 0x100, RZ ;                           /* 0x0000010000007810 */
+        /*00f0*/                   ISETP.LT.AND P0, PT, R0, R4, PT ;                   /* 0x000000040000720c */
+        /*0100*/               @P0 BRA 0x30 ;                                          /* 0xffffff2000000947 */
+        /*0110*/                   EXIT ;                                              /* 0x000000000000794d */
+        /*0120*/                   BRA 0x120;                                          /* 0xfffffffc00fc7947 */
+		..........
+
+		Function : _Z6tritonPv
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDG.E.64 R4, desc[UR4][R2.64+0x28] ;                /* 0x0000280402047981 */
+        /*0010*/               @P1 LDG.E R7, desc[UR4][R4.64] ;                        /* 0x0000000404071981 */
+        /*0020*/               @P1 STG.E desc[UR4][R6.64], R7 ;                        /* 0x0000000706001986 */
+        /*0030*/              @!P1 EXIT ;                                              /* 0x000000000000994d */
+        /*0040*/                   STG.E desc[UR4][R6.64+0x4], R7 ;                    /* 0x0000040706007986 */
+        /*0050*/                   LDS.128 R8, [R0+UR4] ;                              /* 0x0000000400087984 */
+        /*0060*/                   UIADD3 UR4, UR4, 0x1, URZ ;                         /* 0x0000000104047890 */
+        /*0070*/                   MUFU.RSQ R9, R8 ;                                   /* 0x0000000800097308 */
+        /*0080*/                   DADD R10, R10, R12 ;                                /* 0x0000000c0a0a7229 */
+        /*0090*/              @P3 CALL.REL.NOINC 0xb0 ;                                /* 0x0000001000003944 */
+        /*00a0*/                   CALL.REL.NOINC 0xc0 ;                               /* 0x0000001000007944 */
+        /*00b0*/                   EXIT ;                                              /* 0x000000000000794d */
+"""
+
+RES_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z6tritonPv:
+  REG:48 STACK:0 SHARED:26752 LOCAL:0 CONSTANT[0]:416 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3fooi:
+  REG:31 STACK:8 SHARED:0 LOCAL:4 CONSTANT[0]:392 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z6tritonPv' for 'sm_90'
+ptxas info    : Function properties for _Z6tritonPv
+    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 48 registers, used 1 barriers, 26752 bytes smem, 416 bytes cmem[0]
+ptxas info    : Compile time = 104.017 ms
+ptxas info    : Compiling entry function '_Z3fooi' for 'sm_90'
+ptxas info    : Function properties for _Z3fooi
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 31 registers, used 0 barriers, 392 bytes cmem[0]
+"""
+
+
+def _functions():
+    return {sass.short_name(name): ins for name, ins in sass.parse_sass(LISTING).items()}
+
+
+# ---- the SASS reader ---------------------------------------------------------------------------------------
+
+def test_listing_splits_into_functions_with_every_instruction():
+    fns = _functions()
+    assert list(fns) == ["sgd_kernel<fp32>", "_Z6tritonPv"]
+    toy = fns["sgd_kernel<fp32>"]
+    assert [i.addr for i in toy] == list(range(0, 0x130, 0x10))
+    assert toy[2].guard == "P0" and toy[2].opcode == "EXIT"
+    assert toy[4].guard == "!P1" and sass.branch_target(toy[4]) == 0x90 and sass.is_conditional(toy[4])
+    assert toy[5].base == "LD" and toy[5].modifiers == ("E", "128")
+    assert sass.branch_target(toy[8]) == 0xE0 and not sass.is_conditional(toy[8])
+
+
+def test_short_names_of_the_projects_kernels():
+    assert sass.short_name("_ZN3rwp4cuda48_GLOBAL__N__a2751081_15_cuda_kernels_cu_2b7faf8c14perturb_kernelINS1_9bf16_"
+                           "bitsELb1EEEvPKNS_10ParamEntryEllNS_11PerturbArgsE") == "perturb_kernel<bf16,true>"
+    assert sass.short_name("_ZN3rwp4cuda48_GLOBAL__N__a2751081_15_cuda_kernels_cu_2b7faf8c14perturb_kernelIfLb0EEEvPK"
+                           "NS_10ParamEntryEllNS_11PerturbArgsE") == "perturb_kernel<fp32,false>"
+    assert sass.short_name("_ZN3rwp4cuda48_GLOBAL__N__a2751081_15_cuda_kernels_cu_2b7faf8c12noise_kernelEPflljNS_8"
+                           "NoiseKeyE") == "noise_kernel"
+    assert sass.short_name("restore_kernel") == "restore_kernel"  # Triton's names are plain
+    assert sass.short_name("_Z3fooi") == "_Z3fooi"
+
+
+def test_loops_are_backward_branches_and_the_trap_is_not_one():
+    toy = _functions()["sgd_kernel<fp32>"]
+    assert sass.find_loops(toy) == [sass.Loop(0x30, 0x100)]
+    blocks = sass.basic_blocks(toy)
+    assert sorted(blocks) == [0x0, 0x30, 0x50, 0x90, 0xE0, 0x110, 0x120]
+    assert blocks[0x0].exits and blocks[0x0].succs == [0x30]  # a guarded EXIT falls through
+    assert blocks[0x30].succs == [0x90, 0x50]
+    assert blocks[0x50].succs == [0xE0]
+    assert blocks[0xE0].succs == [0x30, 0x110]
+    assert blocks[0x110].exits and blocks[0x110].succs == []
+
+
+def test_memory_access_widths_spaces_and_predication():
+    acc = {i.addr: sass.memory_access(i) for i in _functions()["sgd_kernel<fp32>"]}
+    assert acc[0x50] == sass.Access("ld", "generic", 128, False) and acc[0x50].label == "LD.128"
+    assert acc[0x70].label == "ST.128" and acc[0x70].dram
+    assert acc[0x90] == sass.Access("ld", "generic", 32, True)
+    assert acc[0xB0].label == "ST.16"
+    assert acc[0x0] is None and acc[0xC0] is None
+    tri = {i.addr: sass.memory_access(i) for i in _functions()["_Z6tritonPv"]}
+    assert tri[0x0].label == "LDG.64" and tri[0x20].label == "STG.32" and tri[0x20].predicated
+    assert tri[0x50] == sass.Access("ld", "shared", 128, False) and not tri[0x50].dram
+
+
+def test_tags_count_accesses_philox_table_columns_and_slow_path_calls():
+    toy = {i.addr: i for i in _functions()["sgd_kernel<fp32>"]}
+    assert sass.is_philox_multiply(toy[0x60]) and sass.is_philox_multiply(toy[0xA0])  # signed and unsigned forms
+    assert sass.tags(toy[0x50]) == {"ld128": 1}
+    assert sass.tags(toy[0x90]) == {"ld32": 1, "ld32p": 1}
+    tri = {i.addr: i for i in _functions()["_Z6tritonPv"]}
+    assert sass.tags(tri[0x0]) == {"ld64": 1, "ld64@0x28": 1}
+    assert sass.tags(tri[0x20]) == {"st32": 1, "st32p": 1}
+    assert sass.tags(tri[0x50]) == {"lds128": 1}
+    assert sass.tags(tri[0x90]) == {} and sass.tags(tri[0xA0]) == {"call": 1}  # guarded: sm_80's loop exit
+
+
+def test_pipes():
+    tri = {i.addr: sass.pipe(i) for i in _functions()["_Z6tritonPv"]}
+    assert (tri[0x0], tri[0x60], tri[0x70], tri[0x80], tri[0xB0]) == ("lsu", "uniform", "xu", "fp64", "issue")
+    toy = {i.addr: sass.pipe(i) for i in _functions()["sgd_kernel<fp32>"]}
+    assert (toy[0x60], toy[0xC0], toy[0xE0]) == ("imad", "fp32", "alu")
+
+
+def test_cheapest_path_meets_the_requirement():
+    toy = _functions()["sgd_kernel<fp32>"]
+    loop = sass.Loop(0x30, 0x100)
+    fast = sass.cheapest_path(toy, {}, loop=loop)  # the vector branch: 4 instructions against 5
+    assert [i.addr for i in fast.instrs] == [0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0xE0, 0xF0, 0x100]
+    assert fast.body_instrs == 14 and fast.region == "loop 0x30-0x100"
+    assert fast.widths() == {"LD.128": 1, "ST.128": 1} and fast.tags()["philox"] == 1
+    scalar = sass.cheapest_path(toy, {"st16": 1, "philox": 1}, loop=loop)
+    assert len(scalar) == 10 and scalar.widths() == {"LD.32": 1, "ST.16": 1}
+    assert sass.cheapest_path(toy, {"ld128": 1}, loop=loop, avoid=("st128",)) is None
+    assert sass.cheapest_path(toy, {"st128": 2}, loop=loop) is None
+    assert sass.cheapest_path(toy, {}, loop=loop, avoid=("ld128",)).widths() == {"LD.32": 1, "ST.16": 1}
+    # through the function outside its loops: entry to the guarded EXIT
+    entry = sass.cheapest_path(toy, {}, outside=sass.find_loops(toy))
+    assert [i.addr for i in entry.instrs] == [0x0, 0x10, 0x20] and entry.region == "function"
+    found = sass.loops_meeting(toy, {"ld128": 1})
+    assert [lp for lp, _ in found] == [loop]
+
+
+def test_the_last_store_after_an_early_exit_is_on_the_longer_path():
+    tri = _functions()["_Z6tritonPv"]
+    one = sass.cheapest_path(tri, {"st32": 1}, avoid=("call",))
+    assert [i.addr for i in one.instrs] == [0x0, 0x10, 0x20, 0x30]
+    both = sass.cheapest_path(tri, {"st32": 2}, avoid=())  # through the unguarded CALL: allowed when not avoided
+    assert both is not None and both.instrs[-1].addr == 0xB0
+    assert sass.cheapest_path(tri, {"st32": 2}, avoid=("call",)) is None
+
+
+def test_resource_usage_and_ptxas_log():
+    usage = sass.parse_res_usage(RES_USAGE)
+    assert usage["_Z6tritonPv"]["REG"] == 48 and usage["_Z6tritonPv"]["SHARED"] == 26752
+    assert usage["_Z3fooi"] == {"REG": 31, "STACK": 8, "SHARED": 0, "LOCAL": 4, "CONSTANT[0]": 392, "TEXTURE": 0,
+                                "SURFACE": 0, "SAMPLER": 0}
+    log = sass.parse_ptxas_verbose(PTXAS)
+    assert log["_Z6tritonPv"] == dict(stack=0, spill_stores=8, spill_loads=4, registers=48, smem=26752)
+    assert log["_Z3fooi"]["registers"] == 31 and log["_Z3fooi"]["smem"] == 0
+
+
+# ---- occupancy and the roofline ----------------------------------------------------------------------------
+
+def test_resident_warps():
+    assert G.resident_warps(48, 26752, 256, 90) == (40, "regs")  # 1536 registers per warp: 42 warps, 5 blocks
+    assert G.resident_warps(64, 1144, 256, 80) == (32, "regs")
+    assert G.resident_warps(32, 100 * 1024, 256, 80) == (8, "smem")  # 164 KB / (100 KB + 1 KB reserved)
+    assert G.resident_warps(16, 0, 256, 90) == (64, "warps")
+    assert G.resident_warps(98, 9216, 256, 90) == (16, "regs")  # 3328 per warp: 19 warps, 2 blocks of 8
+    assert G.resident_warps(26, 0, 32, 90) == (32, "blocks")
+
+
+def test_warp_iterations_and_row_threads():
+    assert G._warp_iterations(2048, 256) == 64  # a full sgd_step_ chunk of 8192 float32
+    assert G._warp_iterations(146, 256) == 5  # 146 vectors: five warps iterate once, three not at all
+    assert G._warp_iterations(8, 8) == 0.25  # four rows of 8 vectors share a warp
+    assert G.cuda_row_threads(4608, 4) == 256 and G.cuda_row_threads(27, 4) == 8 and G.cuda_row_threads(512, 4) == 256
+    assert G.param_rows([(64, 3, 3, 3), (10,), (10, 512)]) == [(1728, 27), (10, 10), (5120, 512)]
+
+
+def test_cuda_perturb_reads_rows_longer_than_the_stage_twice():
+    fp32 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760), (4608 * 2, 4608)], "fp32")
+    assert fp32.iterations[("perturb_kernel_long", "update")] == 10 * G._warp_iterations(1440, 256)
+    assert fp32.iterations[("perturb_kernel", "update")] == 2 * G._warp_iterations(1152, 256)
+    assert fp32.dram_bytes == 10 * (5760 * 16 + 4) + 2 * (4608 * 12 + 4)
+    assert fp32.min_bytes == 12 * (57600 + 9216)
+    bf16 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760)], "bf16")  # 9216 16-bit elements fit the stage
+    assert set(bf16.iterations) == {("perturb_kernel", "norm"), ("perturb_kernel", "update")}
+    assert bf16.dram_bytes == 10 * (5760 * 6 + 4)
+
+
+LOOP = """
+		Function : sgd_like
+        /*0000*/                   LD.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LD.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   LD.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0050*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0060*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0070*/                   ST.E.128 desc[UR4][R2.64], R4 ;
+        /*0080*/                   ST.E.128 desc[UR4][R2.64+0x10], R8 ;
+        /*0090*/                   ISETP.LT.AND P0, PT, R0, R20, PT ;
+        /*00a0*/               @P0 BRA 0x0 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def _index(warps: int) -> dict:
+    facts = G.cuda_facts("sgd_kernel", "fp32")
+    (name, instrs), = sass.parse_sass(LOOP).items()
+    report = G.KernelReport("cuda", "sgd_kernel<fp32>", "sgd_kernel", "fp32", 90, 43, 0, 0, 1144, 256, warps, "regs",
+                            facts, G.analyze(instrs, facts))
+    assert len(report.paths["main"]) == 11 and report.instr_per_elem() == 11 / 4
+    assert report.warp_cycles() == 20  # five LSU instructions at 32 per SM: 4 cycles each per scheduler
+    return G.report_index([report])
+
+
+def test_roofline_arithmetic_by_hand():
+    gpu = G.GPU("test", 90, 1e12, 1, 1e9, 0)
+    e = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(40))
+    # 64 warp iterations of 11 instructions; the LSU pipe is the busiest: 5 * 128 / 32 = 20 cycles each
+    t_compute = 64 * 20 / (1 * 4 * 1e9 * 0.8)  # 40 warps: 10 per scheduler, full 80 % issue efficiency
+    t_memory = 5 * 4 * 8192 / 1e12
+    t_latency = 64 / 40 * 600e-9 / 1  # each loading iteration waits one DRAM latency; 40 warps overlap
+    assert math.isclose(e.t_compute, t_compute) and math.isclose(e.t_memory, t_memory)
+    assert math.isclose(e.t_latency, t_latency) and e.bound == "latency"
+    assert math.isclose(e.time, t_latency + 5e-6) and e.launches == 1
+    assert math.isclose(e.pct_hbm_peak, t_memory / (t_latency + 5e-6))
+    assert math.isclose(e.instr_per_elem, 64 * 32 * 11 / 8192)
+    few = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(8),
+                     assumptions={"dram_latency_s": 0.0, "launch_s": 0.0})
+    assert few.bound == "compute" and math.isclose(few.time, 64 * 20 / (4 * 1e9 * 0.8 * 0.5))  # 2 warps/scheduler
+    both = G.combine([e, e], G.STEP, gpu)
+    assert math.isclose(both.time, 2 * e.time) and math.isclose(both.pct_hbm_peak, e.pct_hbm_peak)
+    assert both.bound == "latency+latency" and both.launches == 2
+
+
+def test_models_have_their_published_sizes():
+    sizes = {m: sum(n for n, _ in G.param_rows(G.model_shapes(m)[0])) for m in G.MODELS}
+    assert sizes["resnet18"] == 11_173_962 and sizes["wrn28_10"] == 36_479_194
+    assert sizes["resnet50"] == 25_557_032
+    assert sum(math.prod(s) for s in G._resnet50_shapes()) == 25_557_032
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+
+def _tools() -> str | None:
+    from rwp_kernels import _ext_config as C
+
+    if C.find_nvcc() is None:
+        return "nvcc was not found"
+    if G.cuobjdump() is None:
+        return "cuobjdump was not found"
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    return None
+
+
+@pytest.mark.slow  # compiles every kernel for sm_90 in a subprocess
+def test_report_script_quick(tmp_path):
+    missing = _tools()
+    requires(missing is None, f"GPU model report: {missing}", "cuda-build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu_model.py"), "--quick", "--jobs", "2",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert G.ESTIMATE_LABEL in run.stdout and "HBM 4.8 TB/s" in run.stdout and "FAILED" not in run.stdout
+    with open(tmp_path / "bench_gpu_model.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = {(r["gpu"], r["model"], r["dtype"], r["backend"], r["op"]) for r in rows}
+    expected = {(g.name, m, d, b, op) for g in G.GPUS if g.arch == 90 for m in G.MODELS for d in ("fp32", "bf16")
+                for b in ("cuda", "triton") for op in (*G.OPS, G.STEP)}
+    assert keys == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["label"] == G.ESTIMATE_LABEL
+        assert 0 < float(r["pct_hbm_peak"]) <= 100 and float(r["estimate_us"]) > float(r["launch_us"]) > 0
+        assert float(r["instructions_per_element"]) > 0 and r["bound"]
+    with open(tmp_path / "bench_gpu_model_kernels.csv", newline="") as f:
+        kernels = {(r["backend"], r["kernel"], r["arch"]): r for r in csv.DictReader(f)}
+    cuda = kernels[("cuda", "perturb_kernel<fp32,false>", "sm_90")]
+    assert int(cuda["registers"]) > 0 and cuda["spill_store_bytes"] == "0"
+    assert float(cuda["instructions_per_element"]) > 0
+    assert "ST.128x2" in cuda["accesses"]  # backup and w: one 16-byte store each per vector
+    assert {k[0] for k in kernels} == {"cuda", "triton"} and {k[2] for k in kernels} == {"sm_90"}
+    assert all(r["instructions_per_element"] for r in kernels.values()), "a kernel without a hot path"
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "bench_gpu_model.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # a subprocess that imports torch
+def test_bench_ops_says_when_there_is_no_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: bench_ops.py --device cuda measures instead")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--device", "cuda", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no CUDA GPU is visible" in run.stderr and "bench_gpu_model.py" in run.stderr
+
+
+@pytest.mark.slow  # compiles the CUDA kernels for sm_90
+def test_bench_ops_prints_the_estimate_next_to_measured_times(tmp_path, monkeypatch, capsys):
+    missing = _tools()
+    requires(missing is None, f"GPU model: {missing}", "cuda-build")
+    spec = importlib.util.spec_from_file_location("bench_ops_under_test", ROOT / "benchmarks" / "bench_ops.py")
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    index = G.report_index(G.analyze_cuda(90, ("fp32",)))
+    h200 = next(g for g in G.GPUS if g.name.startswith("H200"))
+    monkeypatch.setattr(G, "device_model", lambda backends, dtypes: (h200, "a stand-in H200", index, []))
+    rows = [dict(model="resnet18", op=op, backend="cuda", median_ms=ms)
+            for op, ms in (("perturb_", 0.05), ("sgd_step_", 0.06), ("perturb+step", 0.12))]
+    bench_ops.gpu_estimates(rows, ["resnet18"], tmp_path)
+    out = capsys.readouterr().out
+    assert "a stand-in H200" in out and "perturb+step" in out
+    with open(tmp_path / "bench_ops_estimate.csv", newline="") as f:
+        est = list(csv.DictReader(f))
+    assert [r["op"] for r in est] == ["perturb_", "sgd_step_", "perturb+step"]
+    step = est[-1]
+    assert math.isclose(float(step["measured_over_estimate"]), 0.12 / float(step["estimate_ms"]))
+    assert math.isclose(float(step["measured_pct_hbm_peak"]), 100 * 32 * 11_173_962 / 4.8e12 / 0.12e-3)
