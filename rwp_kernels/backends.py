@@ -6,6 +6,7 @@ A backend is a module that implements ``rwp_kernels.contract.Backend``: the func
 reference backend in the same call.
 """
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -74,6 +75,25 @@ def _load_cuda_emu(device_type: str):
     return extension.backend(emulated=True)[0]
 
 
+def _require_triton_version() -> None:
+    """Triton's version, read without importing it (an older Triton can fail at import in other ways)."""
+    from importlib import metadata
+
+    from ._version import MIN_TRITON
+
+    try:
+        version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        raise BackendUnavailableError('triton is not installed (pip install "rwp-kernels[triton]")') from None
+    if _release(version) < _release(MIN_TRITON):
+        raise BackendUnavailableError(f"triton {version} is installed; the Triton kernels need triton >= {MIN_TRITON}")
+
+
+def _release(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "3.8.0", "3.7.0+git1234" or "3.9.0rc1"."""
+    return tuple(int(re.match(r"\d*", piece)[0] or 0) for piece in version.split("+")[0].split(".")[:3])
+
+
 def _load_triton(device_type: str):
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type == "cpu" and not interpret:
@@ -84,6 +104,7 @@ def _load_triton(device_type: str):
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
     if device_type == "cuda":
         _require_gpu()
+    _require_triton_version()
     try:
         from . import triton as module
     except ImportError as err:

@@ -105,3 +105,14 @@ def test_report_prints_the_floors_and_the_tested_versions():
     for torch_version, triton_version, _ in TESTED:
         assert f"torch {torch_version}" in rows["tested with"]
         assert triton_version is None or f"triton {triton_version}" in rows["tested with"]
+
+
+def test_an_old_triton_leaves_the_triton_backend_unavailable_with_the_reason(monkeypatch):
+    from importlib import metadata
+
+    from rwp_kernels import backends
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "3.3.1" if name == "triton" else real(name))
+    with pytest.raises(backends.BackendUnavailableError, match=r"triton 3\.3\.1 is installed; .* triton >= 3\.7"):
+        backends._require_triton_version()
