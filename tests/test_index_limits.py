@@ -28,6 +28,7 @@ import rwp_kernels as rk
 from conftest import require_backend
 from rwp_kernels import backends
 from rwp_kernels import conformance as C
+from _scalar_philox import scalar_philox
 
 # The backends that run on CPU tensors (Triton: its interpreter); a backend registered later for CPU tensors
 # (for example an emulation of the CUDA kernels) is picked up here without a change.
@@ -64,17 +65,6 @@ FEW_WINDOWS = [(b - 8, 16) for b in BOUNDARIES] + [(2**63 - 16, 16)]
 
 def windows_for(name: str) -> list:
     return FEW_WINDOWS if name == "triton" else WINDOWS
-
-
-def scalar_philox(ctr, key):
-    """Philox4x32-10 with Python integers, from the Random123 paper (as tests/test_stream.py)."""
-    c, k = list(ctr), list(key)
-    for r in range(10):
-        if r:
-            k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
-    return c
 
 
 def noise(backend, offset, numel, param_index=7):

@@ -16,18 +16,9 @@ from scipy import stats
 
 import rwp_kernels as R
 from rwp_kernels.conformance import PHILOX_KAT, REFERENCE_NOISE_EPS32
+from _scalar_philox import scalar_philox
 
 EPS32 = 2.0**-23
-
-def scalar_philox(ctr, key):
-    """Philox4x32-10 with Python integers, straight from the Random123 paper."""
-    c, k = list(ctr), list(key)
-    for r in range(10):
-        if r:
-            k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
-    return c
 
 
 def scalar_normals(e_begin, e_end, *, seed, param_index, step, stream):

@@ -426,6 +426,20 @@ unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(1, (items + kThreads - 1) / kThreads), 1 << 20));
 }
 
+// Launches kernel_for(T{}) of the launch's dtype T on its entries: one block per work unit.
+template <class Args, class KernelFor>
+cudaError_t launch_table(const ParamEntry* table, const Launch& l, const Args& args, cudaStream_t cuda_stream,
+                         const KernelFor& kernel_for) {
+  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+    const auto kernel = kernel_for(t);
+    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count,
+                     l.first_unit, args);
+  });
+  return err;
+}
+
 }  // namespace
 
 cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n, cudaStream_t cuda_stream) {
@@ -436,36 +450,19 @@ cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_inde
   return RWP_LAUNCH(noise_kernel, grid_for((numel + 3) / 4 + 1), kThreads, cuda_stream, out, numel, offset, param_index, key);
 }
 
-// Each launcher runs the kernel variant of the launch's dtype (and sigma mode) on its entries.
 cudaError_t perturb(const ParamEntry* table, const Launch& l, PerturbArgs args, cudaStream_t cuda_stream) {
-  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
+  return launch_table(table, l, args, cuda_stream, [&](auto t) {
     using T = decltype(t);
-    const auto kernel = l.per_element ? perturb_kernel<T, true> : perturb_kernel<T, false>;
-    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
+    return l.per_element ? perturb_kernel<T, true> : perturb_kernel<T, false>;
   });
-  return err;
 }
 
 cudaError_t restore(const ParamEntry* table, const Launch& l, RestoreArgs args, cudaStream_t cuda_stream) {
-  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
-    const auto kernel = restore_kernel<decltype(t)>;
-    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
-  });
-  return err;
+  return launch_table(table, l, args, cuda_stream, [](auto t) { return restore_kernel<decltype(t)>; });
 }
 
 cudaError_t sgd_step(const ParamEntry* table, const Launch& l, SgdArgs args, cudaStream_t cuda_stream) {
-  if (too_many(l.units)) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype<half_bits, bf16_bits>(l.dtype, [&](auto t) {
-    const auto kernel = sgd_kernel<decltype(t)>;
-    err = RWP_LAUNCH(kernel, static_cast<unsigned>(l.units), kThreads, cuda_stream, table + l.first, l.count, l.first_unit, args);
-  });
-  return err;
+  return launch_table(table, l, args, cuda_stream, [](auto t) { return sgd_kernel<decltype(t)>; });
 }
 
 }  // namespace rwp::cuda
