@@ -61,17 +61,17 @@ int32_t dtype_code(const Tensor& t, const char* op, size_t i) {
     case at::kFloat: return kFloat32;
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
-    default: TORCH_CHECK(false, RWP_OPS_PREFIX "", op, ": params[", i, "] has unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, RWP_OPS_PREFIX, op, ": params[", i, "] has unsupported dtype ", t.scalar_type());
   }
 }
 
 // A dense tensor whose rows (shape[0]) are contiguous runs: the layouts the kernels can walk.
 void check_param(const Tensor& p, const Tensor& first, const char* op, size_t i) {
-  TORCH_CHECK(p.device() == first.device(), RWP_OPS_PREFIX "", op, ": params[", i, "] is on ", p.device(),
+  TORCH_CHECK(p.device() == first.device(), RWP_OPS_PREFIX, op, ": params[", i, "] is on ", p.device(),
               " but params[0] is on ", first.device());
-  TORCH_CHECK(p.numel() > 0, RWP_OPS_PREFIX "", op, ": params[", i, "] is empty");
+  TORCH_CHECK(p.numel() > 0, RWP_OPS_PREFIX, op, ": params[", i, "] is empty");
   TORCH_CHECK(p.is_non_overlapping_and_dense() && (p.dim() < 2 || p.size(0) == 1 || p.stride(0) == p.numel() / p.size(0)),
-              RWP_OPS_PREFIX "", op, ": params[", i, "] is not dense with contiguous rows");
+              RWP_OPS_PREFIX, op, ": params[", i, "] is not dense with contiguous rows");
 }
 
 // Same strides wherever the size is not 1 (as rwp_kernels._validate compares layouts).
@@ -89,24 +89,24 @@ void* companion(TensorList list, size_t i, const Tensor& p, const char* op, cons
   const Tensor& t = list[i];
   if (!t.defined() || t.numel() == 0) return nullptr;
   TORCH_CHECK(t.scalar_type() == dtype.value_or(p.scalar_type()) && same_layout(t, p) && t.device() == p.device(),
-              RWP_OPS_PREFIX "", op, ": ", name, "[", i, "] does not match params[", i, "] in dtype, shape, layout or device");
+              RWP_OPS_PREFIX, op, ": ", name, "[", i, "] does not match params[", i, "] in dtype, shape, layout or device");
   return t.data_ptr();
 }
 
 void check_length(TensorList list, size_t n, const char* op, const char* name) {
-  TORCH_CHECK(list.empty() || list.size() == n, RWP_OPS_PREFIX "", op, ": ", name, " has ", list.size(),
+  TORCH_CHECK(list.empty() || list.size() == n, RWP_OPS_PREFIX, op, ": ", name, " has ", list.size(),
               " entries but params has ", n);
 }
 
 ScalarArg scalar_arg(const OptTensor& t, double value, const Tensor& like, const char* op, const char* name) {
   if (!t.has_value()) return {nullptr, static_cast<float>(value)};
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
-              RWP_OPS_PREFIX "", op, ": ", name, " must be a one-element float32 tensor on ", like.device());
+              RWP_OPS_PREFIX, op, ": ", name, " must be a one-element float32 tensor on ", like.device());
   return {t->data_ptr<float>(), 1.0f};
 }
 
 uint32_t word(int64_t v, const char* op, const char* name) {
-  TORCH_CHECK(v >= 0 && v < (int64_t{1} << 32), RWP_OPS_PREFIX "", op, ": ", name, " must be in [0, 2**32), got ", v);
+  TORCH_CHECK(v >= 0 && v < (int64_t{1} << 32), RWP_OPS_PREFIX, op, ": ", name, " must be in [0, 2**32), got ", v);
   return static_cast<uint32_t>(v);
 }
 
@@ -127,13 +127,13 @@ struct Table {
 constexpr size_t kPlanWords = 4;
 
 Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const char* op) {
-  TORCH_CHECK(!params.empty(), RWP_OPS_PREFIX "", op, ": params is empty");
-  TORCH_CHECK(plan.size() == kPlanWords * params.size(), RWP_OPS_PREFIX "", op, ": plan has ", plan.size(),
+  TORCH_CHECK(!params.empty(), RWP_OPS_PREFIX, op, ": params is empty");
+  TORCH_CHECK(plan.size() == kPlanWords * params.size(), RWP_OPS_PREFIX, op, ": plan has ", plan.size(),
               " words but params needs ", kPlanWords * params.size());
   Table table;
   table.cuda = on_cuda_kernels(params[0]);
   table.by_rows = by_rows;
-  TORCH_CHECK(table.cuda || params[0].is_cpu(), RWP_OPS_PREFIX "", op, ": tensors on ", params[0].device(),
+  TORCH_CHECK(table.cuda || params[0].is_cpu(), RWP_OPS_PREFIX, op, ": tensors on ", params[0].device(),
               " are not supported");
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor& p = params[i];
@@ -145,7 +145,7 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
     e.row_len = words[0];
     const int64_t sigma_len = words[1];
     TORCH_CHECK(e.row_len > 0 && e.numel % e.row_len == 0 && sigma_len > 0 && e.numel % sigma_len == 0,
-                RWP_OPS_PREFIX "", op, ": the plan of params[", i, "] does not fit its ", e.numel, " elements");
+                RWP_OPS_PREFIX, op, ": the plan of params[", i, "] does not fit its ", e.numel, " elements");
     e.param_index = word(words[2], op, "param_index");
     e.whole_tensor = words[3] != 0;
     e.sigma_per_element = e.whole_tensor && sigma_len == 1 && e.numel > 1;
@@ -220,7 +220,7 @@ void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
 #else
   (void)like;
   (void)launch;
-  TORCH_CHECK(false, RWP_OPS_PREFIX "", op, ": this build of the extension has no CUDA kernels");
+  TORCH_CHECK(false, RWP_OPS_PREFIX, op, ": this build of the extension has no CUDA kernels");
 #endif
 }
 
@@ -361,7 +361,7 @@ void fill_mix(Table& t, TensorList params, TensorList grads, TensorList fisher, 
     e.grad = companion(grads, i, params[i], op, "grads");
     e.fisher = static_cast<float*>(companion(fisher, i, params[i], op, "fisher", at::kFloat));
     e.clean = companion(clean_grads, i, params[i], op, "clean_grads");
-    TORCH_CHECK(e.grad || (!e.fisher && !e.clean), RWP_OPS_PREFIX "", op, ": fisher or clean_grads[", i,
+    TORCH_CHECK(e.grad || (!e.fisher && !e.clean), RWP_OPS_PREFIX, op, ": fisher or clean_grads[", i,
                 "] given without grads[", i, "]");
   }
 }
