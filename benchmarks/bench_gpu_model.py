@@ -31,6 +31,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels cannot be c
 from rwp_kernels import gpu_model as G  # noqa: E402
 
 TARGETS = {"fp32": 0.80, "bf16": 0.60}  # issue 15: fused step >= 80 % of HBM peak (fp32), >= 60 % (bf16)
+BACKEND_GAP = 0.15  # issue 15: CUDA and Triton within 15 % of each other
+GRAD_SCALE_COST = 0.05  # issue 15: grad_scale != 1 costs < 5 % (beyond the gradient's own bytes)
 
 
 def kernel_rows(reports) -> list[dict]:
@@ -87,10 +89,12 @@ def print_facts(reports) -> None:
           "requirement; the path is the one with the fewest instructions that meets it and calls no slow path.\n")
 
 
-def estimate_rows(reports, gpus, models, dtypes, backends) -> tuple[list, list[str]]:
+def estimate_rows(reports, gpus, models, dtypes, backends) -> tuple[list, list[str], list]:
+    """The estimates per GPU, model, dtype and backend, notes, and the grad_scale costs
+    ``(plain perturb_, rescaling perturb_, cost)``."""
     index = G.report_index(reports)
     archs = {r.arch for r in reports}
-    rows, notes = [], []
+    rows, notes, costs = [], [], []
     shapes = {m: G.model_shapes(m) for m in models}
     for m, (_, source) in shapes.items():
         notes.append(f"{m}: {sum(n for n, _ in G.param_rows(shapes[m][0])) / 1e6:.2f}M parameters in "
@@ -106,7 +110,32 @@ def estimate_rows(reports, gpus, models, dtypes, backends) -> tuple[list, list[s
                         rows += G.estimate_model(shapes[m][0], dtype, gpu, index, backend, m)
                     except KeyError as err:
                         notes.append(f"{gpu.name} {m} {dtype} {backend}: no estimate ({err.args[0]})")
-    return rows, notes
+                        continue
+                    try:
+                        costs.append(G.grad_scale_cost(shapes[m][0], dtype, gpu, index, backend, m))
+                    except KeyError as err:
+                        notes.append(f"{gpu.name} {m} {dtype} {backend}: no grad_scale estimate ({err.args[0]})")
+    return rows, notes, costs
+
+
+def print_grad_scale(costs) -> None:
+    """perturb_ with and without rescaling the gradients, each against its own floor."""
+    if not costs:
+        return
+    print("### perturb_ with grad_scale != 1 (it also reads and writes the gradients: floor 5 passes instead of 3)\n")
+    print("| GPU | model | dtype | backend | perturb_ | % of its floor | perturb_ with grad_scale != 1 | % of its floor "
+          "| cost beyond the gradient's bytes |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for plain, scaled, cost in costs:
+        print(f"| {plain.gpu} | {plain.model} | {plain.dtype} | {plain.backend} | {plain.time * 1e6:.0f} us | "
+              f"{plain.pct_hbm_peak:.0%} | {scaled.time * 1e6:.0f} us | {scaled.pct_hbm_peak:.0%} | {cost:+.1%} |")
+    print()
+    for backend in dict.fromkeys(p.backend for p, _, _ in costs):
+        mine = [c for p, _, c in costs if p.backend == backend]
+        print(f"target {backend} grad_scale != 1 costs < {GRAD_SCALE_COST:.0%}: estimate {min(mine):+.1%} to "
+              f"{max(mine):+.1%}; {sum(c < GRAD_SCALE_COST for c in mine)} of {len(mine)} cases meet it "
+              f"({G.ESTIMATE_LABEL})")
+    print()
 
 
 def print_estimates(estimates, notes) -> None:
@@ -119,8 +148,9 @@ def print_estimates(estimates, notes) -> None:
     by = {(e.gpu, e.model, e.dtype, e.backend, e.op): e for e in estimates}
     keys = list(dict.fromkeys((e.gpu, e.model, e.dtype) for e in estimates))
     print("| GPU | model | dtype | floor (HBM peak) | cuda perturb_ | cuda sgd_step_ | cuda perturb_ + sgd_step_ | "
-          "cuda % of HBM peak | triton perturb_ + sgd_step_ | triton % of HBM peak |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "cuda % of HBM peak | triton perturb_ + sgd_step_ | triton % of HBM peak | triton / cuda |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    gaps = []
     for gpu, model, dtype in keys:
         c = {op: by.get((gpu, model, dtype, "cuda", op)) for op in (*G.OPS, G.STEP)}
         t = by.get((gpu, model, dtype, "triton", G.STEP))
@@ -132,9 +162,18 @@ def print_estimates(estimates, notes) -> None:
 
         pct = "-" if c[G.STEP] is None else f"{c[G.STEP].pct_hbm_peak:.0%}"
         tpct = "-" if t is None else f"{t.pct_hbm_peak:.0%}"
+        ratio = "-"
+        if t is not None and c[G.STEP] is not None:
+            gaps.append((t.time / c[G.STEP].time, gpu, model, dtype))
+            ratio = f"{gaps[-1][0]:.2f}"
         print(f"| {gpu} | {model} | {dtype} | {floor * 1e6:.0f} us | {fmt(c['perturb_'])} | {fmt(c['sgd_step_'])} | "
-              f"{fmt(c[G.STEP])} | {pct} | {fmt(t)} | {tpct} |")
+              f"{fmt(c[G.STEP])} | {pct} | {fmt(t)} | {tpct} | {ratio} |")
     print()
+    if gaps:
+        far = max(gaps, key=lambda g: abs(g[0] - 1))
+        print(f"target cuda and triton perturb_ + sgd_step_ within {BACKEND_GAP:.0%} of each other: triton / cuda "
+              f"{min(g[0] for g in gaps):.2f} to {max(g[0] for g in gaps):.2f} (furthest: {far[1]} {far[2]} {far[3]}); "
+              f"{sum(abs(g[0] - 1) <= BACKEND_GAP for g in gaps)} of {len(gaps)} cases meet it ({G.ESTIMATE_LABEL})")
     for backend in dict.fromkeys(e.backend for e in estimates):
         for dtype, target in TARGETS.items():
             steps = [e for e in estimates if e.op == G.STEP and e.dtype == dtype and e.backend == backend]
@@ -220,9 +259,10 @@ def main(argv=None) -> int:
     print_kernels(krows)
     print_facts(reports)
     gpus = [g for g in G.GPUS if g.arch in archs]
-    estimates, notes = estimate_rows(reports, G.GPUS, args.models, args.dtypes,
-                                     [b for b in args.backends if any(r.backend == b for r in reports)])
+    estimates, notes, costs = estimate_rows(reports, G.GPUS, args.models, args.dtypes,
+                                            [b for b in args.backends if any(r.backend == b for r in reports)])
     print_estimates(estimates, notes)
+    print_grad_scale(costs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(krows, args.out / "bench_gpu_model_kernels.csv")
     if estimates:

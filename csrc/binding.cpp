@@ -118,6 +118,7 @@ NoiseKey noise_key(int64_t k0, int64_t k1, int64_t step, const char* op) {
 struct Table {
   std::vector<ParamEntry> entries;
   int64_t units = 0;
+  int64_t segments = 0;  // CUDA perturb_: segments of the rows split across blocks (ParamEntry::segments)
   bool cuda = false;
   bool by_rows = false;
 };
@@ -152,11 +153,14 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
     e.dtype = dtype_code(p, op, i);
     if (by_rows) {
       e.unit_size = table.cuda ? kCudaThreads / cuda_row_threads(e.row_len, e.dtype) : cpu::perturb_unit_rows(e.row_len);
+      e.segments = table.cuda ? cuda_row_segments(e.row_len, e.dtype) : 0;
+      e.partial_offset = table.segments;
+      table.segments += e.segments * (e.numel / e.row_len);
     } else {
       e.unit_size = table.cuda ? kCudaChunkElems : kCpuChunkElems;
     }
     e.first_unit = table.units;
-    table.units += units_of(e.numel, e.row_len, e.unit_size, by_rows);
+    table.units += units_of(e, by_rows);
     table.entries.push_back(e);
   }
   return table;
@@ -227,7 +231,8 @@ void launch_cuda(const Tensor& like, const char* op, const Launch& launch) {
 // Runs a table op on the table's device: cpu_fn(entries, n, units) or cuda_fn(device table, n, units, cuda_stream).
 #ifdef RWP_CUDA_KERNELS
 // The table as the CUDA kernels take it: the entries grouped by kernel variant (dtype, and for perturb_ the
-// sigma mode; order kept within a group), work units renumbered in that order, one launch per group.
+// sigma mode and whether rows are split; order kept within a group), work units renumbered in that order,
+// one launch per group.
 struct CudaTable {
   std::vector<ParamEntry> entries;
   std::vector<cuda::Launch> launches;
@@ -235,15 +240,18 @@ struct CudaTable {
 
 CudaTable by_variant(const Table& t) {
   CudaTable c{t.entries, {}};
-  auto variant = [&](const ParamEntry& e) { return std::make_pair(e.dtype, t.by_rows && e.sigma_per_element); };
+  auto variant = [&](const ParamEntry& e) {
+    return std::make_tuple(e.dtype, t.by_rows && e.sigma_per_element, e.segments != 0);
+  };
   std::stable_sort(c.entries.begin(), c.entries.end(),
                    [&](const ParamEntry& a, const ParamEntry& b) { return variant(a) < variant(b); });
   int64_t unit = 0;
   for (size_t i = 0; i < c.entries.size(); ++i) {
     ParamEntry& e = c.entries[i];
     if (i == 0 || variant(c.entries[i - 1]) != variant(e))
-      c.launches.push_back({static_cast<int64_t>(i), 0, unit, 0, e.dtype, variant(e).second});
-    const int64_t units = units_of(e.numel, e.row_len, e.unit_size, t.by_rows);
+      c.launches.push_back({static_cast<int64_t>(i), 0, unit, 0, e.dtype, std::get<1>(variant(e)),
+                            std::get<2>(variant(e))});
+    const int64_t units = units_of(e, t.by_rows);
     e.first_unit = unit;
     c.launches.back().count += 1;
     c.launches.back().units += units;
@@ -333,8 +341,9 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
     sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
   }
   Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
+  Tensor partials = at::empty({2 * t.segments}, params[0].options().dtype(at::kDouble));
   const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
-                         sigmas.data_ptr<float>()};
+                         sigmas.data_ptr<float>(), partials.data_ptr<double>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
       RWP_CUDA([&](const ParamEntry* table, const cuda::Launch& launch, cudaStream_t cuda_stream) {

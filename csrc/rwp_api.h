@@ -26,6 +26,8 @@ struct ParamEntry {
   int64_t first_unit;   // index of this parameter's first work unit; units are numbered across the call
   int64_t unit_size;    // rows per unit (perturb_) or elements per unit (restore_, sgd_step_)
   int64_t sigma_offset; // index of the parameter's first sigma in the call's sigma array (args.sigma)
+  int64_t segments;     // CUDA perturb_ of rows longer than the stage: segments per row, one unit each (else 0)
+  int64_t partial_offset;  // with segments: index of the parameter's first segment in args.partials
   double gamma;
   double eta;
   uint32_t param_index;
@@ -60,9 +62,10 @@ RWP_HD void dispatch_dtype(int32_t dtype, const Fn& fn) {
 }
 
 // Number of work units of a parameter (the table's first_unit of the next parameter minus this one's).
-inline int64_t units_of(int64_t numel, int64_t row_len, int64_t unit_size, bool per_row) {
-  const int64_t n = per_row ? numel / row_len : numel;
-  return (n + unit_size - 1) / unit_size;
+inline int64_t units_of(const ParamEntry& e, bool per_row) {
+  if (per_row && e.segments) return e.numel / e.row_len * e.segments;
+  const int64_t n = per_row ? e.numel / e.row_len : e.numel;
+  return (n + e.unit_size - 1) / e.unit_size;
 }
 
 // A uniform float argument: a value, or a float32 scalar in memory (a device tensor: no host sync).
@@ -80,6 +83,7 @@ struct PerturbArgs {
   NoiseKey key;
   ScalarArg grad_scale;
   float* sigma;  // written: sigma of each row (or element, see ParamEntry::sigma_per_element)
+  double* partials;  // CUDA scratch: per segment of a split row, its sum of squares and of the Fisher state
 };
 
 struct MixArgs {
@@ -116,6 +120,25 @@ inline int cuda_row_threads(int64_t row_len, int32_t dtype) {
   int group = 8;
   while (group < vectors && group < kCudaThreads) group *= 2;
   return group;
+}
+
+// CUDA perturb_ reads a row from DRAM once: its block keeps it in shared memory (the stage) between the norm
+// and the update. Each of a block's rows_per_block rows gets an equal share of the stage, in 16-byte vectors.
+constexpr int64_t kCudaStageBytes = 6144 * 4;
+RWP_HD int64_t cuda_stage_vectors(int64_t rows_per_block) { return kCudaStageBytes / 16 / rows_per_block; }
+
+// The most 16-byte vectors a row of row_len elements touches, wherever it starts.
+RWP_HD int64_t row_vectors_at_most(int64_t row_len, int64_t vec_elems) { return (row_len - 1) / vec_elems + 2; }
+
+// A row longer than its share of the stage is split into segments of kCudaSegmentElems elements, one block
+// each, and summed in two launches: each segment's partial sums first, then the update, which adds the
+// row's partial sums in order (so every segment computes the same sigma). Segments per row, or 0 for a row
+// that fits the stage.
+constexpr int64_t kCudaSegmentElems = 8192;
+inline int64_t cuda_row_segments(int64_t row_len, int32_t dtype) {
+  const int64_t rows_per_block = kCudaThreads / cuda_row_threads(row_len, dtype);
+  if (row_vectors_at_most(row_len, 16 / dtype_bytes(dtype)) <= cuda_stage_vectors(rows_per_block)) return 0;
+  return (row_len + kCudaSegmentElems - 1) / kCudaSegmentElems;
 }
 
 // CPU entry points (cpu/cpu_kernels.cpp). `units` is the total over the table.

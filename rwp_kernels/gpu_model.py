@@ -143,9 +143,22 @@ class KernelFacts:
         return f"{self.dram_bytes_per_elem / ITEMSIZE[dtype]:g} ({self.dram_bytes_per_elem:g} B)"
 
 
-CUDA_STAGE_BYTES = 4608 * 4  # kStageBytes in csrc/cuda/cuda_kernels.cu
-CUDA_THREADS = 256  # kCudaThreads (csrc/rwp_api.h)
-CUDA_CHUNK = 8192  # kCudaChunkElems: elements per block of restore_ / sgd_step_
+def _header_constant(name: str) -> int:
+    """An integer constant of csrc/rwp_api.h (``constexpr ... name = <arithmetic>;``), so that the model follows
+    the kernels' sizes."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "csrc" / "rwp_api.h").read_text()
+    m = re.search(rf"constexpr\s+\w+\s+{name}\s*=\s*([0-9 *+]+);", text)
+    if m is None:
+        raise RuntimeError(f"csrc/rwp_api.h defines no constant {name}")
+    return math.prod(int(f) for f in m[1].split("*"))
+
+
+CUDA_STAGE_BYTES = _header_constant("kCudaStageBytes")  # shared memory holding a block's rows in perturb_
+CUDA_THREADS = _header_constant("kCudaThreads")
+CUDA_CHUNK = _header_constant("kCudaChunkElems")  # elements per block of restore_ / sgd_step_
+CUDA_SEGMENT = _header_constant("kCudaSegmentElems")  # elements per block of a row split across blocks
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -160,20 +173,29 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
                            "writes each normal once (float32)")
     s = ITEMSIZE[dtype]
     n = 16 // s
-    if kernel == "perturb_kernel":  # <T, false>: per-row sigma
+    grad_scale = kernel.endswith("_gs")  # the same kernel rescaling the gradients (grad_scale != 1)
+    kernel = kernel.removesuffix("_gs")
+    grad = {"ld128": 1, "st128": 1} if grad_scale else {}
+    grad_note = ", reads and writes the gradient" if grad_scale else ""
+    if kernel == "perturb_kernel":  # <T, false, false>: per-row sigma, the row staged
         return KernelFacts(
-            "row staged in shared memory, backups, no gradient scaling, no Fisher state",
+            "row staged in shared memory, backups, "
+            + ("gradients rescaled" if grad_scale else "no gradient scaling") + ", no Fisher state",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",)),
-             PathSpec("update", {"lds128": 1, "st128": 2, "philox": 1})), n, 3 * s,
+             PathSpec("update", dict(Counter({"lds128": 1, "st128": 2, "philox": 1}) + Counter(grad)))), n,
+            (5 if grad_scale else 3) * s,
             f"reads w once (rows up to {CUDA_STAGE_BYTES // s} elements are staged in shared memory), writes w and "
-            f"the backup; +2 passes when it rescales the gradient; longer rows read w twice (4 passes)")
-    if kernel == "perturb_kernel_long":  # the same kernel on a row longer than its stage
+            f"the backup{grad_note}")
+    if kernel == "perturb_kernel_split":  # <T, false, true>: a segment of a row longer than the stage
         return KernelFacts(
-            "row longer than the stage: w read again in the update loop",
-            (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",)),
-             PathSpec("update", {"ld128": 1, "st128": 2, "philox": 1}, avoid=("call", "lds128"))), n, 4 * s,
-            "reads w twice (norm, then update; the second read may hit L2), writes w and the backup")
-    if kernel == "perturb_kernel_ae":  # <T, true>: ARWP, one sigma per element of a 0-D/1-D parameter
+            "segment of a split row (after partials_kernel): w read again",
+            (PathSpec("update", dict(Counter({"ld128": 1, "st128": 2, "philox": 1}) + Counter(grad)),
+                      avoid=("call", "lds128")),), n, (5 if grad_scale else 3) * s,
+            f"reads w, writes w and the backup{grad_note} (partials_kernel read w before)")
+    if kernel == "partials_kernel":
+        return KernelFacts("a segment's float64 sums of squares", (PathSpec("norm", {"ld128": 1}),), n, s,
+                           "reads w once")
+    if kernel == "perturb_kernel_ae":  # <T, true, false>: ARWP, one sigma per element of a 0-D/1-D parameter
         vf = 4 * n // 16  # 16-byte vectors of float32 per vector of T
         return KernelFacts(
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
@@ -193,10 +215,11 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
 
 def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> KernelFacts:
     """Facts of a Triton kernel: a program holds BLOCK elements, each of its num_warps * 32 threads
-    ``BLOCK / (num_warps * 32)`` of them (no loop, except perturb_'s over the tiles of a long row). Element
-    accesses are as wide as the element (not vectorized) and masked: the loads predicated (``ld<bits>p``;
-    unpredicated loads are the table's and the scalars'), the stores predicated except the last one,
-    which the compiler turns into an early EXIT and a plain store (so stores count without ``p``)."""
+    ``e = BLOCK / (num_warps * 32)`` consecutive ones (no loop, except perturb_'s over the tiles of a long
+    row or segment). On the vectorized path (aligned tensors, items on vector boundaries) a thread's elements
+    are one access of ``e`` elements (16 bytes for float32, 8 for 16-bit types), masked: the loads predicated
+    (``ld<bits>p``; unpredicated loads are the table's and the scalars'), the stores predicated except the
+    last one, which the compiler turns into an early EXIT and a plain store (so stores count without ``p``)."""
     e = block // (num_warps * 32)
     if kernel == "philox_kernel":
         return KernelFacts("one counter block per lane", (PathSpec("main", {"philox": 1}, loop=False),), 4 * e, 20,
@@ -205,31 +228,38 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> 
         return KernelFacts("one tile", (PathSpec("main", {"st32": e, "philox": 1}, loop=False),), e, 4,
                            "writes each normal once (float32)")
     s = ITEMSIZE[dtype]
-    b = 8 * s
-    stores = Counter({f"st{b}": 2 * e})  # backup and w
-    stores["st32"] += e  # the float32 sigma (masked to a row's first lane)
+    b = 8 * s * e  # bits of a thread's access on the vectorized path
     if kernel == "perturb_kernel":
         return KernelFacts(
-            "rows that fit a tile (held in registers), backups, no gradient scaling, no Fisher state",
-            (PathSpec("tile", {f"ld{b}p": e, **stores, "philox": 1}, loop=False),), e, 3 * s,
-            f"rows of at most BLOCK - 3 = {block - 3} elements: read w once (registers), write w and the backup; "
-            f"longer rows read w twice (4 passes)")
+            "rows that fit a tile, aligned, backups, no gradient scaling, no Fisher state",
+            (PathSpec("tile", {f"ld{b}p": 2, f"st{b}": 2, "philox": 1}, loop=False),), e, 3 * s,
+            f"rows of at most BLOCK = {block} elements (BLOCK - 3 off a Philox block boundary): read w once from "
+            f"DRAM (the update reads the tile again from L1), write w and the backup; longer rows read w twice "
+            f"(4 passes)")
     if kernel == "perturb_kernel_long":
         return KernelFacts(
-            "a row longer than the tile: a norm loop and an update loop over its tiles",
-            (PathSpec("norm", {f"ld{b}p": e}, body_without=("philox",)),
-             PathSpec("update", {f"ld{b}p": e, **stores, "philox": 1})), e, 4 * s,
+            "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles",
+            (PathSpec("norm", {f"ld{b}p": 1}, body_without=("philox",)),
+             PathSpec("update", {f"ld{b}p": 1, f"st{b}": 2, "philox": 1})), e, 4 * s,
             "reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup")
+    if kernel == "row_partials_kernel":
+        return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
+                           (PathSpec("norm", {f"ld{b}p": 1}),), e, s, "reads w once")
+    if kernel == "perturb_elementwise_kernel":
+        return KernelFacts(
+            "ARWP 0-D/1-D tensor that fits a tile: per-element sigma from the Fisher state, backups",
+            (PathSpec("tile", {f"ld{b}p": 2, f"st{b}": 2, "philox": 1}, loop=False),), e, 3 * s + 8,
+            "reads w once and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
     if kernel == "restore_kernel":
         return KernelFacts("regenerated noise, no gradient mix",
-                           (PathSpec("main", {f"ld{b}p": e, f"st{b}": e, "philox": 1}, loop=False),), e, 2 * s,
+                           (PathSpec("main", {f"ld{b}p": 1, f"st{b}": 1, "philox": 1}, loop=False),), e, 2 * s,
                            "reads and writes w (sigmas gathered per element, cached); exact mode: backup in, w out")
     if kernel == "sgd_step_kernel":
         from .triton.tables import MOMENTUM_BUFFER
 
         column = f"ld64@0x{8 * MOMENTUM_BUFFER.value:x}"  # the momentum buffer's address: read only with momentum
-        return KernelFacts("backups, momentum after the first step, no gradient mix",
-                           (PathSpec("main", {f"ld{b}p": 3 * e, f"st{b}": 2 * e, column: 1}, loop=False),), e, 5 * s,
+        return KernelFacts("backups, momentum after the first step, no gradient mix, aligned",
+                           (PathSpec("main", {f"ld{b}p": 3, f"st{b}": 2, column: 1}, loop=False),), e, 5 * s,
                            "reads the backup, the gradient and the momentum, writes w and the momentum")
     raise KeyError(kernel)
 
@@ -376,8 +406,10 @@ class KernelReport:
         text = self.kernel if self.backend == "cuda" or not self.dtype else f"{self.kernel} {self.dtype}"
         if self.block:
             text += f" BLOCK={self.block}/{self.num_warps}w"
-        variant = {"perturb_kernel_long": " [long rows]", "perturb_kernel_ae": " [ARWP 1-D]"}.get(self.key, "")
-        return text + variant
+        key = self.key.removesuffix("_gs")
+        variant = {"perturb_kernel_long": " [long rows]", "perturb_kernel_split": " [split rows]",
+                   "perturb_kernel_ae": " [ARWP 1-D]"}.get(key, "")
+        return text + variant + (" [grad_scale != 1]" if self.key.endswith("_gs") else "")
 
     @property
     def complete(self) -> bool:
@@ -471,8 +503,10 @@ def analyze(instrs: list, facts: KernelFacts) -> dict:
 
 
 CUDA_KERNELS = (  # (function short name, facts key, dtype) per dtype; philox and noise have no dtype
-    ("perturb_kernel<{d},false>", "perturb_kernel"), ("perturb_kernel<{d},false>", "perturb_kernel_long"),
-    ("perturb_kernel<{d},true>", "perturb_kernel_ae"), ("restore_kernel<{d}>", "restore_kernel"),
+    ("perturb_kernel<{d},false,false>", "perturb_kernel"), ("perturb_kernel<{d},false,false>", "perturb_kernel_gs"),
+    ("partials_kernel<{d}>", "partials_kernel"), ("perturb_kernel<{d},false,true>", "perturb_kernel_split"),
+    ("perturb_kernel<{d},false,true>", "perturb_kernel_split_gs"),
+    ("perturb_kernel<{d},true,false>", "perturb_kernel_ae"), ("restore_kernel<{d}>", "restore_kernel"),
     ("sgd_kernel<{d}>", "sgd_kernel"),
 )
 
@@ -658,51 +692,81 @@ def _warp_iterations(vectors: int, threads: int) -> float:
     return float(sum(max(0, -(-(vectors - 32 * w) // threads)) for w in range(threads // 32)))
 
 
-def _cuda_perturb(params, s: int, work: Work) -> None:
+def cuda_row_segments(row_len: int, itemsize: int) -> int:
+    """csrc/rwp_api.h cuda_row_segments: segments of a row split across blocks, 0 for a row that is staged."""
+    rows_per_block = CUDA_THREADS // cuda_row_threads(row_len, itemsize)
+    if (row_len - 1) // (16 // itemsize) + 2 <= CUDA_STAGE_BYTES // 16 // rows_per_block:
+        return 0
+    return -(-row_len // CUDA_SEGMENT)
+
+
+def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
     n = 16 // s
+    gs = "_gs" if grad_scale else ""
+    staged = split = False
     for numel, row_len in params:
-        group = cuda_row_threads(row_len, s)
-        slots = CUDA_STAGE_BYTES // 16 // (CUDA_THREADS // group)
         rows = numel // row_len
+        segments = cuda_row_segments(row_len, s)
+        if segments:
+            # partials_kernel, then the update: one block of CUDA_THREADS per segment
+            for k in range(segments):
+                lo = k * CUDA_SEGMENT
+                vectors = -(-min(CUDA_SEGMENT, row_len - lo) // n) + 1  # rows need not start on a vector
+                its = _warp_iterations(vectors, CUDA_THREADS) * rows
+                work.iterations[("partials_kernel", "norm")] += its
+                work.iterations[("perturb_kernel_split" + gs, "update")] += its
+            work.dram_bytes += numel * s * (6 if grad_scale else 4) + 16 * rows * segments + 4 * rows
+            split = True
+            continue
+        staged = True
+        group = cuda_row_threads(row_len, s)
         # the vectors a row touches depend on where it starts; rows repeat with period n / gcd(row_len, n)
         period = n // math.gcd(row_len, n)
         for r in range(min(rows, period)):
             lo = r * row_len
             vectors = -(-(lo + row_len) // n) - lo // n
             count = len(range(r, rows, period))
-            key = "perturb_kernel" if vectors <= slots else "perturb_kernel_long"
             its = _warp_iterations(vectors, group) * count
-            work.iterations[(key, "norm")] += its
-            work.iterations[(key, "update")] += its
-            work.dram_bytes += count * (row_len * s * (3 if vectors <= slots else 4) + 4)
+            work.iterations[("perturb_kernel" + gs, "norm")] += its
+            work.iterations[("perturb_kernel" + gs, "update")] += its
+            work.dram_bytes += count * (row_len * s * (5 if grad_scale else 3) + 4)
+    work.launches = int(staged) + 2 * int(split)  # split rows: partials_kernel, then the update
 
 
-def _triton_perturb(params, s: int, block: int, warps: int, work: Work) -> None:
-    from .triton.tables import row_items
+def _triton_perturb(params, s: int, block: int, warps: int, work: Work, grad_scale: bool) -> None:
+    from .triton.tables import SPLIT_ROW, row_items
 
+    extra = 2 * s if grad_scale else 0  # the gradient read and written
+    split = False
     for numel, row_len in params:
-        for _, start, count in row_items(0, numel, row_len, block):
+        for _, start, count in row_items(0, numel, row_len, block, 16 // s):
             base = start - start % 4
-            if start + count - base <= block:
+            tiles = -(-(start + count - base) // block)
+            if row_len > SPLIT_ROW.value:
+                work.iterations[("row_partials_kernel", "norm")] += warps * tiles
+                split = True
+            elif tiles == 1:
                 work.iterations[("perturb_kernel", "tile")] += warps
-                work.dram_bytes += count * 3 * s + 4 * max(1, count // row_len)
+                work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
+                continue
             else:
-                tiles = -(-(start + count - base) // block)
                 work.iterations[("perturb_kernel_long", "norm")] += warps * tiles
-                work.iterations[("perturb_kernel_long", "update")] += warps * tiles
-                work.dram_bytes += count * 4 * s + 4
+            work.iterations[("perturb_kernel_long", "update")] += warps * tiles
+            work.dram_bytes += count * (4 * s + extra) + 4
+    work.launches = 1 + int(split)  # split rows: row_partials_kernel first
 
 
-def op_work(op: str, backend: str, params, dtype: str) -> Work:
+def op_work(op: str, backend: str, params, dtype: str, grad_scale: bool = False) -> Work:
     """The work of ``op`` ("perturb_" or "sgd_step_") on ``params`` ((numel, row_len) pairs) in the configured
-    case (exact mode with backups, grad_scale 1, momentum, no ARWP)."""
+    case (exact mode with backups, momentum, no ARWP; ``grad_scale``: perturb_ also rescales the gradients,
+    whose reading and writing then belongs to its floor)."""
     s = ITEMSIZE[dtype]
     elements = sum(n for n, _ in params)
-    passes = {"perturb_": 3, "sgd_step_": 5}[op]
+    passes = {"perturb_": 5 if grad_scale else 3, "sgd_step_": 5}[op]
     work = Work(elements, passes * s * elements, 0.0, 1)
     if backend == "cuda":
         if op == "perturb_":
-            _cuda_perturb(params, s, work)
+            _cuda_perturb(params, s, work, grad_scale)
         else:
             n = 16 // s
             for numel, _ in params:
@@ -715,7 +779,7 @@ def op_work(op: str, backend: str, params, dtype: str) -> Work:
 
         if op == "perturb_":
             tile = choose_tile([(r, n // r) for n, r in params])
-            _triton_perturb(params, s, tile.block, tile.num_warps, work)
+            _triton_perturb(params, s, tile.block, tile.num_warps, work, grad_scale)
         else:
             tile = choose_tile([(n, 1) for n, _ in params])
             work.iterations[("sgd_step_kernel", "main")] += tile.num_warps * sum(-(-n // tile.block) for n, _ in params)
@@ -757,10 +821,11 @@ def report_index(reports) -> dict:
 
 
 def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, model: str = "",
-             assumptions: dict | None = None) -> Estimate:
-    """The estimated time of one op; ``index`` from :func:`report_index` (the kernels compiled for gpu.arch)."""
+             assumptions: dict | None = None, grad_scale: bool = False) -> Estimate:
+    """The estimated time of one op; ``index`` from :func:`report_index` (the kernels compiled for gpu.arch);
+    ``grad_scale``: perturb_ rescaling the gradients."""
     a = {**ASSUMPTIONS, **(assumptions or {})}
-    work = op_work(op, backend, params, dtype)
+    work = op_work(op, backend, params, dtype, grad_scale)
     block = work.tile[0] if work.tile else None
     issue_cycles = 0.0
     pipe_cycles = Counter()
@@ -823,6 +888,17 @@ def estimate_model(shapes, dtype: str, gpu: GPU, index: dict, backend: str, mode
     params = param_rows(shapes)
     parts = [estimate(op, backend, params, dtype, gpu, index, model, assumptions) for op in OPS]
     return parts + [combine(parts, STEP, gpu)]
+
+
+def grad_scale_cost(shapes, dtype: str, gpu: GPU, index: dict, backend: str,
+                    model: str = "") -> tuple[Estimate, Estimate, float]:
+    """perturb_ without and with gradient rescaling (grad_scale != 1, which adds reading and writing the
+    gradients to its floor), and what the rescaling costs beyond those bytes: how much further from its floor
+    the op runs, ``(time / floor with it) / (time / floor without it) - 1``."""
+    params = param_rows(shapes)
+    plain = estimate("perturb_", backend, params, dtype, gpu, index, model)
+    scaled = estimate("perturb_", backend, params, dtype, gpu, index, model, grad_scale=True)
+    return plain, scaled, plain.pct_hbm_peak / scaled.pct_hbm_peak - 1
 
 
 def assumption_lines(gpus=GPUS) -> list[str]:

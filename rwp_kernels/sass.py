@@ -409,7 +409,7 @@ _TEMPLATE_ARGS = (("NS1_9bf16_bitsE", "bf16"), ("NS1_9half_bitsE", "fp16"), ("f"
 
 
 def short_name(mangled: str) -> str:
-    """A readable name for this project's kernels (``perturb_kernel<bf16,false>``, ``sgd_kernel<fp32>``,
+    """A readable name for this project's kernels (``perturb_kernel<bf16,false,true>``, ``sgd_kernel<fp32>``,
     ``noise_kernel``); other names come back unchanged."""
     for m in re.finditer(r"(\d+)([A-Za-z_])", mangled):
         n = int(m[1])

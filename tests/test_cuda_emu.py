@@ -100,6 +100,29 @@ def test_every_op_bit_for_bit_as_cpu_backend(emu, dtype):
             assert C.bitwise_equal(a, b), f"{name}[{i}] ({C.SWEEP[i].name}) differs from the C++ CPU backend"
 
 
+@pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
+def test_rows_around_the_stage_limit_and_split_rows_bit_for_bit_as_cpu_backend(emu, dtype):
+    """Rows that just fit a block's shared-memory stage, rows one element longer (split into segments: partial
+    sums in one launch, the update in a second), a 1-D tensor of a million elements (split, with ARWP's
+    per-element sigmas too) and an unaligned view, on exactly summable values (any sum order gives the same)."""
+    fits = 6140 if dtype == torch.float32 else 12280  # (n - 1) // vector + 2 <= 1536 vectors of 16 bytes
+    shapes = [(2, fits), (2, fits + 1), (3, 20001), (1_000_003,), (5, 27)]
+    params = _dyadic([torch.empty(s, dtype=dtype) for s in shapes], 1) + [_dyadic([torch.empty(40003, dtype=dtype)],
+                                                                                  1)[0][1:]]
+    grads = _dyadic(params, 2)
+    fisher = [f.abs().float() for f in _dyadic(params, 3)]
+    for adaptive in (False, True):
+        out = {}
+        for backend in (EMU, "cpu"):
+            w, b, g = C.clone_all(params), C.clone_all(params), C.clone_all(grads)
+            sigmas = rk.perturb_(w, gamma=0.02, seed=3, step=5, backups=b, grads=g, grad_scale=0.5, eta=0.1,
+                                 fisher=fisher if adaptive else None, backend=backend)
+            out[backend] = (w, b, g, sigmas)
+        for name, emu_t, cpu_t in zip(("perturbed", "backups", "scaled grads", "sigmas"), out[EMU], out["cpu"]):
+            for i, (a, b) in enumerate(zip(emu_t, cpu_t, strict=True)):
+                assert C.bitwise_equal(a, b), f"{name}[{i}] {tuple(params[i].shape)} (ARWP {adaptive}) differs"
+
+
 @pytest.mark.parametrize("offset", [0, 2**31 - 5, 2**31, 2**32 - 3, 2**32 + 2, 2**33 + 1])
 def test_noise_and_philox_bit_for_bit_as_cpu_backend(emu, offset):
     for numel in (1, 7, 4099):

@@ -211,15 +211,22 @@ def test_warp_iterations_and_row_threads():
     assert G.param_rows([(64, 3, 3, 3), (10,), (10, 512)]) == [(1728, 27), (10, 10), (5120, 512)]
 
 
-def test_cuda_perturb_reads_rows_longer_than_the_stage_twice():
-    fp32 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760), (4608 * 2, 4608)], "fp32")
-    assert fp32.iterations[("perturb_kernel_long", "update")] == 10 * G._warp_iterations(1440, 256)
+def test_cuda_perturb_splits_rows_longer_than_the_stage():
+    assert G.CUDA_STAGE_BYTES == 6144 * 4 and G.CUDA_SEGMENT == 8192  # read from csrc/rwp_api.h
+    # a row of n elements touches at most (n - 1) // 4 + 2 float32 vectors, wherever it starts; 1536 fit
+    assert G.cuda_row_segments(4608, 4) == 0 and G.cuda_row_segments(6140, 4) == 0
+    assert G.cuda_row_segments(6141, 4) == 1 and G.cuda_row_segments(20000, 4) == 3
+    assert G.cuda_row_segments(12280, 2) == 0 and G.cuda_row_segments(12281, 2) == 2
+    fp32 = G.op_work("perturb_", "cuda", [(20000 * 3, 20000), (4608 * 2, 4608)], "fp32")
+    per_row = sum(G._warp_iterations(v, 256) for v in (2049, 2049, 905))
+    assert fp32.iterations[("partials_kernel", "norm")] == 3 * per_row
+    assert fp32.iterations[("perturb_kernel_split", "update")] == 3 * per_row
     assert fp32.iterations[("perturb_kernel", "update")] == 2 * G._warp_iterations(1152, 256)
-    assert fp32.dram_bytes == 10 * (5760 * 16 + 4) + 2 * (4608 * 12 + 4)
-    assert fp32.min_bytes == 12 * (57600 + 9216)
-    bf16 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760)], "bf16")  # 9216 16-bit elements fit the stage
-    assert set(bf16.iterations) == {("perturb_kernel", "norm"), ("perturb_kernel", "update")}
-    assert bf16.dram_bytes == 10 * (5760 * 6 + 4)
+    assert fp32.dram_bytes == 3 * 20000 * 16 + 16 * 9 + 4 * 3 + 2 * (4608 * 12 + 4)
+    assert fp32.min_bytes == 12 * (60000 + 9216) and fp32.launches == 3  # staged rows; partials, split rows
+    bf16 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760)], "bf16", grad_scale=True)  # fits the stage
+    assert set(bf16.iterations) == {("perturb_kernel_gs", "norm"), ("perturb_kernel_gs", "update")}
+    assert bf16.dram_bytes == 10 * (5760 * 10 + 4) and bf16.min_bytes == 10 * 57600 and bf16.launches == 1
 
 
 LOOP = """
@@ -313,7 +320,7 @@ def test_report_script_quick(tmp_path):
         assert float(r["instructions_per_element"]) > 0 and r["bound"]
     with open(tmp_path / "bench_gpu_model_kernels.csv", newline="") as f:
         kernels = {(r["backend"], r["kernel"], r["arch"]): r for r in csv.DictReader(f)}
-    cuda = kernels[("cuda", "perturb_kernel<fp32,false>", "sm_90")]
+    cuda = kernels[("cuda", "perturb_kernel<fp32,false,false>", "sm_90")]
     assert int(cuda["registers"]) > 0 and cuda["spill_store_bytes"] == "0"
     assert float(cuda["instructions_per_element"]) > 0
     assert "ST.128x2" in cuda["accesses"]  # backup and w: one 16-byte store each per vector

@@ -17,9 +17,12 @@ namespace {
 
 constexpr int kThreads = kCudaThreads;
 // Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90; 32 for
-// restore_ in the 16-bit types (eight elements per thread and access with the gradient mix spill at 48
-// registers) and 24 for perturb_'s per-element variant, which only 1-D ARWP parameters take.
+// restore_ and split rows' perturb_ in the 16-bit types (eight elements per thread and access, two Philox
+// blocks: they spill at 48 registers) and 24 for perturb_'s per-element variant, which only 1-D ARWP
+// parameters take.
 constexpr int kBlocksPerSm = 5;
+template <class T>
+constexpr int kBlocksPerSm16 = sizeof(T) == 2 ? 4 : kBlocksPerSm;
 using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
@@ -113,6 +116,18 @@ __device__ __forceinline__ void store_raw(T* p, int64_t e, int64_t lo, int64_t h
     if (e + j >= lo && e + j < hi) p[e + j] = raw.x[j];
 }
 
+// A compile-time flag of a loop body: true where its vectors are whole and aligned (16-byte accesses).
+template <bool V>
+struct VecFlag {
+  static constexpr bool value = V;
+};
+
+// The vector that holds element e >= 0 (unsigned: no rounding towards zero to handle).
+template <class T>
+__device__ __forceinline__ int64_t vector_of(int64_t e) {
+  return static_cast<int64_t>(static_cast<uint64_t>(e) / kVecElems<T>);
+}
+
 // The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks.
 template <int N>
 __device__ __forceinline__ void normals(int64_t e, uint32_t param_index, const NoiseKey& key, float (&z)[N]) {
@@ -164,111 +179,220 @@ __global__ void noise_kernel(float* out, int64_t numel, int64_t offset, uint32_t
 
 // ---- perturb_ ------------------------------------------------------------------------------------------
 
-// A row of at most kStageBytes is read from DRAM once: each thread keeps the vectors it summed in shared
-// memory, in slots only it uses (so no barrier is needed), and perturbs them from there. 24 KB: 6144 float32
-// elements (WRN-28-10's longest row has 640 * 3 * 3 = 5760, ResNets' 512 * 3 * 3 = 4608), twice that in the
-// 16-bit types; five blocks per SM fit in sm_80's 164 KB of shared memory.
-constexpr int kStageBytes = 6144 * 4;
+// A row that fits its share of the stage (kCudaStageBytes: 6144 float32 elements, twice that in the 16-bit
+// types; WRN-28-10's longest row has 640 * 3 * 3 = 5760, ResNets' 512 * 3 * 3 = 4608) is read from DRAM once:
+// each thread keeps the vectors it summed in shared memory, in slots only it uses (so no barrier is needed),
+// and perturbs them from there. Five blocks per SM fit in sm_80's 164 KB of shared memory. Longer rows are
+// split into segments (cuda_row_segments): partials_kernel, then perturb_kernel<T, kPerElement, true>.
 struct alignas(16) Stage {
-  unsigned char bytes[kStageBytes];
+  unsigned char bytes[kCudaStageBytes];
 };
 
-// The rows of the block's unit: one per group of cuda_row_threads() threads. kPerElement: a 0-D/1-D
-// parameter with ARWP, one sigma per element from its Fisher value.
-template <class T, bool kPerElement>
-__device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t unit, const PerturbArgs& a,
-                                             RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
-  constexpr int N = kVecElems<T>;
-  const unsigned group = kThreads / static_cast<unsigned>(p.unit_size), lane = threadIdx.x & (group - 1);
-  const unsigned group_index = threadIdx.x >> (__ffs(group) - 1);  // group is a power of two
-  const int64_t row = unit * p.unit_size + group_index;
-  const int64_t n = p.row_len;
-  const bool has_row = row < p.numel / n;  // the last unit of a parameter may have fewer rows than groups
-  const int64_t lo = has_row ? row * n : 0, hi = has_row ? lo + n : 0;
-  const int64_t v_lo = lo / N, v_hi = (hi + N - 1) / N;  // the vectors the row touches
-  // The entry lives in shared memory: the fields the loops use are copied to registers once.
-  const uint32_t param_index = p.param_index;
-  const bool add = p.gamma != 0.0;
-  T* w = static_cast<T*>(p.w);
-  T* backup = static_cast<T*>(p.backup);
-  T* grad = static_cast<T*>(p.grad);
-  const float grad_scale = a.grad_scale.get();
-  const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
-  float* const fisher = p.fisher;
-  const bool row_fisher = fisher != nullptr && !kPerElement;
-  const bool vec_ok = aligned16(w) && aligned16(backup) && aligned16(grad) && aligned16(fisher);
-  // Each group stages its row in its share of the stage; slot v - v_lo holds vector v.
-  const int64_t group_slots = kStageBytes / sizeof(Vec<T>) / p.unit_size;
-  Vec<T>* stage = reinterpret_cast<Vec<T>*>(stage_bytes) + group_index * group_slots - v_lo;
-  const bool staged = v_hi - v_lo <= group_slots;
+// The vectors that a row (or a segment of one) [lo, hi) of a parameter touches, with 32-bit offsets inside it:
+// element first + e for e in [lo, hi), first a multiple of the vector length N; vector v holds e = N*v ...
+// N*v + N-1. Vectors full_lo .. full_hi - 1 lie wholly inside [lo, hi); at most one at each end does not.
+struct Span {
+  int64_t first;
+  int lo, hi, vectors, full_lo, full_hi;
+};
 
-  double sumsq = 0.0, fsum = 0.0;
-  for (int64_t v = v_lo + lane; v < v_hi; v += group) {
-    const int64_t e = N * v;
-    const bool vec = vec_ok && e >= lo && e + N <= hi;
-    const Vec<T> raw = load_raw(w, e, lo, hi, vec);
-    if (staged) stage[v] = raw;
+template <class T>
+__device__ __forceinline__ Span span_of(int64_t lo, int64_t hi) {
+  constexpr int N = kVecElems<T>;
+  const int64_t first = N * vector_of<T>(lo);
+  const int l = static_cast<int>(lo - first), h = static_cast<int>(hi - first);
+  const int full_lo = (l + N - 1) / N;
+  return {first, l, h, (h + N - 1) / N, full_lo, max(full_lo, h / N)};
+}
+
+// Calls body(v, vec) for this thread's vectors of the span, lane, lane + group, ...: the same vectors in every
+// loop over the span. vec: the vector is whole and the parameter aligned (16-byte accesses).
+template <class Body>
+__device__ __forceinline__ void for_span(const Span& s, bool aligned, unsigned lane, unsigned group, const Body& body) {
+  for (int v = lane; v < s.vectors; v += group) body(v, aligned && v >= s.full_lo && v < s.full_hi);
+}
+
+// This thread's sums of squares of w and of the Fisher state (unless null) over its vectors of the span (w and
+// fisher point at its element `first`); kStage: vector v is also kept in stage[v].
+template <class T, bool kStage>
+__device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, const Span& s, unsigned lane,
+                                            unsigned group, bool aligned, Vec<T>* stage, double& sumsq, double& fsum) {
+  constexpr int N = kVecElems<T>;
+  for_span(s, aligned, lane, group, [&](int v, bool vec) {
+    const int e = N * v;
+    const Vec<T> raw = load_raw(w, e, s.lo, s.hi, vec);
+    if (kStage) stage[v] = raw;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const double x = to_f32(raw.x[j]);
       sumsq += x * x;
     }
-    if (row_fisher) {
+    if (fisher) {
       float f[N];
-      load_elems(fisher, e, lo, hi, vec, f);
+      load_elems(fisher, e, s.lo, s.hi, vec, f);
 #pragma unroll
       for (int j = 0; j < N; ++j) fsum += f[j];
     }
-  }
-  sumsq = RowSum::sum(tmp, sumsq, group);
-  if (row_fisher) fsum = RowSum::sum(tmp, fsum, group);
-  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
-  float* sigmas = a.sigma + p.sigma_offset;
-  if (!kPerElement && has_row && lane == 0) sigmas[row] = row_sig;
+  });
+}
 
-  for (int64_t v = v_lo + lane; v < v_hi; v += group) {
-    const int64_t e = N * v;
-    const bool vec = vec_ok && e >= lo && e + N <= hi;
-    const Vec<T> raw = staged ? stage[v] : load_raw(w, e, lo, hi, vec);
-    if (backup) store_raw(backup, e, lo, hi, vec, raw);
+// The update of this thread's vectors of the span once the row's sums are known: backup <- w,
+// w <- w + sigma * z with the row's sigma (or, kPerElement, one per element from the Fisher state, also written
+// out), and grad <- grad * grad_scale. kStage: w comes from the stage.
+template <class T, bool kPerElement, bool kStage>
+__device__ __forceinline__ void update_vectors(const ParamEntry& p, const PerturbArgs& a, const Span& s, unsigned lane,
+                                               unsigned group, bool aligned, const Vec<T>* stage, double sumsq,
+                                               float row_sig) {
+  constexpr int N = kVecElems<T>;
+  // The entry lives in shared memory: the fields the loop uses are copied to registers once.
+  const uint32_t param_index = p.param_index;
+  const bool add = p.gamma != 0.0;
+  T* w = static_cast<T*>(p.w) + s.first;
+  T* backup = p.backup ? static_cast<T*>(p.backup) + s.first : nullptr;
+  T* grad = p.grad ? static_cast<T*>(p.grad) + s.first : nullptr;
+  const float grad_scale = a.grad_scale.get();
+  const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
+  const float* const fisher = p.fisher + s.first;
+  float* const sigmas = a.sigma + p.sigma_offset + s.first;
+  for_span(s, aligned, lane, group, [&](int v, bool vec) {
+    const int e = N * v;
+    const Vec<T> raw = kStage ? stage[v] : load_raw(w, e, s.lo, s.hi, vec);
+    if (backup) store_raw(backup, e, s.lo, s.hi, vec, raw);
     float sg[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) sg[j] = row_sig;
     if (kPerElement) {
       float f[N];
-      load_elems(fisher, e, lo, hi, vec, f);
+      load_elems(fisher, e, s.lo, s.hi, vec, f);
 #pragma unroll
       for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, p.gamma, true, true, f[j], p.eta);
-      store_elems(sigmas, e, lo, hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
+      store_elems(sigmas, e, s.lo, s.hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
     }
     if (add) {
-      float z[N], x[N];
-      normals(e, param_index, a.key, z);
+      Vec<T> out;  // one Philox block at a time, each result rounded to T at once: fewer live registers
 #pragma unroll
-      for (int j = 0; j < N; ++j) x[j] = add_noise(to_f32(raw.x[j]), sg[j], z[j]);
-      store_elems(w, e, lo, hi, vec, x);
+      for (int c = 0; c < N / 4; ++c) {
+        float z[4];
+        normals(s.first + e + 4 * c, param_index, a.key, z);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) from_f32(add_noise(to_f32(raw.x[4 * c + j]), sg[4 * c + j], z[j]), out.x + 4 * c + j);
+      }
+      store_raw(w, e, s.lo, s.hi, vec, out);
     }
     if (scale_grad) {
       float g[N];
-      load_elems(grad, e, lo, hi, vec, g);
+      load_elems(grad, e, s.lo, s.hi, vec, g);
 #pragma unroll
       for (int j = 0; j < N; ++j) g[j] *= grad_scale;
-      store_elems(grad, e, lo, hi, vec, g);
+      store_elems(grad, e, s.lo, s.hi, vec, g);
     }
+  });
+}
+
+__device__ __forceinline__ bool entry_aligned(const ParamEntry& p) {
+  return aligned16(p.w) && aligned16(p.backup) && aligned16(p.grad) && aligned16(p.fisher);
+}
+
+// Row `row` of a parameter as a span (empty past its last row: the last unit of a parameter may have fewer
+// rows than groups).
+template <class T>
+__device__ __forceinline__ Span row_span(const ParamEntry& p, int64_t row) {
+  const bool has_row = row < p.numel / p.row_len;
+  const int64_t lo = has_row ? row * p.row_len : 0;
+  return span_of<T>(lo, has_row ? lo + p.row_len : 0);
+}
+
+// The rows of the block's unit: one per group of cuda_row_threads() threads, each staged whole. kPerElement:
+// a 0-D/1-D parameter with ARWP, one sigma per element from its Fisher value. The row's span is found again
+// after the norm (from the entry in shared memory, which the barriers make the compiler read anew) rather than
+// kept in registers across the norm loop: in the 16-bit types that would spill.
+template <class T, bool kPerElement>
+__device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_unit, const PerturbArgs& a,
+                                             RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
+  const unsigned group = kThreads / static_cast<unsigned>(p.unit_size), lane = threadIdx.x & (group - 1);
+  const unsigned group_index = threadIdx.x >> (__ffs(group) - 1);  // group is a power of two
+  auto row = [&] { return (block_unit(first_unit) - p.first_unit) * p.unit_size + group_index; };
+  const bool row_fisher = p.fisher != nullptr && !kPerElement;
+  // Each group stages its row in its share of the stage (the row fits: cuda_row_segments).
+  Vec<T>* stage = reinterpret_cast<Vec<T>*>(stage_bytes) + group_index * cuda_stage_vectors(p.unit_size);
+
+  double sumsq = 0.0, fsum = 0.0;
+  {
+    const Span span = row_span<T>(p, row());
+    sum_vectors<T, true>(static_cast<const T*>(p.w) + span.first, row_fisher ? p.fisher + span.first : nullptr, span,
+                         lane, group, entry_aligned(p), stage, sumsq, fsum);
+  }
+  sumsq = RowSum::sum(tmp, sumsq, group);
+  if (row_fisher) fsum = RowSum::sum(tmp, fsum, group);
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
+  const Span span = row_span<T>(p, row());
+  if (!kPerElement && span.vectors > 0 && lane == 0) a.sigma[p.sigma_offset + row()] = row_sig;
+  update_vectors<T, kPerElement, true>(p, a, span, lane, group, entry_aligned(p), stage, sumsq, row_sig);
+}
+
+// Segment `unit` of a split parameter (its partial sums are entry p.partial_offset + unit of args.partials).
+template <class T>
+__device__ __forceinline__ Span segment_span(const ParamEntry& p, int64_t unit) {
+  const int64_t row = unit / p.segments;
+  const int64_t lo = row * p.row_len + (unit - row * p.segments) * kCudaSegmentElems;
+  return span_of<T>(lo, min(lo + kCudaSegmentElems, (row + 1) * p.row_len));
+}
+
+// First launch for split rows: each block sums the squares (and the Fisher state of an ARWP row) of its segment.
+template <class T>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) partials_kernel(const ParamEntry* table, int64_t num_params,
+                                                                          int64_t first_unit, PerturbArgs a) {
+  __shared__ ParamEntry entry;
+  __shared__ RowSum::TempStorage tmp;
+  const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
+  const int64_t unit = block_unit(first_unit) - p.first_unit, segment = p.partial_offset + unit;
+  const Span span = segment_span<T>(p, unit);
+  const bool row_fisher = p.fisher != nullptr && !p.sigma_per_element;
+  double sumsq = 0.0, fsum = 0.0;
+  sum_vectors<T, false>(static_cast<const T*>(p.w) + span.first, row_fisher ? p.fisher + span.first : nullptr, span,
+                        threadIdx.x, kThreads, entry_aligned(p), nullptr, sumsq, fsum);
+  sumsq = RowSum::sum(tmp, sumsq);
+  if (row_fisher) fsum = RowSum::sum(tmp, fsum);
+  if (threadIdx.x == 0) {
+    a.partials[2 * segment] = sumsq;
+    a.partials[2 * segment + 1] = fsum;
   }
 }
 
-
-
-// One instantiation per dtype and sigma mode (a launch takes the entries of one), for fewer registers.
+// Second launch for split rows: each block adds its row's partial sums in segment order (every segment of a
+// row gets the same sigma) and updates its segment, reading w again.
 template <class T, bool kPerElement>
-__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kBlocksPerSm) perturb_kernel(const ParamEntry* table, int64_t num_params,
-                                                           int64_t first_unit, PerturbArgs a) {
+__device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t unit, const PerturbArgs& a) {
+  const int64_t row = unit / p.segments;
+  const double* partials = a.partials + 2 * (p.partial_offset + row * p.segments);
+  double sumsq = 0.0, fsum = 0.0;
+  for (int64_t s = 0; s < p.segments; ++s) {
+    sumsq += partials[2 * s];
+    fsum += partials[2 * s + 1];
+  }
+  const bool row_fisher = p.fisher != nullptr && !kPerElement;
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
+  if (!kPerElement && unit == row * p.segments && threadIdx.x == 0) a.sigma[p.sigma_offset + row] = row_sig;
+  update_vectors<T, kPerElement, false>(p, a, segment_span<T>(p, unit), threadIdx.x, kThreads, entry_aligned(p),
+                                        nullptr, sumsq, row_sig);
+}
+
+// One instantiation per dtype, sigma mode and row split (a launch takes the entries of one), for fewer
+// registers.
+template <class T, bool kPerElement, bool kSplit>
+__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kSplit ? kBlocksPerSm16<T> : kBlocksPerSm) perturb_kernel(const ParamEntry* table,
+                                                                                         int64_t num_params,
+                                                                                         int64_t first_unit,
+                                                                                         PerturbArgs a) {
   __shared__ ParamEntry entry;
-  __shared__ RowSum::TempStorage tmp;
-  __shared__ Stage stage;
   const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
-  perturb_rows<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a, tmp, stage.bytes);
+  if constexpr (kSplit) {
+    perturb_segment<T, kPerElement>(p, block_unit(first_unit) - p.first_unit, a);
+  } else {
+    __shared__ RowSum::TempStorage tmp;
+    __shared__ Stage stage;
+    perturb_rows<T, kPerElement>(p, first_unit, a, tmp, stage.bytes);
+  }
 }
 
 // ---- restore_ and sgd_step_ ------------------------------------------------------------------------
@@ -303,10 +427,6 @@ __device__ __forceinline__ void mix_elems(float (&g)[N], float (&fisher)[N], boo
 
 // Calls vector(e, vec) for this thread's vectors e .. e+N-1 of [lo, hi) (lo a multiple of N), with vec a
 // compile-time flag: true for whole vectors of aligned tensors (16-byte accesses).
-template <bool V>
-struct VecFlag {
-  static constexpr bool value = V;
-};
 
 template <int N, class Body>
 __device__ __forceinline__ void for_vectors(int64_t lo, int64_t hi, bool aligned, const Body& vector) {
@@ -406,7 +526,7 @@ __device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : kBlocksPerSm) restore_kernel(const ParamEntry* table, int64_t num_params,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm16<T>) restore_kernel(const ParamEntry* table, int64_t num_params,
                                                            int64_t first_unit, RestoreArgs a) {
   for_block_chunk(table, num_params, first_unit,
                   [&](const ParamEntry& p, int64_t lo, int64_t hi) { restore_chunk<T>(p, lo, hi, a); });
@@ -451,9 +571,18 @@ cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_inde
 }
 
 cudaError_t perturb(const ParamEntry* table, const Launch& l, PerturbArgs args, cudaStream_t cuda_stream) {
+  if (l.split) {
+    const cudaError_t err =
+        launch_table(table, l, args, cuda_stream, [](auto t) { return partials_kernel<decltype(t)>; });
+    if (err != cudaSuccess) return err;
+    return launch_table(table, l, args, cuda_stream, [&](auto t) {
+      using T = decltype(t);
+      return l.per_element ? perturb_kernel<T, true, true> : perturb_kernel<T, false, true>;
+    });
+  }
   return launch_table(table, l, args, cuda_stream, [&](auto t) {
     using T = decltype(t);
-    return l.per_element ? perturb_kernel<T, true> : perturb_kernel<T, false>;
+    return l.per_element ? perturb_kernel<T, true, false> : perturb_kernel<T, false, false>;
   });
 }
 

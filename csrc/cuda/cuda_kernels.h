@@ -12,12 +12,14 @@ cudaError_t philox(const int64_t* counter, const int64_t* key, int64_t* out, int
 cudaError_t noise(float* out, int64_t numel, int64_t offset, uint32_t param_index, NoiseKey key, cudaStream_t cuda_stream);
 
 // One launch of a table op: the entries table[first .. first + count), all of dtype `dtype` (and for
-// perturb_ all with or all without per-element sigmas), whose work units first_unit .. first_unit + units - 1
-// are numbered across the whole table. The kernels are compiled per variant, for fewer registers.
+// perturb_ all with or all without per-element sigmas, and all with or all without split rows), whose work
+// units first_unit .. first_unit + units - 1 are numbered across the whole table. The kernels are compiled
+// per variant, for fewer registers.
 struct Launch {
   int64_t first, count, first_unit, units;
   int32_t dtype;
   bool per_element;
+  bool split;  // perturb_: rows split into segments (ParamEntry::segments); two launches
 };
 
 cudaError_t perturb(const ParamEntry* table, const Launch& launch, PerturbArgs args, cudaStream_t cuda_stream);

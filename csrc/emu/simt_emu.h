@@ -52,6 +52,11 @@ inline T min(T a, T b) {
   return b < a ? b : a;
 }
 
+template <class T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
 // ---- 16-bit floating point types, with CUDA's conversions (round to nearest even; NaN becomes 0x7FFF) ----
 
 struct __half {
