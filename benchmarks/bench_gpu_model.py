@@ -89,6 +89,26 @@ def print_facts(reports) -> None:
           "requirement; the path is the one with the fewest instructions that meets it and calls no slow path.\n")
 
 
+def print_compute_floor(reports) -> None:
+    """perturb_'s hot path against the normals alone: the noise kernel's instructions per element (Philox and the
+    header's polynomial Box-Muller, which the bits must follow) are the floor of a kernel that draws them; what
+    perturb_ spends beyond it is its own work (the norm, the update, the stores)."""
+    noise = {(r.backend, r.arch, r.block): r for r in reports if r.key == "noise_kernel" and r.complete}
+    lines = []
+    for r in reports:
+        base = noise.get((r.backend, r.arch, r.block))
+        if r.key != "perturb_kernel" or not r.complete or base is None:
+            continue
+        floor, total = base.instr_per_elem(), r.instr_per_elem()
+        lines.append(f"| {r.backend} | {r.label} | sm_{r.arch} | {floor:.1f} | {total:.1f} | {total - floor:+.1f} "
+                     f"({(total - floor) / total:.0%}) |")
+    if lines:
+        print("### perturb_ against the normals it draws (instructions per element on the hot path)\n")
+        print("| backend | kernel | arch | noise_kernel (the normals alone) | perturb_ | beyond the normals |")
+        print("|---|---|---|---:|---:|---:|")
+        print("\n".join(lines) + "\n")
+
+
 def estimate_rows(reports, gpus, models, dtypes, backends) -> tuple[list, list[str], list]:
     """The estimates per GPU, model, dtype and backend, notes, and the grad_scale costs
     ``(plain perturb_, rescaling perturb_, cost)``."""
@@ -258,6 +278,7 @@ def main(argv=None) -> int:
     krows = kernel_rows(reports)
     print_kernels(krows)
     print_facts(reports)
+    print_compute_floor(reports)
     gpus = [g for g in G.GPUS if g.arch in archs]
     estimates, notes, costs = estimate_rows(reports, G.GPUS, args.models, args.dtypes,
                                             [b for b in args.backends if any(r.backend == b for r in reports)])

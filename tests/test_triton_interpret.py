@@ -111,48 +111,47 @@ def row_sums_kernel():
     import triton.language as tl
 
     @triton.jit
-    def kernel(values_ptr, row_ptr, last_ptr, out_ptr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    def kernel(values_ptr, segment_ptr, last_ptr, out_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+               SCAN: tl.constexpr):
         lanes = tl.arange(0, BLOCK)
-        values, row, last = tl.load(values_ptr + lanes), tl.load(row_ptr + lanes), tl.load(last_ptr + lanes)
+        rows = tl.arange(0, ROWS)
+        values, segment, last = tl.load(values_ptr + lanes), tl.load(segment_ptr + lanes), tl.load(last_ptr + rows)
         if SCAN:
-            sums = triton_perturb._row_sums_scan(values, row, last)
+            sums = triton_perturb._row_sums_scan(values, segment, last)
         else:
-            sums = triton_perturb._row_sums_masked(values, row)
-        tl.store(out_ptr + lanes, sums)
+            sums = triton_perturb._row_sums_masked(values, segment, rows)
+        tl.store(out_ptr + rows, sums)
 
     return kernel
 
 
 def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel):
-    """The segmented scan the compiled kernel uses and the masked sum the interpreter uses give every element
-    its row's sum (to float64 rounding; exactly 0 for a row of zeros) for rows of lengths 1 to 9 with padding
-    lanes (rows -1 and BLOCK) around them, as perturb_kernel lays out a packed tile."""
-    block = 128
+    """The segmented scan the compiled kernel uses and the masked sum the interpreter uses give every row its
+    sum (to float64 rounding; exactly 0 for a row of zeros) for rows of lengths 1 to 9 with padding lanes
+    (segments -1 and BLOCK) around them, as perturb_kernel lays out a packed tile."""
+    block, n_rows = 128, 32
     gen = torch.Generator().manual_seed(0)
     lengths = [1, 3, 9, 2, 5, 4, 7, 1, 6, 8, 3, 9, 2, 7, 5, 3, 6, 8, 4, 9, 1, 2]
-    row = torch.full((block,), block, dtype=torch.int32)
-    row[:3] = -1
+    segment = torch.full((block,), block, dtype=torch.int32)
+    segment[:3] = -1
     start = 3
     for r, n in enumerate(lengths):
-        row[start:start + n] = r
+        segment[start:start + n] = r
         start += n
-    last = torch.zeros(block, dtype=torch.int32)
+    last = torch.full((n_rows,), block - 1, dtype=torch.int32)  # rows past the item: any lane
     for r in range(len(lengths)):
-        idx = (row == r).nonzero().flatten()
-        last[idx] = idx.max().int()
+        last[r] = (segment == r).nonzero().max().int()
     values = torch.randn(block, generator=gen, dtype=torch.float64) ** 2
-    values[row == 4] = 0.0
+    values[segment == 4] = 0.0
     out = {}
     for scan in (True, False):
-        out[scan] = torch.empty(block, dtype=torch.float64)
-        row_sums_kernel[(1,)](values, row, last, out[scan], BLOCK=block, SCAN=scan)
+        out[scan] = torch.empty(n_rows, dtype=torch.float64)
+        row_sums_kernel[(1,)](values, segment, last, out[scan], BLOCK=block, ROWS=n_rows, SCAN=scan)
     for r in range(len(lengths)):
-        idx = row == r
+        want = values[segment == r].sum()
         for scan in (True, False):
-            sums = out[scan][idx]
-            torch.testing.assert_close(sums, values[idx].sum().expand_as(sums), rtol=1e-15, atol=0)
-            if r == 4:
-                assert torch.equal(sums, torch.zeros_like(sums))
+            torch.testing.assert_close(out[scan][r], want, rtol=1e-15, atol=0)
+        assert out[True][4] == 0.0 and out[False][4] == 0.0
 
 
 # --- bit for bit the C++ CPU backend ------------------------------------------------------------------------
@@ -231,6 +230,55 @@ def test_table_ops_equal_the_cpp_backend(cpp_ext, dtype, mode):
     assert_equal_to_cpp(_table_ops("triton", params, mode), _table_ops("cpu", params, mode))
 
 
+def _dyadic(shape, seed):
+    """Values k / 64 for integers |k| <= 64: their squares' sums are exact in float64 in any order."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-64, 65, shape, generator=gen).float() / 64
+
+
+def _perturb_all(backend, params, fisher):
+    p, grads, backups = C.clone_all(params), C.clone_all([x.flip(-1) for x in params]), C.clone_all(params)
+    sigmas = rk.perturb_(p, gamma=0.01, seed=5, step=3, backups=backups, grads=grads, grad_scale=0.5,
+                         fisher=C.clone_all(fisher), eta=0.3, backend=backend)
+    return dict(sigmas=sigmas, perturbed=p, backups=backups, grads=grads)
+
+
+@pytest.mark.parametrize("mode", ["rwp", "arwp"])
+def test_split_rows_equal_the_cpp_backend(launches, cpp_ext, mode):
+    """Rows longer than tables.SPLIT_ROW take the two-stage norm (segments' partial sums in a first launch, added
+    by every program of the row): a 1-D tensor (ARWP: a sigma per element) and a 2-D one whose second row starts
+    off a vector boundary. On values whose sums of squares are exact in any order, the C++ CPU backend's
+    results bit for bit; on normal values, within the sigma tolerance."""
+    from rwp_kernels.triton import perturb
+
+    shapes = [(40001,), (2, 33001), (3, 5)]
+    exact = [_dyadic(s, i) for i, s in enumerate(shapes)]
+    fisher = [_dyadic(s, 10 + i).abs() for i, s in enumerate(shapes)] if mode == "arwp" else None
+    ours = _perturb_all("triton", exact, fisher)
+    assert perturb.row_partials_kernel in launches
+    cpp = _perturb_all("cpu", exact, fisher)
+    for what in ours:
+        assert_bitwise(ours[what], cpp[what], what)
+    normal = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    assert_equal_to_cpp(_perturb_all("triton", normal, fisher), _perturb_all("cpu", normal, fisher))
+
+
+def test_aligned_and_unaligned_tensors_equal_the_cpp_backend(cpp_ext):
+    """The same tensors 16-byte aligned (vectorized path) and as views at an odd element offset (scalar path):
+    the C++ CPU backend's results either way, for every op."""
+    from rwp_kernels.layout import plan
+    from rwp_kernels.triton import tables
+
+    gen = torch.Generator().manual_seed(3)
+    aligned = [torch.randn(s, generator=gen) for s in ((64, 36), (100,), (3, 700), (7,))]
+    unaligned = [C.place(p, C.OFFSET) for p in aligned]
+    for tensors, flag in ((aligned, [1, 1, 1, 1]), (unaligned, [0, 0, 0, 0])):
+        plans = plan(tensors, list(range(len(tensors))))
+        assert [tables.param_row(t, e)[tables.ALIGNED.value] for t, e in zip(tensors, plans)] == flag
+        for mode in ("rwp", "arwp"):
+            assert_equal_to_cpp(_table_ops("triton", tensors, mode), _table_ops("cpu", tensors, mode))
+
+
 def test_bfloat16_results_round_to_nearest_even():
     """float32 -> bfloat16 as torch and a GPU round: ties to even, overflow to inf, NaN stays NaN (the
     interpreter's own conversion truncates; the kernels round with integer operations)."""
@@ -281,7 +329,8 @@ def test_small_cnn_step_in_one_launch_per_op(launches, cpp_ext):
         rk.sgd_step_(p, g, b, lr=0.1, momentum=0.9, weight_decay=1e-3, backups=backups, fisher=f, beta=0.99,
                      grad_scale=0.75, backend=backend)
         if backend == "triton":
-            assert len(launches) - before == 2, "one launch per op for the whole parameter list"
+            # One launch per op for the whole parameter list; perturb_ one per sigma mode (ARWP's 1-D tensors).
+            assert len(launches) - before == 3
         results[backend] = p, b, f, sigmas
     (p, b, f, sigmas), (p_cpp, b_cpp, f_cpp, sigmas_cpp) = results["triton"], results["cpu"]
     assert_equal_to_cpp(dict(sigmas=sigmas, stepped=p, momentum_buffers=b, step_fisher=f),

@@ -10,8 +10,9 @@ does to the float math. This file compiles the kernels for sm_80 and sm_90 with 
 * every float add, sub and mul carries an explicit rounding (``add.rn.f32``, ...): PTX lets ptxas contract a
   ``mul.f32`` / ``add.f32`` pair into an fma, but never one with ``.rn``;
 * the ``fma.rn.f32`` count is exactly the header's: ``fmadd`` in ``normal_block`` (counted in rwp_common.h)
-  per Philox block, times the blocks each thread computes, times the places a kernel generates noise, and
-  ``sgd_update``'s ``fmadd`` per element of ``sgd_step_kernel``; no ``fma.rn.f64`` (``row_sigma`` has none).
+  per Philox block, times the blocks each thread computes, times the places a kernel generates noise (each
+  path has a vectorized and a scalar copy), and ``sgd_update``'s ``fmadd`` per element of ``sgd_step_kernel``
+  (twice: both copies); no ``fma.rn.f64`` (``row_sigma`` has none).
 
 With ``enable_fp_fusion=True`` (Triton's default) LLVM contracts the spec's separate multiply and add into fma
 and emits contractible ``mul.f32`` / ``add.f32``: ``test_the_checks_catch_fp_fusion`` compiles the noise kernel
@@ -28,7 +29,7 @@ import pytest
 
 from conftest import requires
 
-pytestmark = pytest.mark.slow  # compiles ~25 kernels in a subprocess (about 30 s on 2 cores without Triton's cache)
+pytestmark = pytest.mark.slow  # compiles ~30 kernels in a subprocess (about 60 s on 2 cores without Triton's cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "csrc" / "rwp_common.h"
@@ -39,7 +40,9 @@ SPECS = ([("philox_kernel", None, 512, 4, a, "i32") for a in (80, 90)]
          + [(k, d, 512, 4, a, None) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
             for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
          + [("noise_kernel", None, 1024, 8, 90, "i32,i64"), ("perturb_kernel", "fp32", 1024, 8, 90, None),
-            ("restore_kernel", "bf16", 1024, 8, 90, None)])
+            ("restore_kernel", "bf16", 1024, 8, 90, None)]
+         + [(k, d, 512, 4, 90, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
+            for d in ("fp32", "bf16")])
 FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32")  # compiled with enable_fp_fusion=True: the checks must fail
 
 _COMPILE = r"""
@@ -103,8 +106,10 @@ def fma_per_normal_block() -> int:
     return 2 * (2 * fmadds("uniform") + fmadds("log_unit") + fmadds("sincos_2pi"))
 
 
-# Places where a kernel generates noise (P.normal_tile calls) and explicit fma per element outside it.
-NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 2, "restore_kernel": 1, "sgd_step_kernel": 0}
+# Places where a kernel generates noise (P.normal_tile calls, counting the vectorized and the scalar copy of each
+# path: a tile that fits and a long row's update loop in perturb_) and explicit fma per element outside it.
+NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 4,
+               "row_partials_kernel": 0, "restore_kernel": 2, "sgd_step_kernel": 0}
 
 
 def expected_fma(spec) -> int:
@@ -113,7 +118,7 @@ def expected_fma(spec) -> int:
     blocks_per_thread = max(1, block // 4 // threads)  # normal_tile: BLOCK // 4 Philox blocks per program
     count = NOISE_SITES[kernel] * fma_per_normal_block() * blocks_per_thread
     if kernel == "sgd_step_kernel":
-        count += fmadds("sgd_update") * max(1, block // threads)  # one sgd_update per element
+        count += 2 * fmadds("sgd_update") * max(1, block // threads)  # per element, vectorized and scalar copy
     return count
 
 
@@ -167,7 +172,7 @@ def test_ptx_rounds_as_the_header(compiled, spec):
     ops = instructions(ptx)
     if NOISE_SITES[spec[0]]:  # the Box-Muller radius and the sigma: IEEE square roots
         assert "sqrt.rn.f32" in ops
-    if spec[0] == "perturb_kernel":  # row_sigma in float64: IEEE sqrt and division, rounded once
+    if spec[0] in ("perturb_kernel", "perturb_elementwise_kernel"):  # row_sigma in float64, rounded once
         assert {"sqrt.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"} <= set(ops)
 
 

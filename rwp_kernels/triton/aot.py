@@ -8,10 +8,12 @@ The kernels keep that set small and known: every integer argument is ``do_not_sp
 pointers whose tensors can come from the caller at any address (one-element scale and found_inf tensors,
 the sigmas given to restore_, the counters and keys of the raw Philox op) are
 ``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
-(16-byte aligned). What remains varies: the dtype, the tile (``tables.TILE_MENU``) and, for the kernels
+(16-byte aligned). Alignment of the parameters' own tensors is not a specialization: the kernels branch at run
+time into their vectorized path (``tables.vector_item``). What remains varies: the dtype, the tile
+(``tables.TILE_MENU``) and, for the kernels
 that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
 independently (an i64 size only with the largest tile). ``specializations()`` lists all of them (sm_80
-and sm_90: 54); ``compile_inputs`` gives the exact
+and sm_90: 78); ``compile_inputs`` gives the exact
 signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
 same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
 launchers on many argument sets and checks that each launch is one of ``specializations()``.
@@ -20,8 +22,10 @@ Each specialization is compiled for each target with ``triton.compile(ASTSource(
 cc, 32))``. Registers, stack and shared memory are read from the cubin with the ``cuobjdump -res-usage``
 that ships with Triton, the SASS instruction count with ``cuobjdump -sass``; spill bytes come from the
 same ``ptxas -v`` run that Triton makes (same flags). ``python -m rwp_kernels.triton.aot`` prints the
-table and exits with status 1 on any spill or compile failure (about 30 s on 2 cores without Triton's
-cache). Run it without TRITON_INTERPRET=1: interpreted kernels cannot be compiled.
+table and exits with status 1 on any spill or compile failure (about 90 s on 2 cores without Triton's
+cache). The options are the launchers' (``tables.kernel_options``: no fp fusion, and ``maxnreg`` where
+``tables.MAX_REGISTERS`` caps a kernel's registers). Run it without TRITON_INTERPRET=1: interpreted kernels
+cannot be compiled.
 """
 import argparse
 import importlib
@@ -47,7 +51,10 @@ _KERNEL_ARGS = {
     # kernel name -> (module, argument types in order); DTYPE and BLOCK are the constexprs.
     "philox_kernel": ("noise", ["*i64", "*i64", "*i64", SIZE]),
     "noise_kernel": ("noise", ["*fp32", INDEX, SIZE, "i32", "i32", "i32", "i32"]),
-    "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "fp32", "*fp32", "i32", "i32", "i32"]),
+    "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "*fp64", "fp32", "*fp32", "i32", "i32", "i32"]),
+    "perturb_elementwise_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "*fp64", "fp32", "*fp32", "i32", "i32",
+                                               "i32"]),
+    "row_partials_kernel": ("perturb", ["*i64", "*i64", "*fp64"]),
     "restore_kernel": ("restore", ["*i64", "*i64", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "*fp32", "fp32",
                                    "*fp32", "fp32", "*fp32"]),
     "sgd_step_kernel": ("sgd_step", ["*i64", "*i64", "fp32", "fp32", "fp32", "fp32", "i32", "i32", "i32", "*fp32",
@@ -121,7 +128,7 @@ def compile_inputs(spec: Spec):
     """(kernel, signature, constexprs, attrs, options) of ``spec``, as the JIT builds them for a launch."""
     import triton
 
-    from .tables import COMPILE_OPTIONS
+    from .tables import kernel_options
 
     kernel = _kernel(spec.kernel)
     if not isinstance(kernel, triton.runtime.JITFunction):
@@ -145,7 +152,7 @@ def compile_inputs(spec: Spec):
     # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
-    options = {"num_warps": spec.num_warps, **COMPILE_OPTIONS}
+    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel)}
     return kernel, signature, constexprs, attrs, options
 
 
@@ -156,7 +163,8 @@ def _key(kernel, signature, constexprs, attrs, options) -> tuple:
 
     return (kernel.__name__, tuple(signature.items()), tuple(sorted((name(k), str(v)) for k, v in constexprs.items())),
             tuple(sorted((name(k), str(v)) for k, v in attrs.items() if v)),
-            tuple(sorted((k, options[k]) for k in ("num_warps", "enable_fp_fusion") if k in options)))
+            tuple(sorted((k, options[k]) for k in ("num_warps", "enable_fp_fusion", "maxnreg")
+                         if options.get(k) is not None)))
 
 
 def spec_key(spec: Spec) -> tuple:

@@ -1,8 +1,12 @@
-"""perturb_: per-row norms, noise and the optional backup / gradient scaling, one launch for all tensors.
+"""perturb_: per-row norms, noise and the optional backup / gradient scaling, one launch for all tensors (two
+when a row is longer than ``tables.SPLIT_ROW``).
 
-A program takes one item: several whole rows packed into one tile (short rows; their norms are a
-segmented sum), one row that fits a tile (kept in registers between the norm and the update), or one
-long row (two passes over it: the norm, then the update, which finds the row in L2).
+A program takes one item: several whole rows packed into one tile (short rows; their norms are segmented sums,
+their sigmas computed once per row), one row that fits a tile (kept in registers between the norm and the
+update), one long row (two passes over it: the norm, then the update, which finds the row in L2), or one segment
+of a split row (its norm from the partial sums that ``row_partials_kernel`` wrote in the first launch). Items
+whose tensors are 16-byte aligned and whose bounds are whole vectors run a copy of each path with 16-byte
+accesses (``VEC``: ``tables.span``, ``tables.pointer``).
 """
 import torch
 import triton
@@ -14,9 +18,8 @@ from ..layout import sigma_offsets
 from . import philox as P
 from . import tables as T
 from .rounding import to_dtype, to_float32
-from .tables import BACKUP, COLUMNS, FISHER, GRAD, PARAM_INDEX, ROW_LEN, SIGMA_LEN, SIGMA_OFF, VECTOR, W
+from .tables import BACKUP, COLUMNS, FISHER, GRAD, PARAM_INDEX, ROW_LEN, SEGMENT, SIGMA_OFF, SPLIT_ROW, VECTOR, W
 
-# Columns of the parameter table.
 NORM_EPS: tl.constexpr = tl.constexpr(S.NORM_EPS)
 # True when the kernels are interpreted (the knob triton.jit reads when it creates them).
 INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
@@ -29,31 +32,31 @@ def _segment_add(a, row_a, b, row_b):
 
 
 @triton.jit
-def _row_sums_scan(values, row, row_last):
-    """Per element, the float64 sum of ``values`` over its row: a segmented scan over the tile (``row``: the
-    element's row, nondecreasing along the tile), read at the row's last lane ``row_last``. Only a row's own
+def _row_sums_scan(values, segment, last):
+    """Float64 sums of ``values`` over rows: a segmented scan over the tile (``segment``: each lane's row,
+    nondecreasing along the tile), read at each row's last lane (``last``, one entry per row). Only a row's own
     elements enter its sum (a row of zeros sums to exactly 0)."""
-    running, _ = tl.associative_scan((values, row), 0, _segment_add)
-    return tl.gather(running, row_last, 0)
+    running, _ = tl.associative_scan((values, segment), 0, _segment_add)
+    return tl.gather(running, last, 0)
 
 
 @triton.jit
-def _row_sums_masked(values, row):
-    """The same sums as a masked [BLOCK, BLOCK] reduction: BLOCK**2 work, for the interpreter only."""
-    return tl.sum(tl.where(row[:, None] == row[None, :], values[None, :], 0.0), 1)
+def _row_sums_masked(values, segment, rows):
+    """The same sums of the rows ``rows`` as a masked [rows, BLOCK] reduction, for the interpreter."""
+    return tl.sum(tl.where(segment[None, :] == rows[:, None], values[None, :], 0.0), 1)
 
 
 @triton.jit
-def _row_sums(values, row, row_last):
+def _row_sums(values, segment, rows, last):
     """``_row_sums_scan``. In Triton's interpreter a scan with a custom combine runs element by element in
     Python (a quarter of a second per tile), so there ``_row_sums_masked`` gives each row the sum of the same
     elements in a few numpy operations: only the order of the float64 additions differs, which the spec
     leaves open (it differs between the C++ CPU and CUDA backends too). tests/test_triton_interpret.py runs
     the scan in the interpreter against it."""
     if INTERPRETED:
-        return _row_sums_masked(values, row)
+        return _row_sums_masked(values, segment, rows)
     else:
-        return _row_sums_scan(values, row, row_last)
+        return _row_sums_scan(values, segment, last)
 
 
 @triton.jit
@@ -68,128 +71,235 @@ def _sigma(sumsq, fisher_sum, gamma, eta, vector, has_fisher):
 
 
 @triton.jit
-def _apply(w_ptr, backup_addr, grad_addr, tile, lanes, mask, x_raw, sigma, sigma_ptr, sigma_index, sigma_mask, gamma,
-           grad_scale, param_index, step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """The per-element part of the tile of elements ``tile + lanes``: sigma out, backup <- w,
-    w <- w + sigma * z (``add_noise``: a product and a sum, two roundings), grad <- grad * grad_scale."""
-    tl.store(sigma_ptr + sigma_index, sigma, mask=sigma_mask)
-    if backup_addr != 0:
-        tl.store(backup_addr.to(tl.pointer_type(DTYPE)) + tile + lanes, x_raw, mask=mask)
-    if gamma != 0:
-        z = P.normal_tile(tile // 4, param_index, step, k0, k1, BLOCK)
-        tl.store(w_ptr + tile + lanes, to_dtype(to_float32(x_raw) + sigma * z, DTYPE), mask=mask)
-    if grad_addr != 0:
-        g_ptr = grad_addr.to(tl.pointer_type(DTYPE)) + tile + lanes
-        g = to_float32(tl.load(g_ptr, mask=mask, other=0.0))
-        tl.store(g_ptr, to_dtype(g * grad_scale, DTYPE), mask=mask)
+def _packed_sigmas(squares, f, mask, lo, count, row_len, has_fisher, gamma, eta, vector, sigma_ptr,
+                   BLOCK: tl.constexpr):
+    """The sigmas of the rows packed in a tile (the item: lanes ``lo .. lo + count``, rows of ``row_len``, at
+    most BLOCK // 8 of them): row sums, one sigma per row (stored at ``sigma_ptr + row``), and each lane's."""
+    ROWS: tl.constexpr = BLOCK // 8
+    length = row_len.to(tl.int32)
+    lanes = tl.arange(0, BLOCK)
+    row_in_item = tl.where(mask, (lanes - lo) // length, 0)
+    segment = tl.where(lanes < lo, -1, tl.where(mask, row_in_item, BLOCK))  # nondecreasing
+    rows = tl.arange(0, ROWS)
+    last = tl.minimum(lo + (rows + 1) * length - 1, BLOCK - 1)
+    fsum = tl.zeros([ROWS], tl.float64)
+    if has_fisher:
+        fsum = _row_sums(f, segment, rows, last)
+    sigma = _sigma(_row_sums(squares, segment, rows, last), fsum, gamma, eta, vector, has_fisher)
+    tl.store(sigma_ptr + rows, sigma, mask=rows < count.to(tl.int32) // length)
+    return tl.gather(sigma, row_in_item, 0)
 
 
-@triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
-def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-                   DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
-    w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
+@triton.jit
+def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr,
+           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-element part of the tile at element ``tile``: backup <- w, w <- w + sigma * z (``add_noise``: a
+    product and a sum, two roundings), grad <- grad * grad_scale. Reads what it needs from the parameter's
+    table row and the kernel's arguments here, after the norm, rather than keeping it in registers through it."""
+    lanes = tl.arange(0, BLOCK)
+    w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile + lanes
+    x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
     backup_addr = tl.load(row + BACKUP)
+    if backup_addr != 0:
+        tl.store(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, x_raw, mask=mask)
+    if tl.load(gamma_ptr) != 0:
+        key0, key1 = P.key_words(k0, k1)
+        z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True), key0,
+                          key1, BLOCK)
+        tl.store(w_ptr, to_dtype(to_float32(x_raw) + sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)
+    if grad_addr != 0:
+        g_ptr = T.pointer(grad_addr, DTYPE, VEC) + tile + lanes
+        g = to_float32(tl.load(g_ptr, mask=mask, other=0.0))
+        tl.store(g_ptr, to_dtype(g * (grad_scale * tl.load(grad_scale_ptr)), DTYPE), mask=mask)
+
+
+@triton.jit
+def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE: tl.constexpr, gamma, eta,
+                 vector, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The sigmas of an item in one tile (one row, several rows, or a 0-D/1-D ARWP tensor with a sigma per
+    element), stored, and per lane; the tile and its mask."""
+    lanes = tl.arange(0, BLOCK)
+    tile, mask = T.span(start - start % 4, start, start + count, VEC, DTYPE, BLOCK)  # Philox block boundary
+    has_fisher = fisher_addr != 0
+    x = to_float32(tl.load(T.pointer(w_addr, DTYPE, VEC) + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
+    squares = x * x  # exact in float64
+    f = tl.zeros([BLOCK], tl.float64)
+    if has_fisher:
+        f = tl.load(T.pointer(fisher_addr, tl.float32, VEC) + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+    first_row = start // row_len
+    if ELEMENTWISE:
+        sigma = _sigma(tl.zeros([BLOCK], tl.float64) + tl.sum(squares), f, gamma, eta, vector, has_fisher)
+        tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
+    elif count > row_len:
+        sigma = _packed_sigmas(squares, f, mask, (start - tile).to(tl.int32), count, row_len, has_fisher, gamma, eta,
+                               vector, sigma_ptr + first_row, BLOCK)
+    else:
+        row_sigma = _sigma(tl.sum(squares), tl.sum(f), gamma, eta, vector, has_fisher)
+        tl.store(sigma_ptr + first_row, row_sigma)
+        sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
+    return tile, mask, sigma
+
+
+@triton.jit
+def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
+    lanes = tl.arange(0, BLOCK)
+    w_ptr = T.pointer(w_addr, DTYPE, VEC)
+    f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
+    base = start - start % 4
+    acc = tl.zeros([BLOCK], tl.float64)
+    facc = tl.zeros([BLOCK], tl.float64)
+    for i in range(0, tl.cdiv(end - base, BLOCK)):
+        tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
+        x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
+        acc += x * x
+        if fisher_addr != 0:
+            facc += tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+    return tl.sum(acc), tl.sum(facc)
+
+
+@triton.jit
+def _partial_sums(partials_ptr, first, n, BLOCK: tl.constexpr):
+    """A split row's sums: its ``n`` segments' partials (``partials_ptr[2 * first:]``, sum of squares and Fisher
+    sum per segment) added in one fixed order, so that every program of the row gets the same sums."""
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float64)
+    facc = tl.zeros([BLOCK], tl.float64)
+    for i in range(0, tl.cdiv(n, BLOCK)):
+        segment = i * BLOCK + lanes
+        at = partials_ptr + 2 * (first + segment)
+        acc += tl.load(at, mask=segment < n, other=0.0)
+        facc += tl.load(at + 1, mask=segment < n, other=0.0)
+    return tl.sum(acc), tl.sum(facc)
+
+
+@triton.jit
+def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE: tl.constexpr,
+                 gamma, eta, vector, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    """The update of a long row's elements ``[start, end)``, tile by tile (the row read again, mostly from L2)."""
+    lanes = tl.arange(0, BLOCK)
+    f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
+    base = start - start % 4
+    for i in range(0, tl.cdiv(end - base, BLOCK)):
+        tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
+        sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
+        if ELEMENTWISE:
+            f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+            sigma = _sigma(tl.zeros([BLOCK], tl.float64) + sumsq, f, gamma, eta, vector, True)
+            tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
+        _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
+
+
+@triton.jit
+def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
+             ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The body of both perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
+    element (float64 per element: their own kernel, so that the others' needs fewer registers)."""
+    slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
+    w_addr = tl.load(row + W)
     fisher_addr = tl.load(row + FISHER)
     row_len = tl.load(row + ROW_LEN)
     sigma_ptr += tl.load(row + SIGMA_OFF)
-    param_index = tl.load(row + PARAM_INDEX).to(tl.uint32)
     vector = tl.load(row + VECTOR)
-    gamma = tl.load(hyper_ptr + 2 * slot)  # float64, as the C++ kernels take gamma and eta
-    eta = tl.load(hyper_ptr + 2 * slot + 1)
-    grad_scale = grad_scale * tl.load(grad_scale_ptr)
-    step = step.to(tl.uint32, bitcast=True)
-    k0, k1 = P.key_words(k0, k1)
-    f_ptr = fisher_addr.to(tl.pointer_type(tl.float32))
-    has_fisher = fisher_addr != 0
-    # A 0-D/1-D tensor with ARWP: one row, one sigma per element (rows of one element are rows).
-    elementwise_fisher = (tl.load(row + SIGMA_LEN) == 1) & (row_len > 1)
-
-    lanes = tl.arange(0, BLOCK)
-    base = start - start % 4  # tiles start at a Philox block boundary
+    gamma_ptr = hyper_ptr + 2 * slot
+    gamma = tl.load(gamma_ptr)  # float64, as the C++ kernels take gamma and eta
+    eta = tl.load(gamma_ptr + 1)
+    vec = T.vector_item(row, start, count, DTYPE)
     end = start + count
-    first_row = start // row_len
-    lo = (start - base).to(tl.int32)  # the item's first lane in its first tile
-    if end - base <= BLOCK:
-        # The item fits one tile: load it once, keep it in registers.
-        mask = (lanes >= lo) & (lanes < (end - base).to(tl.int32))
-        x_raw = tl.load(w_ptr + base + lanes, mask=mask, other=0.0)
-        x = to_float32(x_raw).to(tl.float64)
-        squares = x * x  # exact in float64
-        f = tl.zeros([BLOCK], tl.float64)
-        if has_fisher:
-            f = tl.load(f_ptr + base + lanes, mask=mask, other=0.0).to(tl.float64)
-        sigma_base = sigma_ptr + first_row
-        if elementwise_fisher:
-            sumsq = tl.zeros([BLOCK], tl.float64) + tl.sum(squares)
-            sigma = _sigma(sumsq, f, gamma, eta, vector, has_fisher)
-            sigma_base = sigma_ptr + base
-            sigma_index = lanes
-            sigma_mask = mask
-        elif count > row_len:
-            # Several rows: sums per row, segmented scans over the tile.
-            length = row_len.to(tl.int32)
-            rel = lanes - lo
-            row_in_item = tl.where(mask, rel // length, 0)
-            segment = tl.where(lanes < lo, -1, tl.where(mask, row_in_item, BLOCK))  # nondecreasing
-            row_last = tl.minimum(row_in_item * length + lo + length - 1, BLOCK - 1)
-            fsum = f
-            if has_fisher:
-                fsum = _row_sums(f, segment, row_last)
-            sigma = _sigma(_row_sums(squares, segment, row_last), fsum, gamma, eta, vector, has_fisher)
-            sigma_index = row_in_item
-            sigma_mask = mask & (rel == row_in_item * length)
+    if (start % 4 + count <= BLOCK) & (row_len <= SPLIT_ROW):  # (a split row's last segment may be short)
+        if vec:
+            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE,
+                                             gamma, eta, vector, True, DTYPE, BLOCK)
+            _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
         else:
-            # One row: one sigma.
-            sigma = tl.zeros([BLOCK], tl.float32) + _sigma(tl.sum(squares), tl.sum(f), gamma, eta, vector, has_fisher)
-            sigma_index = tl.zeros([BLOCK], tl.int32)
-            sigma_mask = mask & (lanes == lo)
-        _apply(w_ptr, backup_addr, grad_addr, base, lanes, mask, x_raw, sigma, sigma_base, sigma_index, sigma_mask,
-               gamma, grad_scale, param_index, step, k0, k1, DTYPE, BLOCK)
+            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE,
+                                             gamma, eta, vector, False, DTYPE, BLOCK)
+            _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
     else:
-        # One long row: its norm first, then the update (the second pass mostly reads from L2).
-        acc = tl.zeros([BLOCK], tl.float64)
-        facc = tl.zeros([BLOCK], tl.float64)
-        for tile in range(base, end, BLOCK):
-            first_lane = tl.maximum(start - tile, -1).to(tl.int32)  # the row's first lane here, or -1
-            mask = (lanes >= first_lane) & (lanes < tl.minimum(end - tile, BLOCK).to(tl.int32))
-            x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
-            acc += x * x
-            if has_fisher:
-                facc += tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
-        sumsq = tl.sum(acc)
-        row_sigma = _sigma(sumsq, tl.sum(facc), gamma, eta, vector, has_fisher)
-        for tile in range(base, end, BLOCK):
-            first_lane = tl.maximum(start - tile, -1).to(tl.int32)
-            mask = (lanes >= first_lane) & (lanes < tl.minimum(end - tile, BLOCK).to(tl.int32))
-            x_raw = tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)
-            sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
-            sigma_base = sigma_ptr + first_row
-            sigma_index = tl.zeros([BLOCK], tl.int32)
-            sigma_mask = mask & (lanes == first_lane)
-            if elementwise_fisher:
-                f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
-                sigma = _sigma(tl.zeros([BLOCK], tl.float64) + sumsq, f, gamma, eta, vector, has_fisher)
-                sigma_base = sigma_ptr + tile
-                sigma_index = lanes
-                sigma_mask = mask
-            _apply(w_ptr, backup_addr, grad_addr, tile, lanes, mask, x_raw, sigma, sigma_base, sigma_index,
-                   sigma_mask, gamma, grad_scale, param_index, step, k0, k1, DTYPE, BLOCK)
+        # A long row, or a segment of a split row: its norm first, then the update.
+        first_row = start // row_len
+        if row_len > SPLIT_ROW:
+            segments = tl.cdiv(row_len, SEGMENT)
+            sumsq, fsum = _partial_sums(partials_ptr, tl.program_id(0) - (start - first_row * row_len) // SEGMENT,
+                                        segments, BLOCK)
+        elif vec:
+            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, True, DTYPE, BLOCK)
+        else:
+            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, False, DTYPE, BLOCK)
+        row_sigma = _sigma(sumsq, fsum, gamma, eta, vector, fisher_addr != 0)
+        if not ELEMENTWISE:
+            if start == first_row * row_len:  # the row's first program
+                tl.store(sigma_ptr + first_row, row_sigma)
+        if vec:
+            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE, gamma, eta,
+                         vector, grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
+        else:
+            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE, gamma, eta,
+                         vector, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
+def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0,
+                   k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
+             False, DTYPE, BLOCK)
+
+
+@triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
+def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr,
+                               step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
+             True, DTYPE, BLOCK)
+
+
+@triton.jit
+def row_partials_kernel(params_ptr, items_ptr, partials_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The first stage of the two-stage norm: item i (a segment of a split row) writes its sum of squares and
+    Fisher sum, in float64, to ``partials_ptr[2 * i]`` and ``[2 * i + 1]``."""
+    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
+    w_addr = tl.load(row + W)
+    fisher_addr = tl.load(row + FISHER)
+    if T.vector_item(row, start, count, DTYPE):
+        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, True, DTYPE, BLOCK)
+    else:
+        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, False, DTYPE, BLOCK)
+    out = partials_ptr + 2 * tl.program_id(0)
+    tl.store(out, sumsq)
+    tl.store(out + 1, fsum)
+
+
+def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple) -> None:
+    """One launch of ``kernel`` for the parameter table ``rows``, after the partial sums of its split rows."""
+    tables = T.tables(device, rows, tile, by_rows=True, vector=T.vector_elems(dtype))
+    DTYPE = T.TL_DTYPES[dtype]
+    if tables.n_split:
+        partials = torch.empty(2 * tables.n_split, dtype=torch.float64, device=device)
+        T.launch(row_partials_kernel, tables.n_split, tile, device, tables.params, tables.items, partials, DTYPE=DTYPE)
+    else:
+        partials = T.float_table(device, (0.0, 0.0), torch.float64)  # not read
+    T.launch_items(kernel, tables, device, hyper, sigma_buffer, partials, *scale, *words, DTYPE=DTYPE)
 
 
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
+    """One launch for the parameters with a sigma per row, one for those with a sigma per element (0-D/1-D
+    tensors with ARWP), each preceded by a launch of ``row_partials_kernel`` if it has split rows."""
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
     offsets = sigma_offsets(plan)
     sigma_buffer = torch.empty(sum(e.sigma_count for e in plan), dtype=torch.float32, device=device)
-    rows = [T.param_row(p, plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
-                        fisher=T.entry(fisher, i)) for i, p in enumerate(params)]
     tile = T.choose_tile([(e.row_len, e.rows) for e in plan])
-    tables = T.tables(device, rows, tile, by_rows=True)
-    hyper = T.float_table(device, tuple(v for pair in zip(gammas, etas) for v in pair), torch.float64)
+    scale = T.scale_args(grad_scale, device)
     k0, k1, step = key.words()
-    T.launch_items(perturb_kernel, tables, device, hyper, sigma_buffer, *T.scale_args(grad_scale, device),
-                   P.as_int32(step), P.as_int32(k0), P.as_int32(k1), DTYPE=T.TL_DTYPES[dtype])
+    words = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
+    for kernel, elementwise in ((perturb_kernel, False), (perturb_elementwise_kernel, True)):
+        group = [i for i, e in enumerate(plan) if (e.sigma_len == 1 and e.row_len > 1) == elementwise]
+        if not group:
+            continue
+        rows = [T.param_row(params[i], plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
+                            fisher=T.entry(fisher, i)) for i in group]
+        hyper = T.float_table(device, tuple(v for i in group for v in (gammas[i], etas[i])), torch.float64)
+        _launch(kernel, device, dtype, rows, tile, hyper, sigma_buffer, scale, words)
     return list(sigma_buffer.split([e.sigma_count for e in plan]))

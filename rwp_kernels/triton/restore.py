@@ -13,19 +13,20 @@ from .tables import BACKUP, CLEAN, COLUMNS, FISHER, GRAD, PARAM_INDEX, SIGMA_LEN
 
 @triton.jit
 def mix_gradient(grad_ptr, fisher_addr, clean_addr, start, lanes, mask, fisher_mask, beta, fisher_scale, grad_scale,
-                 clean_scale, DTYPE: tl.constexpr):
+                 clean_scale, VEC: tl.constexpr, DTYPE: tl.constexpr):
     """The float32 gradient ``grad * grad_scale (+ clean * clean_scale)`` of the elements ``start + lanes``
     (``grad_ptr`` points at element ``start``; absent tensors have address 0); with a Fisher state, first
     ``F <- beta * F + (grad * fisher_scale)**2``, stored where ``fisher_mask``. As csrc/rwp_common.h
-    ``fisher_update`` and ``mix_grad``: every product and sum rounded on its own (no fma)."""
+    ``fisher_update`` and ``mix_grad``: every product and sum rounded on its own (no fma). ``VEC``: the
+    vectorized path (``tables.span``)."""
     g = to_float32(tl.load(grad_ptr + lanes, mask=mask, other=0.0))
     if fisher_addr != 0:
-        f_ptr = fisher_addr.to(tl.pointer_type(tl.float32)) + start + lanes
+        f_ptr = T.pointer(fisher_addr, tl.float32, VEC) + start + lanes
         gf = g * fisher_scale
         tl.store(f_ptr, beta * tl.load(f_ptr, mask=mask, other=0.0) + gf * gf, mask=fisher_mask)
     g = g * grad_scale
     if clean_addr != 0:
-        clean = tl.load(clean_addr.to(tl.pointer_type(DTYPE)) + start + lanes, mask=mask, other=0.0)
+        clean = tl.load(T.pointer(clean_addr, DTYPE, VEC) + start + lanes, mask=mask, other=0.0)
         g += to_float32(clean) * clean_scale
     return g
 
@@ -43,33 +44,45 @@ def sigma_entries(lanes, start, sigma_len, BLOCK: tl.constexpr):
     return entry
 
 
-@triton.jit(do_not_specialize=["step", "k0", "k1"],
-            do_not_specialize_on_alignment=["sigma_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
-def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
-                   fisher_scale_ptr, clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
-    w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE)) + start
-    backup_addr = tl.load(row + BACKUP)
-
+@triton.jit
+def _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
+             fisher_scale_ptr, clean_scale, clean_scale_ptr, VEC: tl.constexpr, DTYPE: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """The item ``[start, start + count)`` of the parameter at table row ``row``."""
+    tile, mask = T.span(start, start, start + count, VEC, DTYPE, BLOCK)
     lanes = tl.arange(0, BLOCK)
-    mask = lanes < count.to(tl.int32)
+    w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile
+    backup_addr = tl.load(row + BACKUP)
     if backup_addr != 0:
-        tl.store(w_ptr + lanes, tl.load(backup_addr.to(tl.pointer_type(DTYPE)) + start + lanes, mask=mask), mask=mask)
+        tl.store(w_ptr + lanes, tl.load(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, mask=mask), mask=mask)
     else:
-        entry = sigma_entries(lanes, start, tl.load(row + SIGMA_LEN), BLOCK)
+        entry = sigma_entries(lanes, tile, tl.load(row + SIGMA_LEN), BLOCK)
         sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)
         key0, key1 = P.key_words(k0, k1)
-        z = P.normal_tile(start // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
+        z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
                           key0, key1, BLOCK)
         x = to_float32(tl.load(w_ptr + lanes, mask=mask, other=0.0))
         tl.store(w_ptr + lanes, to_dtype(x - sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)
     if grad_addr != 0:
-        g_ptr = grad_addr.to(tl.pointer_type(DTYPE)) + start
-        g = mix_gradient(g_ptr, tl.load(row + FISHER), tl.load(row + CLEAN), start, lanes, mask, mask, beta,
+        g_ptr = T.pointer(grad_addr, DTYPE, VEC) + tile
+        g = mix_gradient(g_ptr, tl.load(row + FISHER), tl.load(row + CLEAN), tile, lanes, mask, mask, beta,
                          fisher_scale * tl.load(fisher_scale_ptr),
-                         grad_scale * tl.load(grad_scale_ptr), clean_scale * tl.load(clean_scale_ptr), DTYPE)
+                         grad_scale * tl.load(grad_scale_ptr), clean_scale * tl.load(clean_scale_ptr), VEC, DTYPE)
         tl.store(g_ptr + lanes, to_dtype(g, DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["step", "k0", "k1"],
+            do_not_specialize_on_alignment=["sigma_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
+def restore_kernel(params_ptr, items_ptr, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
+                   fisher_scale_ptr, clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
+    if T.vector_item(row, start, count, DTYPE):
+        _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
+                 fisher_scale_ptr, clean_scale, clean_scale_ptr, True, DTYPE, BLOCK)
+    else:
+        _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_scale_ptr, fisher_scale,
+                 fisher_scale_ptr, clean_scale, clean_scale_ptr, False, DTYPE, BLOCK)
 
 
 def _sigma_buffer(sigmas, counts):

@@ -12,37 +12,33 @@ from .tables import BACKUP, CLEAN, COLUMNS, FISHER, GRAD, MOMENTUM_BUFFER, W
 from .restore import mix_gradient
 
 
-@triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"],
-            do_not_specialize_on_alignment=["found_inf_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
-def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize,
-                    first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
-                    clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
-    w_ptr = tl.load(row + W).to(tl.pointer_type(DTYPE))
+@triton.jit
+def _step(row, start, count, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, first_step,
+          found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr, clean_scale, clean_scale_ptr,
+          VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The item ``[start, start + count)`` of the parameter at table row ``row``."""
+    tile, mask = T.span(start, start, start + count, VEC, DTYPE, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile
     backup_addr = tl.load(row + BACKUP)
     # Per lane (a scalar flag does not combine with a mask in the interpreter).
     update = tl.zeros([BLOCK], tl.float32) + tl.load(found_inf_ptr) == 0
-
-    lanes = tl.arange(0, BLOCK)
-    mask = lanes < count.to(tl.int32)
-    w_ptr += start
     source = w_ptr
     write_w = mask & update  # a restore is written even when the update is skipped
     if backup_addr != 0:
-        source = backup_addr.to(tl.pointer_type(DTYPE)) + start
+        source = T.pointer(backup_addr, DTYPE, VEC) + tile
         write_w = mask
     x = to_float32(tl.load(source + lanes, mask=mask, other=0.0))
-    g = mix_gradient(tl.load(row + GRAD).to(tl.pointer_type(DTYPE)) + start, tl.load(row + FISHER),
-                     tl.load(row + CLEAN), start, lanes, mask, mask & update, beta,
-                     fisher_scale * tl.load(fisher_scale_ptr), grad_scale * tl.load(grad_scale_ptr),
-                     clean_scale * tl.load(clean_scale_ptr), DTYPE)
+    g = mix_gradient(T.pointer(tl.load(row + GRAD), DTYPE, VEC) + tile, tl.load(row + FISHER), tl.load(row + CLEAN),
+                     tile, lanes, mask, mask & update, beta, fisher_scale * tl.load(fisher_scale_ptr),
+                     grad_scale * tl.load(grad_scale_ptr), clean_scale * tl.load(clean_scale_ptr), VEC, DTYPE)
     if maximize != 0:
         g = -g
     # csrc/rwp_common.h sgd_update: fma exactly where the header has fmadd (ATen's add(alpha=)).
     if weight_decay != 0:
         g = tl.fma(x, weight_decay, g)
     if momentum != 0:
-        buf_ptr = tl.load(row + MOMENTUM_BUFFER).to(tl.pointer_type(DTYPE)) + start + lanes
+        buf_ptr = T.pointer(tl.load(row + MOMENTUM_BUFFER), DTYPE, VEC) + tile + lanes
         buf = g
         if first_step == 0:
             buf = tl.fma(g, one_minus_dampening, to_float32(tl.load(buf_ptr, mask=mask, other=0.0)) * momentum)
@@ -53,6 +49,22 @@ def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, we
             g = buf
     new = tl.where(update, tl.fma(g, -lr, x), x)
     tl.store(w_ptr + lanes, to_dtype(new, DTYPE), mask=write_w)
+
+
+@triton.jit(do_not_specialize=["nesterov", "maximize", "first_step"],
+            do_not_specialize_on_alignment=["found_inf_ptr", "grad_scale_ptr", "fisher_scale_ptr", "clean_scale_ptr"])
+def sgd_step_kernel(params_ptr, items_ptr, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize,
+                    first_step, found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr,
+                    clean_scale, clean_scale_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
+    if T.vector_item(row, start, count, DTYPE):
+        _step(row, start, count, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, first_step,
+              found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr, clean_scale,
+              clean_scale_ptr, True, DTYPE, BLOCK)
+    else:
+        _step(row, start, count, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize, first_step,
+              found_inf_ptr, beta, grad_scale, grad_scale_ptr, fisher_scale, fisher_scale_ptr, clean_scale,
+              clean_scale_ptr, False, DTYPE, BLOCK)
 
 
 def sgd_step_(params, *, hyper: SgdHyper, plan, momentum_buffers, backups, found_inf, mix: GradMix):

@@ -8,7 +8,12 @@ uploaded in one copy (pinned memory, non-blocking: no host synchronization) and 
 the same key (the table contents themselves: addresses, shapes, indices) comes back. Cached device
 tensors are keyed by the CUDA stream too: a kernel on another CUDA stream never reads a table whose
 upload on the first one may still be in flight.
+
+Items whose tensors are 16-byte aligned (the ``ALIGNED`` column, from the addresses) and whose bounds are whole
+16-byte vectors run the kernels' vectorized path (``vector_item``, ``pointer``, ``span``); the others the same
+code with element-wise masks.
 """
+import math
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,17 +41,38 @@ SIGMA_LEN: tl.constexpr = tl.constexpr(8)  # elements per sigma entry (ROW_LEN, 
 SIGMA_OFF: tl.constexpr = tl.constexpr(9)  # first entry of the tensor in the sigma buffer
 PARAM_INDEX: tl.constexpr = tl.constexpr(10)
 VECTOR: tl.constexpr = tl.constexpr(11)  # 1 for 0-D/1-D tensors: their norm gets NORM_EPS
-COLUMNS: tl.constexpr = tl.constexpr(12)
+ALIGNED: tl.constexpr = tl.constexpr(12)  # 1 when every tensor of the row starts 16-byte aligned
+COLUMNS: tl.constexpr = tl.constexpr(13)
+
+# One vector access (ld/st.global.v4.b32): items whose tensors are aligned and whose first element and element
+# count are multiples of a vector's elements take the kernels' vectorized path.
+VECTOR_BYTES = 16
+VECTOR_BITS: tl.constexpr = tl.constexpr(8 * VECTOR_BYTES)
+
+# perturb_'s two-stage norm: a row longer than SPLIT_ROW elements is cut into items of SEGMENT elements (the last
+# one shorter); a first launch writes each segment's partial sums, every program of the row adds them up.
+SPLIT_ROW: tl.constexpr = tl.constexpr(32768)
+SEGMENT: tl.constexpr = tl.constexpr(8192)
 
 # Options of every launch (and of the ahead-of-time compilation, aot.py): no floating-point contraction, so
 # a multiply and an add stay two roundings as csrc/rwp_common.h has them (LLVM emits mul.rn / add.rn, which
 # ptxas does not fuse either); the fma the header has are explicit tl.fma. See docs/triton.md, Rounding.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
+# Register caps (ptxas .maxnreg) where ptxas's own choice would cost resident warps (48 registers leave 40 warps
+# per SM on sm_80 / sm_90) or spill (it picks 48 and spills 8 bytes for the elementwise kernel on sm_80). aot.py
+# compiles with them and fails on any spill.
+MAX_REGISTERS = {"perturb_kernel": 48, "perturb_elementwise_kernel": 64, "sgd_step_kernel": 48}
+
 # (elements per program, warps): a program holds its tile in registers, a few elements per thread.
 TILE_MENU = ((512, 4), (1024, 8))
 
 _CACHE_CAPACITY = 16
+
+
+def vector_elems(dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` per 16-byte vector."""
+    return VECTOR_BYTES // dtype.itemsize
 
 
 @triton.jit
@@ -58,6 +84,40 @@ def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
     start = tl.load(item + 1)
     count = tl.load(item + 2)
     return slot, start, count, params_ptr + slot * COLUMNS
+
+
+@triton.jit
+def vector_item(row, start, count, DTYPE: tl.constexpr):
+    """Whether the item ``[start, start + count)`` of the parameter at table row ``row`` takes the vectorized
+    path: its tensors are 16-byte aligned, ``start`` and ``count`` are multiples of a vector's elements."""
+    n: tl.constexpr = VECTOR_BITS // DTYPE.primitive_bitwidth
+    return (tl.load(row + ALIGNED) != 0) & (start % n == 0) & (count % n == 0)
+
+
+@triton.jit
+def pointer(addr, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """The int64 address ``addr`` as a pointer to ``DTYPE``, 16-byte aligned on the vectorized path."""
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if VEC:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def span(tile, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The offset ``tile`` of a tile (its first element) and the mask of its lanes that hold elements of
+    ``[start, end)``. On the vectorized path, where ``tile`` and ``end`` are multiples of a vector's elements
+    and ``start <= tile``, both are rewritten as ``x // n * n`` (the same values), which shows the compiler
+    that each vector is aligned and wholly in or out of the mask."""
+    n: tl.constexpr = VECTOR_BITS // DTYPE.primitive_bitwidth
+    lanes = tl.arange(0, BLOCK)
+    if VEC:
+        tile = tile // n * n
+        mask = lanes < tl.minimum(end - tile, BLOCK).to(tl.int32) // n * n
+    else:
+        first = tl.maximum(start - tile, -1).to(tl.int32)  # the span's first lane here, or -1
+        mask = (lanes >= first) & (lanes < tl.minimum(end - tile, BLOCK).to(tl.int32))
+    return tile, mask
 
 
 @dataclass(frozen=True)
@@ -86,11 +146,21 @@ def choose_tile(units) -> Tile:
     return Tile(*TILE_MENU[-1])
 
 
-def row_items(slot: int, numel: int, row_len: int, block: int) -> list[tuple[int, int, int]]:
-    """Items for the rows of one tensor: rows that fit a tile (with up to 3 elements of slack in front,
-    since tiles start at a multiple of 4 elements) share it; a longer row is one item, looped over."""
-    per_item = max(1, (block - 3) // row_len)
-    step = per_item * row_len
+def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> list[tuple[int, int, int]]:
+    """Items for the rows of one tensor (``vector``: elements per 16-byte vector).
+
+    Rows that fit a tile share it, at most ``block // 8`` of them (the kernel computes their sigmas on a tensor
+    of that many rows), in groups that end on a vector boundary where one such group fits, so that the items
+    start on one (vectorized path); otherwise with up to 3 elements of slack in front (tiles start at a
+    multiple of 4 elements). A longer row is one item, looped over; a row longer than ``SPLIT_ROW`` is cut
+    into items of ``SEGMENT`` elements (its norm: ``split_items``)."""
+    if row_len > SPLIT_ROW.value:
+        return [(slot, lo + s, min(SEGMENT.value, row_len - s)) for lo in range(0, numel, row_len)
+                for s in range(0, row_len, SEGMENT.value)]
+    fit = min(block // row_len, block // 8)
+    period = vector // math.gcd(row_len, vector)  # rows per item that end on a vector boundary
+    per_item = fit - fit % period if fit >= period else min((block - 3) // row_len, block // 8)
+    step = max(1, per_item) * row_len
     return [(slot, start, min(step, numel - start)) for start in range(0, numel, step)]
 
 
@@ -133,6 +203,7 @@ class Tables:
     items: torch.Tensor  # int64 [n_items, ITEM_COLUMNS], flattened
     n_items: int
     tile: Tile
+    n_split: int = 0  # the first n_split items are segments of split rows (perturb_'s two-stage norm)
 
 
 _tables = _LRU()
@@ -146,22 +217,26 @@ def _where(device: torch.device) -> tuple:
     return device, cuda_stream
 
 
-def tables(device: torch.device, rows: list[tuple], tile: Tile, *, by_rows: bool) -> Tables:
+def tables(device: torch.device, rows: list[tuple], tile: Tile, *, by_rows: bool, vector: int = 4) -> Tables:
     """The cached device tables for the parameter table's ``rows`` (``param_row``) and their work items, in
-    one upload: whole norm rows per item (``row_items``: perturb_) or tiles of elements (``chunk_items``)."""
-    def items_for(slot: int, row: tuple) -> list:
-        if by_rows:
-            return row_items(slot, row[NUMEL.value], row[ROW_LEN.value], tile.block)
-        return chunk_items(slot, row[NUMEL.value], tile.block)
-
+    one upload: whole norm rows per item (``row_items``: perturb_; the segments of split rows first, in
+    order, so that item ``i < n_split`` owns partial sum ``i``) or tiles of elements (``chunk_items``)."""
     def build():
-        items = [item for slot, row in enumerate(rows) for item in items_for(slot, row)]
+        split, other = [], []
+        for slot, row in enumerate(rows):
+            numel, row_len = row[NUMEL.value], row[ROW_LEN.value]
+            if not by_rows:
+                other += chunk_items(slot, numel, tile.block)
+            else:
+                (split if row_len > SPLIT_ROW.value else other).extend(
+                    row_items(slot, numel, row_len, tile.block, vector))
+        items = split + other
         words = [v for row in rows for v in row]
         n_words = len(words) + len(words) % 2  # the item table starts 16-byte aligned
         table = upload(words + [0] * (n_words - len(words)) + [v for item in items for v in item], torch.int64, device)
-        return Tables(table[:n_words], table[n_words:], len(items), tile)
+        return Tables(table[:n_words], table[n_words:], len(items), tile, len(split))
 
-    return _tables.get((_where(device), tile, by_rows, tuple(rows)), build)
+    return _tables.get((_where(device), tile, by_rows, vector, tuple(rows)), build)
 
 
 def float_table(device: torch.device, values: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -190,8 +265,10 @@ def address(t) -> int:
 def param_row(p: torch.Tensor, plan: ParamPlan, sigma_offset: int = 0, *, backup=None, grad=None, fisher=None,
               clean=None, momentum_buffer=None) -> tuple:
     """The parameter table's row of ``p`` (the columns above), from its plan and its companion tensors."""
-    return (address(p), address(backup), address(grad), address(fisher), address(clean), address(momentum_buffer),
-            plan.numel, plan.row_len, plan.sigma_len, sigma_offset, plan.param_index, int(plan.vector))
+    addresses = tuple(address(t) for t in (p, backup, grad, fisher, clean, momentum_buffer))
+    aligned = all(a % VECTOR_BYTES == 0 for a in addresses)
+    return (*addresses, plan.numel, plan.row_len, plan.sigma_len, sigma_offset, plan.param_index, int(plan.vector),
+            int(aligned))
 
 
 def entry(values: list | None, i: int):
@@ -205,15 +282,21 @@ def clear_caches() -> None:
     _constants.clear()
 
 
-def launch_kwargs(tile: Tile, constexprs: dict) -> dict:
-    """The keyword arguments of a launch: constexprs, the tile's BLOCK and warps, ``COMPILE_OPTIONS``."""
-    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **COMPILE_OPTIONS, **constexprs)
+def kernel_options(name: str) -> dict:
+    """The compile options of the kernel ``name``: ``COMPILE_OPTIONS`` and its register cap, if any."""
+    cap = MAX_REGISTERS.get(name)
+    return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
+
+
+def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
+    """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
+    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__), **constexprs)
 
 
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """One launch of ``kernel`` on ``device``'s current stream."""
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        kernel[(programs,)](*args, **launch_kwargs(tile, constexprs))
+        kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs))
 
 
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
