@@ -225,7 +225,7 @@ __device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, con
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const double x = to_f32(raw.x[j]);
-      sumsq += x * x;
+      sumsq = fma(x, x, sumsq);  // x * x is exact in double: the same sum as sumsq + x * x, one instruction
     }
     if (fisher) {
       float f[N];
