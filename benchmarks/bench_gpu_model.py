@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     archs = [90] if args.quick else args.arch
     tiles = None
     if args.quick and "triton" in args.backends:
-        tiles = quick_tiles(args.models)
+        tiles = quick_tiles(args.models, args.dtypes)
     start = time.perf_counter()
     reports, errors = G.analyze_all(archs, tuple(args.dtypes), tiles, jobs=args.jobs,
                                     triton="triton" in args.backends)
@@ -302,15 +302,17 @@ def main(argv=None) -> int:
     return 1 if errors else 0
 
 
-def quick_tiles(models) -> list[tuple[int, int]]:
-    """The Triton tiles perturb_ and sgd_step_ choose for the models (the launchers' choose_tile)."""
+def quick_tiles(models, dtypes=("fp32", "bf16")) -> list[tuple[int, int]]:
+    """The Triton tiles perturb_ and sgd_step_ choose for the models in ``dtypes`` (the launchers' choose_tile:
+    its menu depends on the element size)."""
     from rwp_kernels.triton.tables import choose_tile
 
     tiles = set()
     for m in models:
         params = G.param_rows(G.model_shapes(m)[0])
-        for tile in (choose_tile([(r, n // r) for n, r in params]), choose_tile([(n, 1) for n, _ in params])):
-            tiles.add((tile.block, tile.num_warps))
+        for s in {G.ITEMSIZE[d] for d in dtypes}:
+            for tile in (choose_tile([(r, n // r) for n, r in params], s), choose_tile([(n, 1) for n, _ in params], s)):
+                tiles.add((tile.block, tile.num_warps))
     return sorted(tiles)
 
 

@@ -266,10 +266,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 CONTIGUOUS, CHANNELS_LAST, OFFSET = "contiguous", "channels_last", "offset"
 
-# The largest Triton tile (rwp_kernels/triton/tables.py TILE_MENU); longer rows loop over several tiles.
-LARGEST_TILE = 1024
-
-
 @dataclass(frozen=True)
 class Case:
     """One tensor of the sweep. ``zero``: "row" zeroes row 3 (a zero-norm row), "all" the whole tensor.
@@ -289,8 +285,8 @@ SWEEP = (
     Case("rows27_channels_last_small", (4, 3, 3, 3), CHANNELS_LAST),
     Case("rows4608_channels_last", (4, 512, 3, 3), CHANNELS_LAST, fast=False),  # rows longer than a tile
     Case("rows4608", (3, 4608)),
-    Case("rows2053", (2, 2053)),  # longer than a tile; the second row starts inside a Philox block
-    Case("rows70001", (2, 70001), fast=False),  # longer than 64k
+    Case("rows2053", (2, 2053)),  # longer than a Triton tile; the second row starts inside a Philox block
+    Case("rows70001", (2, 70001), fast=False),  # longer than 64k; split across blocks / programs
     Case("row100000", (1, 100000), fast=False),  # the longest row the suite promises (10^5 elements)
     Case("rows_of_1", (5, 1)),
     Case("rows_of_1_b", (7, 1)),

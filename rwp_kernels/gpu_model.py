@@ -216,8 +216,9 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
 def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> KernelFacts:
     """Facts of a Triton kernel: a program holds BLOCK elements, each of its num_warps * 32 threads
     ``e = BLOCK / (num_warps * 32)`` consecutive ones (no loop, except perturb_'s over the tiles of a long
-    row or segment). On the vectorized path (aligned tensors, items on vector boundaries) a thread's elements
-    are one access of ``e`` elements (16 bytes for float32, 8 for 16-bit types), masked: the loads predicated
+    row or segment): 4 for float32 and 8 for 16-bit types (``tables.TILE_MENUS``). On the vectorized path
+    (aligned tensors, items on vector boundaries) a thread's elements are ``e * itemsize / 16`` accesses of 16
+    bytes per tensor, masked: the loads predicated
     (``ld<bits>p``; unpredicated loads are the table's and the scalars'), the stores predicated except the
     last one, which the compiler turns into an early EXIT and a plain store (so stores count without ``p``)."""
     e = block // (num_warps * 32)
@@ -228,31 +229,39 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> 
         return KernelFacts("one tile", (PathSpec("main", {"st32": e, "philox": 1}, loop=False),), e, 4,
                            "writes each normal once (float32)")
     s = ITEMSIZE[dtype]
-    b = 8 * s * e  # bits of a thread's access on the vectorized path
+    b = min(128, 8 * s * e)  # bits of a thread's access on the vectorized path (16 bytes at most)
+    v = 8 * s * e // b  # accesses per thread, tensor and tile
+    grad_scale = kernel.endswith("_gs")  # perturb_ rescaling the gradients (grad_scale != 1): the same kernel
+    kernel = kernel.removesuffix("_gs")
+    g = v if grad_scale else 0  # the gradient's load and store on the same path
+    grad_case = "gradients rescaled" if grad_scale else "no gradient scaling"
+    grad_note = ", reads and writes the gradient" if grad_scale else ""
     if kernel == "perturb_kernel":
         return KernelFacts(
-            "rows that fit a tile, aligned, backups, no gradient scaling, no Fisher state",
-            (PathSpec("tile", {f"ld{b}p": 2, f"st{b}": 2, "philox": 1}, loop=False),), e, 3 * s,
+            f"rows that fit a tile, aligned, backups, {grad_case}, no Fisher state",
+            (PathSpec("tile", {f"ld{b}p": 2 * v + g, f"st{b}": 2 * v + g, "philox": 1}, loop=False),), e,
+            (5 if grad_scale else 3) * s,
             f"rows of at most BLOCK = {block} elements (BLOCK - 3 off a Philox block boundary): read w once from "
-            f"DRAM (the update reads the tile again from L1), write w and the backup; longer rows read w twice "
-            f"(4 passes)")
+            f"DRAM (the update reads the tile again from L1), write w and the backup{grad_note}; longer rows read w "
+            f"twice (4 passes)")
     if kernel == "perturb_kernel_long":
         return KernelFacts(
-            "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles",
-            (PathSpec("norm", {f"ld{b}p": 1}, body_without=("philox",)),
-             PathSpec("update", {f"ld{b}p": 1, f"st{b}": 2, "philox": 1})), e, 4 * s,
-            "reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup")
+            "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles"
+            + (", gradients rescaled" if grad_scale else ""),
+            (PathSpec("norm", {f"ld{b}p": v}, body_without=("philox",)),
+             PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1})), e, (6 if grad_scale else 4) * s,
+            f"reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup{grad_note}")
     if kernel == "row_partials_kernel":
         return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
-                           (PathSpec("norm", {f"ld{b}p": 1}),), e, s, "reads w once")
+                           (PathSpec("norm", {f"ld{b}p": v}),), e, s, "reads w once")
     if kernel == "perturb_elementwise_kernel":
         return KernelFacts(
             "ARWP 0-D/1-D tensor that fits a tile: per-element sigma from the Fisher state, backups",
-            (PathSpec("tile", {f"ld{b}p": 2, f"st{b}": 2, "philox": 1}, loop=False),), e, 3 * s + 8,
+            (PathSpec("tile", {f"ld{b}p": 2 * v, f"st{b}": 2 * v, "philox": 1}, loop=False),), e, 3 * s + 8,
             "reads w once and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
     if kernel == "restore_kernel":
         return KernelFacts("regenerated noise, no gradient mix",
-                           (PathSpec("main", {f"ld{b}p": 1, f"st{b}": 1, "philox": 1}, loop=False),), e, 2 * s,
+                           (PathSpec("main", {f"ld{b}p": v, f"st{b}": v, "philox": 1}, loop=False),), e, 2 * s,
                            "reads and writes w (sigmas gathered per element, cached); exact mode: backup in, w out")
     if kernel == "sgd_step_kernel":
         from .triton.tables import MOMENTUM_BUFFER
@@ -260,7 +269,7 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> 
         column = f"ld64@0x{8 * MOMENTUM_BUFFER.value:x}"  # the momentum buffer's address: read only with momentum
         return KernelFacts("backups, momentum after the first step, no gradient mix, aligned",
                            # bf16: ptxas turns one of the three masked loads into a branch around a plain load
-                           (PathSpec("main", {f"ld{b}p": 2, f"st{b}": 2, column: 1}, loop=False),), e, 5 * s,
+                           (PathSpec("main", {f"ld{b}p": 2 * v, f"st{b}": 2 * v, column: 1}, loop=False),), e, 5 * s,
                            "reads the backup, the gradient and the momentum, writes w and the momentum")
     raise KeyError(kernel)
 
@@ -537,14 +546,11 @@ def analyze_cuda(arch: int, dtypes=("fp32", "bf16"), compiled: dict | None = Non
 
 def triton_specs(archs, dtypes=("fp32", "bf16"), tiles=None) -> list:
     """The Triton specializations to analyze: every kernel for ``dtypes`` (Philox and noise with 32-bit
-    sizes) and the launchers' tiles (``tiles``: a subset of TILE_MENU)."""
+    sizes) and the launchers' tiles (``tiles``: (BLOCK, warps) pairs of the dtypes' TILE_MENUS; None: all)."""
     from .triton import aot
-    from .triton.tables import TILE_MENU
-
-    wanted_tiles = set(tiles or TILE_MENU)
 
     def wanted(spec) -> bool:
-        if (spec.block, spec.num_warps) not in wanted_tiles or spec.dtype not in (None, *dtypes):
+        if (tiles and (spec.block, spec.num_warps) not in set(tiles)) or spec.dtype not in (None, *dtypes):
             return False
         return spec.index is None or set(spec.index.split(",")) == {"i32"}  # sizes below 2**31
 
@@ -557,7 +563,9 @@ def _triton_reports(spec, compiled: dict) -> list[KernelReport]:
     threads = compiled["num_warps"] * 32
     smem = usage.get("SHARED", 0) + compiled["dynamic_smem"]
     warps, limiter = resident_warps(compiled["registers"], smem, threads, spec.arch)
-    keys = [spec.kernel] + (["perturb_kernel_long"] if spec.kernel == "perturb_kernel" else [])
+    keys = [spec.kernel]
+    if spec.kernel == "perturb_kernel":  # the same kernel's other paths and its grad_scale != 1 case
+        keys += ["perturb_kernel_long", "perturb_kernel_gs", "perturb_kernel_long_gs"]
     reports = []
     for key in keys:
         facts = triton_facts(key, spec.dtype, spec.block, compiled["num_warps"])
@@ -738,6 +746,7 @@ def _triton_perturb(params, s: int, block: int, warps: int, work: Work, grad_sca
     from .triton.tables import SPLIT_ROW, row_items
 
     extra = 2 * s if grad_scale else 0  # the gradient read and written
+    gs = "_gs" if grad_scale else ""  # the paths that also rescale the gradient
     split = False
     for numel, row_len in params:
         for _, start, count in row_items(0, numel, row_len, block, 16 // s):
@@ -747,12 +756,12 @@ def _triton_perturb(params, s: int, block: int, warps: int, work: Work, grad_sca
                 work.iterations[("row_partials_kernel", "norm")] += warps * tiles
                 split = True
             elif tiles == 1:
-                work.iterations[("perturb_kernel", "tile")] += warps
+                work.iterations[("perturb_kernel" + gs, "tile")] += warps
                 work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
                 continue
             else:
-                work.iterations[("perturb_kernel_long", "norm")] += warps * tiles
-            work.iterations[("perturb_kernel_long", "update")] += warps * tiles
+                work.iterations[("perturb_kernel_long" + gs, "norm")] += warps * tiles
+            work.iterations[("perturb_kernel_long" + gs, "update")] += warps * tiles
             work.dram_bytes += count * (4 * s + extra) + 4
     work.launches = 1 + int(split)  # split rows: row_partials_kernel first
 
@@ -779,10 +788,10 @@ def op_work(op: str, backend: str, params, dtype: str, grad_scale: bool = False)
         from .triton.tables import choose_tile
 
         if op == "perturb_":
-            tile = choose_tile([(r, n // r) for n, r in params])
+            tile = choose_tile([(r, n // r) for n, r in params], s)
             _triton_perturb(params, s, tile.block, tile.num_warps, work, grad_scale)
         else:
-            tile = choose_tile([(n, 1) for n, _ in params])
+            tile = choose_tile([(n, 1) for n, _ in params], s)
             work.iterations[("sgd_step_kernel", "main")] += tile.num_warps * sum(-(-n // tile.block) for n, _ in params)
             work.dram_bytes = 5 * s * elements
         work.tile = (tile.block, tile.num_warps)
@@ -964,9 +973,7 @@ def device_model(backends=("cuda",), dtypes=("fp32",), device=None) -> tuple[GPU
             errors.append(f"cuda: {type(err).__name__}: {err}"[:500])
     if "triton" in backends:
         try:
-            from .triton.tables import TILE_MENU
-
-            found, failed = analyze_triton(triton_specs((gpu.arch,), tuple(dtypes), TILE_MENU))
+            found, failed = analyze_triton(triton_specs((gpu.arch,), tuple(dtypes)))
             reports += found
             errors += [f"triton: {e}" for e in failed]
         except ImportError as err:

@@ -34,14 +34,16 @@ pytestmark = pytest.mark.slow  # compiles ~30 kernels in a subprocess (about 60 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "csrc" / "rwp_common.h"
 
-# (kernel, dtype, block, warps, arch, index); the 1024-element tile for the noise-generating kernels on sm_90.
+# The small tile of each dtype (tables.TILE_MENUS: 16-bit tiles hold 8 elements per thread).
+SMALL = {None: (512, 4), "fp32": (512, 4), "fp16": (1024, 4), "bf16": (1024, 4)}
+# (kernel, dtype, block, warps, arch, index); the large tile for the noise-generating kernels on sm_90.
 SPECS = ([("philox_kernel", None, 512, 4, a, "i32") for a in (80, 90)]
          + [("noise_kernel", None, 512, 4, a, "i64,i32") for a in (80, 90)]
-         + [(k, d, 512, 4, a, None) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
+         + [(k, d, *SMALL[d], a, None) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
             for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
          + [("noise_kernel", None, 1024, 8, 90, "i32,i64"), ("perturb_kernel", "fp32", 1024, 8, 90, None),
-            ("restore_kernel", "bf16", 1024, 8, 90, None)]
-         + [(k, d, 512, 4, 90, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
+            ("perturb_kernel", "bf16", 2048, 8, 90, None), ("restore_kernel", "bf16", 2048, 8, 90, None)]
+         + [(k, d, *SMALL[d], 90, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
             for d in ("fp32", "bf16")])
 FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32")  # compiled with enable_fp_fusion=True: the checks must fail
 
@@ -115,7 +117,8 @@ NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "pert
 def expected_fma(spec) -> int:
     kernel, _, block, warps, _, _ = spec
     threads = 32 * warps
-    blocks_per_thread = max(1, block // 4 // threads)  # normal_tile: BLOCK // 4 Philox blocks per program
+    # normal_tile: BLOCK // 4 Philox blocks per program (16-bit tiles: 8 elements, two blocks per thread)
+    blocks_per_thread = max(1, block // 4 // threads)
     count = NOISE_SITES[kernel] * fma_per_normal_block() * blocks_per_thread
     if kernel == "sgd_step_kernel":
         count += 2 * fmadds("sgd_update") * max(1, block // threads)  # per element, vectorized and scalar copy

@@ -10,7 +10,7 @@ the sigmas given to restore_, the counters and keys of the raw Philox op) are
 ``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
 (16-byte aligned). Alignment of the parameters' own tensors is not a specialization: the kernels branch at run
 time into their vectorized path (``tables.vector_item``). What remains varies: the dtype, the tile
-(``tables.TILE_MENU``) and, for the kernels
+(``tables.TILE_MENUS``: by the dtype's size, two tiles each) and, for the kernels
 that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
 independently (an i64 size only with the largest tile). ``specializations()`` lists all of them (sm_80
 and sm_90: 78); ``compile_inputs`` gives the exact
@@ -62,6 +62,7 @@ _KERNEL_ARGS = {
 }
 KERNELS = tuple(_KERNEL_ARGS)
 _TL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ITEMSIZE = {None: 4, "fp32": 4, "fp16": 2, "bf16": 2}  # the tile menu's key (no dtype: float32's tiles)
 
 
 @dataclass(frozen=True)
@@ -108,19 +109,22 @@ def _arg_names(name: str) -> list[str]:
 
 
 def specializations(archs=ARCHS) -> list[Spec]:
-    """Every specialization the launchers can produce, per target."""
-    from .tables import TILE_MENU
+    """Every specialization the launchers can produce, per target (the tiles of each dtype: ``tables.TILE_MENUS``;
+    the noise and Philox kernels, which have none, float32's)."""
+    from .tables import tile_menu
 
     specs = []
     for arch in archs:
-        for block, warps in TILE_MENU:
+        for i in range(len(tile_menu())):
             for kernel in KERNELS:
                 kinds = [t for t in _KERNEL_ARGS[kernel][1] if t in (INDEX, SIZE)]
-                indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
-                           if block == TILE_MENU[-1][0] or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
                 dtypes = DTYPES if kernel not in ("philox_kernel", "noise_kernel") else (None,)
-                specs += [Spec(kernel, dtype, block, warps, arch, index or None) for dtype in dtypes
-                          for index in indices]
+                for dtype in dtypes:
+                    menu = tile_menu(ITEMSIZE[dtype])
+                    block, warps = menu[i]
+                    indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
+                               if i == len(menu) - 1 or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
+                    specs += [Spec(kernel, dtype, block, warps, arch, index or None) for index in indices]
     return specs
 
 
@@ -152,7 +156,7 @@ def compile_inputs(spec: Spec):
     # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
-    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel)}
+    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.block)}
     return kernel, signature, constexprs, attrs, options
 
 

@@ -71,23 +71,41 @@ def _sigma(sumsq, fisher_sum, gamma, eta, vector, has_fisher):
 
 
 @triton.jit
-def _packed_sigmas(squares, f, mask, lo, count, row_len, has_fisher, gamma, eta, vector, sigma_ptr,
+def _reciprocal(row_len):
+    """ceil(2**32 / row_len) as uint32 (0 for row_len 1), for ``_row_of``: one int64 division per program."""
+    two16 = row_len * 0 + 65536  # 2**32 is no int32 literal (the interpreter rejects those)
+    return ((two16 * two16 + row_len - 1) // row_len).to(tl.uint32)
+
+
+@triton.jit
+def _row_of(d, length, magic):
+    """d // length for int32 tensors 0 <= d, length < 2**16 (negative d: some value, masked by the caller), as a
+    multiply-high by ``magic = _reciprocal(length)``: exact there, as d * (magic * length - 2**32) < 2**32."""
+    q = tl.umulhi(tl.maximum(d, 0).to(tl.uint32), magic).to(tl.int32)
+    return tl.where(length == 1, d, q)
+
+
+@triton.jit
+def _packed_sigmas(squares, f_ptr, mask, lo, count, row_len, has_fisher, gamma, eta, vector, sigma_ptr,
                    BLOCK: tl.constexpr):
     """The sigmas of the rows packed in a tile (the item: lanes ``lo .. lo + count``, rows of ``row_len``, at
-    most BLOCK // 8 of them): row sums, one sigma per row (stored at ``sigma_ptr + row``), and each lane's."""
+    most BLOCK // 8 of them): row sums, one sigma per row (stored at ``sigma_ptr + row``), and each lane's. The
+    Fisher state (``f_ptr``: the tile's lanes) is loaded after the squares' sums, so that both are not live at
+    once."""
     ROWS: tl.constexpr = BLOCK // 8
     length = row_len.to(tl.int32)
     lanes = tl.arange(0, BLOCK)
-    row_in_item = tl.where(mask, (lanes - lo) // length, 0)
-    segment = tl.where(lanes < lo, -1, tl.where(mask, row_in_item, BLOCK))  # nondecreasing
+    magic = _reciprocal(row_len)
+    segment = tl.where(lanes < lo, -1, tl.where(mask, _row_of(lanes - lo, length, magic), BLOCK))  # nondecreasing
     rows = tl.arange(0, ROWS)
     last = tl.minimum(lo + (rows + 1) * length - 1, BLOCK - 1)
+    sumsq = _row_sums(squares, segment, rows, last)
     fsum = tl.zeros([ROWS], tl.float64)
     if has_fisher:
-        fsum = _row_sums(f, segment, rows, last)
-    sigma = _sigma(_row_sums(squares, segment, rows, last), fsum, gamma, eta, vector, has_fisher)
+        fsum = _row_sums(tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64), segment, rows, last)
+    sigma = _sigma(sumsq, fsum, gamma, eta, vector, has_fisher)
     tl.store(sigma_ptr + rows, sigma, mask=rows < count.to(tl.int32) // length)
-    return tl.gather(sigma, row_in_item, 0)
+    return tl.gather(sigma, tl.where(mask, segment, 0), 0)  # each lane's row in the item
 
 
 @triton.jit
@@ -97,15 +115,18 @@ def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, 
     product and a sum, two roundings), grad <- grad * grad_scale. Reads what it needs from the parameter's
     table row and the kernel's arguments here, after the norm, rather than keeping it in registers through it."""
     lanes = tl.arange(0, BLOCK)
+    noisy = tl.load(gamma_ptr) != 0
+    z = tl.zeros([BLOCK], tl.float32)
+    if noisy:  # the normals first: the weights are loaded after them, not kept in registers through them
+        key0, key1 = P.key_words(k0, k1)
+        z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True), key0,
+                          key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
     w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile + lanes
     x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
     backup_addr = tl.load(row + BACKUP)
     if backup_addr != 0:
         tl.store(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, x_raw, mask=mask)
-    if tl.load(gamma_ptr) != 0:
-        key0, key1 = P.key_words(k0, k1)
-        z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True), key0,
-                          key1, BLOCK)
+    if noisy:
         tl.store(w_ptr, to_dtype(to_float32(x_raw) + sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)
     if grad_addr != 0:
@@ -124,18 +145,23 @@ def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTW
     has_fisher = fisher_addr != 0
     x = to_float32(tl.load(T.pointer(w_addr, DTYPE, VEC) + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
     squares = x * x  # exact in float64
-    f = tl.zeros([BLOCK], tl.float64)
-    if has_fisher:
-        f = tl.load(T.pointer(fisher_addr, tl.float32, VEC) + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+    f_ptr = T.pointer(fisher_addr, tl.float32, VEC) + tile + lanes
     first_row = start // row_len
     if ELEMENTWISE:
+        f = tl.zeros([BLOCK], tl.float64)
+        if has_fisher:
+            f = tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64)
         sigma = _sigma(tl.zeros([BLOCK], tl.float64) + tl.sum(squares), f, gamma, eta, vector, has_fisher)
         tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
     elif count > row_len:
-        sigma = _packed_sigmas(squares, f, mask, (start - tile).to(tl.int32), count, row_len, has_fisher, gamma, eta,
-                               vector, sigma_ptr + first_row, BLOCK)
+        sigma = _packed_sigmas(squares, f_ptr, mask, (start - tile).to(tl.int32), count, row_len, has_fisher, gamma,
+                               eta, vector, sigma_ptr + first_row, BLOCK)
     else:
-        row_sigma = _sigma(tl.sum(squares), tl.sum(f), gamma, eta, vector, has_fisher)
+        sumsq = tl.sum(squares)
+        fsum = tl.zeros([], tl.float64)
+        if has_fisher:
+            fsum = tl.sum(tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64))
+        row_sigma = _sigma(sumsq, fsum, gamma, eta, vector, has_fisher)
         tl.store(sigma_ptr + first_row, row_sigma)
         sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
     return tile, mask, sigma
@@ -144,18 +170,21 @@ def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTW
 @triton.jit
 def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
+    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
     lanes = tl.arange(0, BLOCK)
     w_ptr = T.pointer(w_addr, DTYPE, VEC)
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
     base = start - start % 4
-    acc = tl.zeros([BLOCK], tl.float64)
-    facc = tl.zeros([BLOCK], tl.float64)
+    # One float64 accumulator per thread (a thread's elements added up first): fewer registers than one per element.
+    acc = tl.zeros([BLOCK // PER], tl.float64)
+    facc = tl.zeros([BLOCK // PER], tl.float64)
     for i in range(0, tl.cdiv(end - base, BLOCK)):
         tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
         x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
-        acc += x * x
+        acc += tl.sum(tl.reshape(x * x, [BLOCK // PER, PER]), 1)
         if fisher_addr != 0:
-            facc += tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+            f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
+            facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
     return tl.sum(acc), tl.sum(facc)
 
 
@@ -163,11 +192,11 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
 def _partial_sums(partials_ptr, first, n, BLOCK: tl.constexpr):
     """A split row's sums: its ``n`` segments' partials (``partials_ptr[2 * first:]``, sum of squares and Fisher
     sum per segment) added in one fixed order, so that every program of the row gets the same sums."""
-    lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float64)
-    facc = tl.zeros([BLOCK], tl.float64)
-    for i in range(0, tl.cdiv(n, BLOCK)):
-        segment = i * BLOCK + lanes
+    lanes = tl.arange(0, BLOCK // 8)
+    acc = tl.zeros([BLOCK // 8], tl.float64)
+    facc = tl.zeros([BLOCK // 8], tl.float64)
+    for i in range(0, tl.cdiv(n, BLOCK // 8)):
+        segment = i * (BLOCK // 8) + lanes
         at = partials_ptr + 2 * (first + segment)
         acc += tl.load(at, mask=segment < n, other=0.0)
         facc += tl.load(at + 1, mask=segment < n, other=0.0)
@@ -290,7 +319,7 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
     offsets = sigma_offsets(plan)
     sigma_buffer = torch.empty(sum(e.sigma_count for e in plan), dtype=torch.float32, device=device)
-    tile = T.choose_tile([(e.row_len, e.rows) for e in plan])
+    tile = T.choose_tile([(e.row_len, e.rows) for e in plan], dtype.itemsize)
     scale = T.scale_args(grad_scale, device)
     k0, k1, step = key.words()
     words = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))

@@ -152,19 +152,44 @@ def key_words(k0, k1):
 
 
 @triton.jit
-def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr):
-    """Normals of elements 4*first_quad .. 4*first_quad + BLOCK - 1 of one parameter's stream, float32 [BLOCK]
-    (rwp_common.h ``normal_block`` for BLOCK // 4 consecutive blocks).
-
-    ``first_quad`` is an int64 scalar, ``param_index``, ``step``, ``k0``, ``k1`` uint32 scalars.
-    """
-    first_quad = tl.to_tensor(first_quad).to(tl.int64)  # a Python int in the interpreter's loops
+def _quads(first_quad, step_q, Q: tl.constexpr):
+    """The uint32 words (lo, hi) of the block counters ``first_quad + step_q * i`` for i < Q (int64 scalar
+    ``first_quad``; the carry into the high word where the low word wraps)."""
     first_lo = first_quad.to(tl.uint32)
-    q_lo = first_lo + tl.arange(0, BLOCK // 4).to(tl.uint32)
-    q_hi = (first_quad >> 32).to(tl.uint32) + (q_lo < first_lo).to(tl.uint32)  # carry
-    zero = tl.zeros([BLOCK // 4], tl.uint32)
+    q_lo = first_lo + (step_q * tl.arange(0, Q)).to(tl.uint32)
+    q_hi = (first_quad >> 32).to(tl.uint32) + (q_lo < first_lo).to(tl.uint32)
+    return q_lo, q_hi
+
+
+@triton.jit
+def _normals(first_quad, param_index, step, k0, k1, STRIDE: tl.constexpr, Q: tl.constexpr):
+    """The four normals of the blocks ``first_quad + STRIDE * i`` for i < Q (``normal_block``), float32 [Q] each."""
+    q_lo, q_hi = _quads(first_quad, STRIDE, Q)
+    zero = tl.zeros([Q], tl.uint32)
     x0, x1, x2, x3 = philox4x32_10(q_lo, q_hi, zero + param_index, zero + step, k0, k1)
     z0, z1 = box_muller(x0, x1)
     z2, z3 = box_muller(x2, x3)
-    # [Q, 2, 2] with [q, a, b] = (z0, z1, z2, z3)[2a + b]; row-major order is element order.
-    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr = 4):
+    """Normals of elements 4*first_quad .. 4*first_quad + BLOCK - 1 of one parameter's stream, float32 [BLOCK]
+    (rwp_common.h ``normal_block`` for BLOCK // 4 consecutive blocks).
+
+    ``first_quad`` is an int64 scalar, ``param_index``, ``step``, ``k0``, ``k1`` uint32 scalars. ``PER_THREAD``:
+    the consecutive elements a thread holds in the caller's layout, 4 (one Philox block: float32 tensors, whose
+    16-byte accesses hold 4 elements) or 8 (two consecutive blocks: 16-bit tensors), so that the normals come
+    out in the layout of the loads and stores and no shared-memory shuffle sits between them.
+    """
+    first_quad = tl.to_tensor(first_quad).to(tl.int64)  # a Python int in the interpreter's loops
+    if PER_THREAD == 8:
+        # Blocks 2i (x) and 2i + 1 (y) in one lane: [Q, blk, a, b] = (x, y)[blk][2a + b], in element order.
+        x0, x1, x2, x3 = _normals(first_quad, param_index, step, k0, k1, 2, BLOCK // 8)
+        y0, y1, y2, y3 = _normals(first_quad + 1, param_index, step, k0, k1, 2, BLOCK // 8)
+        return tl.reshape(tl.join(tl.join(tl.join(x0, y0), tl.join(x2, y2)), tl.join(tl.join(x1, y1), tl.join(x3, y3))),
+                          [BLOCK])
+    else:
+        z0, z1, z2, z3 = _normals(first_quad, param_index, step, k0, k1, 1, BLOCK // 4)
+        # [Q, 2, 2] with [q, a, b] = (z0, z1, z2, z3)[2a + b]; row-major order is element order.
+        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])

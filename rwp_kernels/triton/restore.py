@@ -60,7 +60,7 @@ def _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_
         sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)
         key0, key1 = P.key_words(k0, k1)
         z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
-                          key0, key1, BLOCK)
+                          key0, key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
         x = to_float32(tl.load(w_ptr + lanes, mask=mask, other=0.0))
         tl.store(w_ptr + lanes, to_dtype(x - sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)
@@ -102,7 +102,7 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
     rows = [T.param_row(p, plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(mix.grads, i),
                         fisher=T.entry(mix.fisher, i), clean=T.entry(mix.clean_grads, i))
             for i, p in enumerate(params)]
-    tile = T.choose_tile([(e.numel, 1) for e in plan])
+    tile = T.choose_tile([(e.numel, 1) for e in plan], dtype.itemsize)
     tables = T.tables(device, rows, tile, by_rows=False)
     regen = (0, 0, 0)
     sigma_buffer = T.constant(device, 0.0)  # unused when restoring from backups

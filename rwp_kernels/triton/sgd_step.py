@@ -73,7 +73,7 @@ def sgd_step_(params, *, hyper: SgdHyper, plan, momentum_buffers, backups, found
                         fisher=T.entry(mix.fisher, i), clean=T.entry(mix.clean_grads, i),
                         momentum_buffer=T.entry(momentum_buffers, i))
             for i, p in enumerate(params)]
-    tile = T.choose_tile([(p.numel(), 1) for p in params])
+    tile = T.choose_tile([(p.numel(), 1) for p in params], dtype.itemsize)
     tables = T.tables(device, rows, tile, by_rows=False)
     found = found_inf if found_inf is not None else T.constant(device, 0.0)
     T.launch_items(sgd_step_kernel, tables, device, hyper.lr, hyper.momentum, 1.0 - hyper.dampening,

@@ -59,13 +59,23 @@ SEGMENT: tl.constexpr = tl.constexpr(8192)
 # ptxas does not fuse either); the fma the header has are explicit tl.fma. See docs/triton.md, Rounding.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
-# Register caps (ptxas .maxnreg) where ptxas's own choice would cost resident warps (48 registers leave 40 warps
-# per SM on sm_80 / sm_90) or spill (it picks 48 and spills 8 bytes for the elementwise kernel on sm_80). aot.py
-# compiles with them and fails on any spill.
-MAX_REGISTERS = {"perturb_kernel": 48, "perturb_elementwise_kernel": 64, "sgd_step_kernel": 48}
+# Register caps (ptxas .maxnreg), by kernel and the parameters' element size (and tile, where it differs), where
+# ptxas's own choice would cost resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill (it
+# picks 48 and spills 8 bytes for the elementwise kernel on sm_80). 16-bit tiles hold 8 elements per thread, two
+# Philox blocks: perturb_kernel's packed rows need 56 registers with 4 warps and 72 with 8, sgd_step_kernel 72
+# (float16 on sm_80 spills at 64), restore_kernel 48 / 56. aot.py compiles with them and fails on any spill.
+MAX_REGISTERS = {
+    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): {1024: 56, 2048: 72},
+    ("perturb_elementwise_kernel", 4): 64, ("perturb_elementwise_kernel", 2): 64,
+    ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 72,
+    ("restore_kernel", 2): {1024: 48, 2048: 56},
+}
 
-# (elements per program, warps): a program holds its tile in registers, a few elements per thread.
-TILE_MENU = ((512, 4), (1024, 8))
+# (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
+# 16 bytes per thread (4 float32 or 8 16-bit elements: one ld/st.global.v4.b32 per tensor). TILE_MENU is
+# float32's (the noise and Philox ops, which have no parameter dtype).
+TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((1024, 4), (2048, 8))}
+TILE_MENU = TILE_MENUS[4]
 
 _CACHE_CAPACITY = 16
 
@@ -126,9 +136,14 @@ class Tile:
     num_warps: int
 
 
-def choose_tile(units) -> Tile:
+def tile_menu(itemsize: int = 4) -> tuple:
+    """The tiles of parameters of ``itemsize`` bytes (``TILE_MENUS``)."""
+    return TILE_MENUS[itemsize]
+
+
+def choose_tile(units, itemsize: int = 4) -> Tile:
     """The tile for units of work given as ``(length, how many)`` pairs (rows for perturb_, tensors for
-    the elementwise ops).
+    the elementwise ops) of parameters of ``itemsize`` bytes (the noise and Philox ops: 4).
 
     The smallest tile that holds the median unit by element count, or the largest one. Longer units
     loop over several tiles; short rows share a tile (perturb_ packs them), so a tile is never mostly
@@ -140,10 +155,11 @@ def choose_tile(units) -> Tile:
         seen += length * n
         if seen >= half:
             break
-    for block, warps in TILE_MENU:
+    menu = tile_menu(itemsize)
+    for block, warps in menu:
         if length <= block:
             return Tile(block, warps)
-    return Tile(*TILE_MENU[-1])
+    return Tile(*menu[-1])
 
 
 def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> list[tuple[int, int, int]]:
@@ -282,15 +298,24 @@ def clear_caches() -> None:
     _constants.clear()
 
 
-def kernel_options(name: str) -> dict:
+def register_cap(name: str, itemsize: int = 4, block: int = 0) -> int | None:
+    """The ``maxnreg`` of the kernel ``name`` for parameters of ``itemsize`` bytes and tile ``block``, if any."""
+    cap = MAX_REGISTERS.get((name, itemsize))
+    return cap.get(block) if isinstance(cap, dict) else cap
+
+
+def kernel_options(name: str, itemsize: int = 4, block: int = 0) -> dict:
     """The compile options of the kernel ``name``: ``COMPILE_OPTIONS`` and its register cap, if any."""
-    cap = MAX_REGISTERS.get(name)
+    cap = register_cap(name, itemsize, block)
     return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
 
 
 def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
     """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
-    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__), **constexprs)
+    dtype = constexprs.get("DTYPE")
+    itemsize = dtype.primitive_bitwidth // 8 if dtype is not None else 4
+    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__, itemsize, tile.block),
+                **constexprs)
 
 
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
