@@ -243,27 +243,41 @@ def _perturb_all(backend, params, fisher):
     return dict(sigmas=sigmas, perturbed=p, backups=backups, grads=grads)
 
 
-@pytest.mark.parametrize("mode", ["rwp", "arwp"])
-def test_split_rows_equal_the_cpp_backend(launches, cpp_ext, mode):
+SPLIT_SHAPES = [(40001,), (3, 5), (2, 33001)]
+
+
+def _split_fisher(mode, shapes):
+    return [_dyadic(s, 10 + i).abs() for i, s in enumerate(shapes)] if mode == "arwp" else None
+
+
+@pytest.mark.parametrize("mode, shapes", [("rwp", SPLIT_SHAPES[:2]),  # the fast tier: the 1-D tensor only
+                                          pytest.param("rwp", SPLIT_SHAPES, marks=pytest.mark.slow),
+                                          pytest.param("arwp", SPLIT_SHAPES, marks=pytest.mark.slow)])
+def test_split_rows_equal_the_cpp_backend(launches, cpp_ext, mode, shapes):
     """Rows longer than tables.SPLIT_ROW take the two-stage norm (segments' partial sums in a first launch, added
     by every program of the row): a 1-D tensor (ARWP: a sigma per element) and a 2-D one whose second row starts
-    off a vector boundary. On values whose sums of squares are exact in any order, the C++ CPU backend's
-    results bit for bit; on normal values, within the sigma tolerance."""
+    off a vector boundary. On values whose sums of squares are exact in any order: the C++ CPU backend's
+    results bit for bit."""
     from rwp_kernels.triton import perturb
 
-    shapes = [(40001,), (2, 33001), (3, 5)]
     exact = [_dyadic(s, i) for i, s in enumerate(shapes)]
-    fisher = [_dyadic(s, 10 + i).abs() for i, s in enumerate(shapes)] if mode == "arwp" else None
-    ours = _perturb_all("triton", exact, fisher)
+    ours = _perturb_all("triton", exact, _split_fisher(mode, shapes))
     assert perturb.row_partials_kernel in launches
-    cpp = _perturb_all("cpu", exact, fisher)
+    cpp = _perturb_all("cpu", exact, _split_fisher(mode, shapes))
     for what in ours:
         assert_bitwise(ours[what], cpp[what], what)
-    normal = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["rwp", "arwp"])
+def test_split_rows_on_normal_values_within_the_sigma_tolerance(cpp_ext, mode):
+    normal = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SPLIT_SHAPES)]
+    fisher = _split_fisher(mode, SPLIT_SHAPES)
     assert_equal_to_cpp(_perturb_all("triton", normal, fisher), _perturb_all("cpu", normal, fisher))
 
 
-def test_aligned_and_unaligned_tensors_equal_the_cpp_backend(cpp_ext):
+@pytest.mark.parametrize("mode", ["rwp", pytest.param("arwp", marks=pytest.mark.slow)])
+def test_aligned_and_unaligned_tensors_equal_the_cpp_backend(cpp_ext, mode):
     """The same tensors 16-byte aligned (vectorized path) and as views at an odd element offset (scalar path):
     the C++ CPU backend's results either way, for every op."""
     from rwp_kernels.layout import plan
@@ -275,8 +289,7 @@ def test_aligned_and_unaligned_tensors_equal_the_cpp_backend(cpp_ext):
     for tensors, flag in ((aligned, [1, 1, 1, 1]), (unaligned, [0, 0, 0, 0])):
         plans = plan(tensors, list(range(len(tensors))))
         assert [tables.param_row(t, e)[tables.ALIGNED.value] for t, e in zip(tensors, plans)] == flag
-        for mode in ("rwp", "arwp"):
-            assert_equal_to_cpp(_table_ops("triton", tensors, mode), _table_ops("cpu", tensors, mode))
+        assert_equal_to_cpp(_table_ops("triton", tensors, mode), _table_ops("cpu", tensors, mode))
 
 
 def test_bfloat16_results_round_to_nearest_even():
