@@ -148,7 +148,9 @@ def _header_constant(name: str) -> int:
     the kernels' sizes."""
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "csrc" / "rwp_api.h").read_text()
+    from ._ext_config import source_dir
+
+    text = (source_dir() / "rwp_api.h").read_text()
     m = re.search(rf"constexpr\s+\w+\s+{name}\s*=\s*([0-9 *+]+);", text)
     if m is None:
         raise RuntimeError(f"csrc/rwp_api.h defines no constant {name}")
