@@ -10,10 +10,10 @@ the sigmas given to restore_, the counters and keys of the raw Philox op) are
 ``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
 (16-byte aligned). Alignment of the parameters' own tensors is not a specialization: the kernels branch at run
 time into their vectorized path (``tables.vector_item``). What remains varies: the dtype, the tile
-(``tables.TILE_MENUS``: by the dtype's size, two tiles each) and, for the kernels
+(``tables.TILE_MENUS``: by the dtype's size; float32 two tiles, 16-bit types one) and, for the kernels
 that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
-independently (an i64 size only with the largest tile). ``specializations()`` lists all of them (sm_80
-and sm_90: 78); ``compile_inputs`` gives the exact
+independently (an i64 size only with the menu's largest tile). ``specializations()`` lists all of them (sm_80
+and sm_90: 58); ``compile_inputs`` gives the exact
 signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
 same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
 launchers on many argument sets and checks that each launch is one of ``specializations()``.
@@ -115,13 +115,12 @@ def specializations(archs=ARCHS) -> list[Spec]:
 
     specs = []
     for arch in archs:
-        for i in range(len(tile_menu())):
-            for kernel in KERNELS:
-                kinds = [t for t in _KERNEL_ARGS[kernel][1] if t in (INDEX, SIZE)]
-                dtypes = DTYPES if kernel not in ("philox_kernel", "noise_kernel") else (None,)
-                for dtype in dtypes:
-                    menu = tile_menu(ITEMSIZE[dtype])
-                    block, warps = menu[i]
+        for kernel in KERNELS:
+            kinds = [t for t in _KERNEL_ARGS[kernel][1] if t in (INDEX, SIZE)]
+            dtypes = DTYPES if kernel not in ("philox_kernel", "noise_kernel") else (None,)
+            for dtype in dtypes:
+                menu = tile_menu(ITEMSIZE[dtype])
+                for i, (block, warps) in enumerate(menu):
                     indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
                                if i == len(menu) - 1 or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
                     specs += [Spec(kernel, dtype, block, warps, arch, index or None) for index in indices]
@@ -156,7 +155,7 @@ def compile_inputs(spec: Spec):
     # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
-    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.block)}
+    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype])}
     return kernel, signature, constexprs, attrs, options
 
 

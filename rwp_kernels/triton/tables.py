@@ -59,22 +59,25 @@ SEGMENT: tl.constexpr = tl.constexpr(8192)
 # ptxas does not fuse either); the fma the header has are explicit tl.fma. See docs/triton.md, Rounding.
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
-# Register caps (ptxas .maxnreg), by kernel and the parameters' element size (and tile, where it differs), where
-# ptxas's own choice would cost resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill (it
-# picks 48 and spills 8 bytes for the elementwise kernel on sm_80). 16-bit tiles hold 8 elements per thread, two
-# Philox blocks: perturb_kernel's packed rows need 56 registers with 4 warps and 72 with 8, sgd_step_kernel 72
-# (float16 on sm_80 spills at 64), restore_kernel 48 / 56. aot.py compiles with them and fails on any spill.
+# Register caps (ptxas .maxnreg), by kernel and the parameters' element size, where ptxas's own choice would cost
+# resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill (it picks 48 and spills 8 bytes for
+# the elementwise kernel on sm_80). 16-bit tiles hold 8 elements per thread, two Philox blocks: perturb_kernel's
+# packed rows need 64 registers (32 warps per SM; at 56 it spills 8-12 bytes), sgd_step_kernel 72 (float16 on
+# sm_80 spills at 64), restore_kernel 48. aot.py compiles with them and fails on any spill.
 MAX_REGISTERS = {
-    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): {1024: 56, 2048: 72},
+    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 64,
     ("perturb_elementwise_kernel", 4): 64, ("perturb_elementwise_kernel", 2): 64,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 72,
-    ("restore_kernel", 2): {1024: 48, 2048: 56},
+    ("restore_kernel", 2): 48,
 }
 
 # (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
 # 16 bytes per thread (4 float32 or 8 16-bit elements: one ld/st.global.v4.b32 per tensor). TILE_MENU is
-# float32's (the noise and Philox ops, which have no parameter dtype).
-TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((1024, 4), (2048, 8))}
+# float32's (the noise and Philox ops, which have no parameter dtype). 16-bit parameters have one tile, 512
+# elements on 2 warps: the same elements per program as float32's small tile, so a long row wastes as few lanes in
+# its last tile (CNN rows of 2304 / 4608 elements: 4.5 / 9 tiles; with 1024- or 2048-element tiles the last one is
+# half or three quarters empty); perturb_kernel's 64 registers leave 32 warps per SM (2048 / 8 warps: 72, 24).
+TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
 
 _CACHE_CAPACITY = 16
@@ -298,15 +301,10 @@ def clear_caches() -> None:
     _constants.clear()
 
 
-def register_cap(name: str, itemsize: int = 4, block: int = 0) -> int | None:
-    """The ``maxnreg`` of the kernel ``name`` for parameters of ``itemsize`` bytes and tile ``block``, if any."""
+def kernel_options(name: str, itemsize: int = 4) -> dict:
+    """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes: ``COMPILE_OPTIONS`` and its
+    register cap (``MAX_REGISTERS``), if any."""
     cap = MAX_REGISTERS.get((name, itemsize))
-    return cap.get(block) if isinstance(cap, dict) else cap
-
-
-def kernel_options(name: str, itemsize: int = 4, block: int = 0) -> dict:
-    """The compile options of the kernel ``name``: ``COMPILE_OPTIONS`` and its register cap, if any."""
-    cap = register_cap(name, itemsize, block)
     return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
 
 
@@ -314,7 +312,7 @@ def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
     """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
     dtype = constexprs.get("DTYPE")
     itemsize = dtype.primitive_bitwidth // 8 if dtype is not None else 4
-    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__, itemsize, tile.block),
+    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__, itemsize),
                 **constexprs)
 
 
