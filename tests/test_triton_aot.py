@@ -106,6 +106,7 @@ print(json.dumps({"launches": len(seen), "listed": sorted(listed[k] for k in see
 """
 
 
+@pytest.mark.slow  # runs every launcher over the sweep in Triton's interpreter (about 2.5 s)
 def test_launchers_produce_only_listed_specializations():
     try:
         import triton  # noqa: F401
