@@ -270,8 +270,9 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> 
 
         column = f"ld64@0x{8 * MOMENTUM_BUFFER.value:x}"  # the momentum buffer's address: read only with momentum
         return KernelFacts("backups, momentum after the first step, no gradient mix, aligned",
-                           # bf16: ptxas turns one of the three masked loads into a branch around a plain load
-                           (PathSpec("main", {f"ld{b}p": 2 * v, f"st{b}": 2 * v, column: 1}, loop=False),), e, 5 * s,
+                           # the three tensors' loads, masked or not (ptxas may turn a masked load into a branch
+                           # around a plain one): the path that reads the momentum buffer, not the first step's
+                           (PathSpec("main", {f"ld{b}": 3 * v, f"st{b}": 2 * v, column: 1}, loop=False),), e, 5 * s,
                            "reads the backup, the gradient and the momentum, writes w and the momentum")
     raise KeyError(kernel)
 
