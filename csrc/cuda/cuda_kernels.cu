@@ -252,7 +252,7 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
   T* grad = p.grad ? static_cast<T*>(p.grad) + s.first : nullptr;
   const float grad_scale = a.grad_scale.get();
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
-  const float* const fisher = p.fisher + s.first;
+  const float* const fisher = kPerElement ? p.fisher + s.first : nullptr;  // no offset on a null pointer
   float* const sigmas = a.sigma + p.sigma_offset + s.first;
   for_span(s, aligned, lane, group, [&](int v, bool vec) {
     const int e = N * v;
