@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import sass
+from .stream import PHILOX_ROUNDS
 
 ESTIMATE_LABEL = "ESTIMATE (no GPU measured)"
+# The Philox multiplies of one block of four normals: two 32x32 -> 64-bit multiplies (IMAD.WIDE.U32) per round.
+PHILOX_MULTIPLIES = 2 * PHILOX_ROUNDS
 
 
 # ---- GPUs and architectures: public spec sheets ------------------------------------------------------------
@@ -120,12 +123,21 @@ def _limits_arch(arch: int) -> int:
 class PathSpec:
     """One hot path of a kernel: the cheapest path through a loop body (``loop``) or through the function
     outside its loops that carries at least ``require`` tagged instructions (``rwp_kernels.sass.tags``);
-    ``body_without``: only loops whose body has none of these tags."""
+    ``body_without``: only loops whose body has none of these tags. ``minus`` (function paths): only the
+    instructions of that path that are not on the cheapest path carrying ``minus``, what one more unrolled
+    iteration adds (a loop body's counterpart), and a warp running it waits for DRAM as one running a loop body
+    with a load does (``waits``)."""
     name: str
     require: dict
     loop: bool = True
     avoid: tuple = ("call",)
     body_without: tuple = ()
+    minus: dict | None = None
+
+    @property
+    def waits(self) -> bool | None:
+        """True: each run waits for DRAM; None: where the path loads from DRAM."""
+        return True if self.minus is not None else None
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
     raise KeyError(kernel)
 
 
-def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> KernelFacts:
+def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, parts: int = 1) -> KernelFacts:
     """Facts of a Triton kernel: a program holds BLOCK elements, each of its num_warps * 32 threads
     ``e = BLOCK / (num_warps * 32)`` consecutive ones (no loop, except perturb_'s over the tiles of a long
     row or segment): 4 for float32 and 8 for 16-bit types (``tables.TILE_MENUS``). On the vectorized path
@@ -253,6 +265,16 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int) -> 
             (PathSpec("norm", {f"ld{b}p": v}, body_without=("philox",)),
              PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1})), e, (6 if grad_scale else 4) * s,
             f"reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup{grad_note}")
+    if kernel == "perturb_kernel_resident":
+        def tiles(n):  # a row of n tiles, with every tile's Philox multiplies (not a tile skipping its noise)
+            return {f"ld{b}": n * (v + g), f"st{b}": n * (2 * v + g), "philox": n * PHILOX_MULTIPLIES * e // 4}
+
+        return KernelFacts(
+            f"a row of up to PARTS = {parts} tiles kept in registers, aligned, backups, {grad_case}, no Fisher state; "
+            f"per tile: what its last tile adds to a row of {parts} (the per-row prologue not counted, as for loops)",
+            (PathSpec("tile", tiles(parts), loop=False, minus=tiles(parts - 1)),), e, (5 if grad_scale else 3) * s,
+            f"reads w once from DRAM (the row's tiles' loads all issued before its norm), writes w and the "
+            f"backup{grad_note}")
     if kernel == "row_partials_kernel":
         return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
                            (PathSpec("norm", {f"ld{b}p": v}),), e, s, "reads w once")
@@ -412,6 +434,7 @@ class KernelReport:
     paths: dict = field(default_factory=dict)  # PathSpec name -> sass.Path (None: no path meets the spec)
     block: int | None = None
     num_warps: int | None = None
+    parts: int | None = None  # Triton perturb_kernel's PARTS
 
     @property
     def label(self) -> str:
@@ -419,9 +442,13 @@ class KernelReport:
         text = self.kernel if self.backend == "cuda" or not self.dtype else f"{self.kernel} {self.dtype}"
         if self.block:
             text += f" BLOCK={self.block}/{self.num_warps}w"
+        if (self.parts or 1) > 1:
+            text += f" PARTS={self.parts}"
         key = self.key.removesuffix("_gs")
         variant = {"perturb_kernel_long": " [long rows]", "perturb_kernel_split": " [split rows]",
                    "perturb_kernel_ae": " [ARWP 1-D]"}.get(key, "")
+        if key == "perturb_kernel_resident":
+            variant = " [rows kept in registers]"
         return text + variant + (" [grad_scale != 1]" if self.key.endswith("_gs") else "")
 
     @property
@@ -502,6 +529,9 @@ def analyze(instrs: list, facts: KernelFacts) -> dict:
     for spec in facts.paths:
         if not spec.loop:
             out[spec.name] = sass.cheapest_path(instrs, spec.require, avoid=spec.avoid, outside=loops)
+            if spec.minus is not None and out[spec.name] is not None:
+                less = sass.cheapest_path(instrs, spec.minus, avoid=spec.avoid, outside=loops)
+                out[spec.name] = None if less is None else sass.path_difference(out[spec.name], less)
             continue
         best = None
         for lp in loops:
@@ -568,13 +598,14 @@ def _triton_reports(spec, compiled: dict) -> list[KernelReport]:
     warps, limiter = resident_warps(compiled["registers"], smem, threads, spec.arch)
     keys = [spec.kernel]
     if spec.kernel == "perturb_kernel":  # the same kernel's other paths and its grad_scale != 1 case
-        keys += ["perturb_kernel_long", "perturb_kernel_gs", "perturb_kernel_long_gs"]
+        keys += ["perturb_kernel_long", *(["perturb_kernel_resident"] if spec.parts > 1 else [])]
+        keys += [k + "_gs" for k in keys]
     reports = []
     for key in keys:
-        facts = triton_facts(key, spec.dtype, spec.block, compiled["num_warps"])
+        facts = triton_facts(key, spec.dtype, spec.block, compiled["num_warps"], spec.parts or 1)
         reports.append(KernelReport("triton", spec.kernel, key, spec.dtype, spec.arch, compiled["registers"],
                                     compiled["spill_stores"], compiled["spill_loads"], smem, threads, warps, limiter,
-                                    facts, analyze(instrs, facts), spec.block, compiled["num_warps"]))
+                                    facts, analyze(instrs, facts), spec.block, compiled["num_warps"], spec.parts))
     return reports
 
 
@@ -683,7 +714,7 @@ class Work:
     dram_bytes: float  # what the kernels' structure moves
     launches: int
     iterations: Counter = field(default_factory=Counter)  # (facts key, path name) -> warp iterations
-    tile: tuple | None = None  # Triton's (BLOCK, num_warps)
+    tile: tuple | None = None  # Triton's (BLOCK, num_warps, perturb_kernel's PARTS or None)
     notes: list = field(default_factory=list)
 
 
@@ -745,7 +776,7 @@ def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
     work.launches = int(staged) + 2 * int(split)  # split rows: partials_kernel, then the update
 
 
-def _triton_perturb(params, s: int, block: int, warps: int, work: Work, grad_scale: bool) -> None:
+def _triton_perturb(params, s: int, block: int, warps: int, parts: int, work: Work, grad_scale: bool) -> None:
     from .triton.tables import SPLIT_ROW, row_items
 
     extra = 2 * s if grad_scale else 0  # the gradient read and written
@@ -761,6 +792,10 @@ def _triton_perturb(params, s: int, block: int, warps: int, work: Work, grad_sca
             elif tiles == 1:
                 work.iterations[("perturb_kernel" + gs, "tile")] += warps
                 work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
+                continue
+            elif tiles <= parts:
+                work.iterations[("perturb_kernel_resident" + gs, "tile")] += warps * tiles
+                work.dram_bytes += count * (3 * s + extra) + 4
                 continue
             else:
                 work.iterations[("perturb_kernel_long" + gs, "norm")] += warps * tiles
@@ -788,16 +823,17 @@ def op_work(op: str, backend: str, params, dtype: str, grad_scale: bool = False)
                                                                                 CUDA_THREADS)
             work.dram_bytes = 5 * s * elements
     elif backend == "triton":
-        from .triton.tables import choose_tile
+        from .triton.tables import choose_tile, perturb_tile
 
         if op == "perturb_":
-            tile = choose_tile([(r, n // r) for n, r in params], s)
-            _triton_perturb(params, s, tile.block, tile.num_warps, work, grad_scale)
+            tile = perturb_tile([(r, n // r) for n, r in params], s)
+            _triton_perturb(params, s, tile.block, tile.num_warps, tile.parts, work, grad_scale)
+            work.tile = (tile.block, tile.num_warps, tile.parts)
         else:
             tile = choose_tile([(n, 1) for n, _ in params], s)
             work.iterations[("sgd_step_kernel", "main")] += tile.num_warps * sum(-(-n // tile.block) for n, _ in params)
             work.dram_bytes = 5 * s * elements
-        work.tile = (tile.block, tile.num_warps)
+            work.tile = (tile.block, tile.num_warps, None)
     else:
         raise ValueError(f"unknown backend {backend!r}")
     return work
@@ -829,8 +865,8 @@ class Estimate:
 
 
 def report_index(reports) -> dict:
-    """{(backend, facts key, dtype, arch, block or None): report}."""
-    return {(r.backend, r.key, r.dtype, r.arch, r.block): r for r in reports}
+    """{(backend, facts key, dtype, arch, block or None, PARTS or None): report}."""
+    return {(r.backend, r.key, r.dtype, r.arch, r.block, r.parts): r for r in reports}
 
 
 def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, model: str = "",
@@ -839,7 +875,7 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
     ``grad_scale``: perturb_ rescaling the gradients."""
     a = {**ASSUMPTIONS, **(assumptions or {})}
     work = op_work(op, backend, params, dtype, grad_scale)
-    block = work.tile[0] if work.tile else None
+    block, parts = (work.tile[0], work.tile[2]) if work.tile else (None, None)
     issue_cycles = 0.0
     pipe_cycles = Counter()
     latency_its = 0.0
@@ -847,10 +883,10 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
     thread_instr = 0.0
     tp = PIPE_THROUGHPUT[_limits_arch(gpu.arch)]
     for (key, path_name), its in work.iterations.items():
-        r = index.get((backend, key, dtype, gpu.arch, block))
+        r = index.get((backend, key, dtype, gpu.arch, block, parts))
         if r is None or r.paths.get(path_name) is None:
             raise KeyError(f"no analysis of {backend} {key} {dtype} sm_{gpu.arch}"
-                           f"{f' BLOCK={block}' if block else ''} path {path_name}")
+                           f"{f' BLOCK={block}' if block else ''}{f' PARTS={parts}' if parts else ''} path {path_name}")
         path = r.paths[path_name]
         counts = path.pipes()
         issue_cycles += its * len(path)
@@ -858,7 +894,8 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
         for pipe_name, n in counts.items():
             if pipe_name in tp:
                 pipe_cycles[pipe_name] += its * n * 128 / tp[pipe_name]
-        if any(acc.dram and acc.kind == "ld" for acc in path.accesses()):
+        spec = next(p for p in r.facts.paths if p.name == path_name)
+        if spec.waits or (spec.waits is None and any(acc.dram and acc.kind == "ld" for acc in path.accesses())):
             latency_its += its / r.warps
         warps_seen.append(r.warps)
     warps = min(warps_seen)
@@ -875,7 +912,15 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
     return Estimate(gpu.name, model, dtype, backend, op, work.elements, work.launches, work.min_bytes, work.dram_bytes,
                     t_memory, t_latency, t_compute, t_launch, time, bound,
                     work.min_bytes / gpu.hbm_bytes_per_s / time, thread_instr / work.elements, warps,
-                    f"{work.tile[0]}/{work.tile[1]}" if work.tile else "")
+                    _tile_label(work.tile))
+
+
+def _tile_label(tile: tuple | None) -> str:
+    """e.g. "1024/8", or "1024/8x5" for perturb_kernel keeping rows of up to 5 tiles in registers."""
+    if not tile:
+        return ""
+    block, warps, parts = tile
+    return f"{block}/{warps}" + (f"x{parts}" if (parts or 1) > 1 else "")
 
 
 def combine(parts: list[Estimate], op: str, gpu: GPU) -> Estimate:
@@ -937,7 +982,8 @@ def assumption_lines(gpus=GPUS) -> list[str]:
         f"  compute: hot-path warp instructions, each taking an issue slot or its pipe's cycles if more, at "
         f"{a['issue_efficiency']:.0%} of 4 issues per SM per clock with >= {a['warps_per_scheduler_for_full_issue']} "
         "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; "
-        "per-row and per-program prologues (table reads, row reductions) do not",
+        "per-row and per-program prologues (table reads, row reductions) do not, except in a Triton program that "
+        "holds one tile (a row kept in registers counts, per tile, what its last tile adds to a row of PARTS tiles)",
         f"  launch overhead {a['launch_s'] * 1e6:.0f} us per kernel launch (one per op and dtype here)",
         "  configuration: exact mode (backups), grad_scale 1 (gradients untouched), SGD with momentum after the first "
         "step and weight decay, no ARWP, contiguous 16-byte aligned tensors; one dtype per call",

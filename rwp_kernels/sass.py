@@ -361,6 +361,12 @@ def cheapest_path(instrs: list[Instr], require: dict[str, int], *, loop: Loop | 
     return Path(path, label, body)
 
 
+def path_difference(path: Path, less: Path) -> Path:
+    """The instructions of ``path`` that are not on ``less`` (by address): what ``path`` does beyond it."""
+    seen = {ins.addr for ins in less.instrs}
+    return Path([ins for ins in path.instrs if ins.addr not in seen], f"{path.region} beyond {len(less)}", len(path))
+
+
 def loops_meeting(instrs: list[Instr], require: dict[str, int],
                   avoid: tuple[str, ...] = ("call",)) -> list[tuple[Loop, Path]]:
     """The loops with a path that meets ``require``, with that path, largest body first."""

@@ -180,6 +180,9 @@ def test_the_last_store_after_an_early_exit_is_on_the_longer_path():
     both = sass.cheapest_path(tri, {"st32": 2}, avoid=())  # through the unguarded CALL: allowed when not avoided
     assert both is not None and both.instrs[-1].addr == 0xB0
     assert sass.cheapest_path(tri, {"st32": 2}, avoid=("call",)) is None
+    extra = sass.path_difference(both, one)  # what the second store's path adds to the first one's
+    assert [i.addr for i in extra.instrs] == [i.addr for i in both.instrs if i.addr > 0x30]
+    assert extra.body_instrs == len(both) and len(extra) == len(both) - len(one)
 
 
 def test_resource_usage_and_ptxas_log():
@@ -227,6 +230,25 @@ def test_cuda_perturb_splits_rows_longer_than_the_stage():
     bf16 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760)], "bf16", grad_scale=True)  # fits the stage
     assert set(bf16.iterations) == {("perturb_kernel_gs", "norm"), ("perturb_kernel_gs", "update")}
     assert bf16.dram_bytes == 10 * (5760 * 10 + 4) and bf16.min_bytes == 10 * 57600 and bf16.launches == 1
+
+
+def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
+    from rwp_kernels.triton.tables import RESIDENT_PARTS
+
+    assert RESIDENT_PARTS == {4: 5}
+    rows = [(4608 * 2, 4608), (1030 * 3, 1030), (6000, 6000), (27 * 16, 27)]  # median 4608: PARTS = 5 tiles of 1024
+    work = G.op_work("perturb_", "triton", rows, "fp32")
+    assert work.tile == (1024, 8, 5)
+    # 4608: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 2 tiles each; 8 warps per program and tile
+    assert work.iterations[("perturb_kernel_resident", "tile")] == 8 * (2 * 5 + 3 * 2)
+    assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 48
+    assert work.iterations[("perturb_kernel", "tile")] == 8  # the 16 rows of 27 packed in one tile
+    resident = 12 * (4608 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
+    assert work.dram_bytes == resident + (16 * 6000 + 4) + (12 * 27 * 16 + 4 * 16)
+    small = G.op_work("perturb_", "triton", [(27 * 16, 27), (1000 * 3, 1000)], "fp32")  # median 1000: fits a tile
+    assert small.tile == (1024, 8, 1) and not any("resident" in key for key, _ in small.iterations)
+    bf16 = G.op_work("perturb_", "triton", rows, "bf16")  # 16-bit rows are not kept (RESIDENT_PARTS)
+    assert bf16.tile == (512, 2, 1) and not any("resident" in key for key, _ in bf16.iterations)
 
 
 LOOP = """

@@ -276,6 +276,38 @@ def test_split_rows_on_normal_values_within_the_sigma_tolerance(cpp_ext, mode):
     assert_equal_to_cpp(_perturb_all("triton", normal, fisher), _perturb_all("cpu", normal, fisher))
 
 
+# Rows of 2 to 5 float32 tiles, kept in registers (tables.RESIDENT_PARTS): aligned, starting inside a vector (the
+# second rows of (2, 1030) and (2, 5118), the unaligned view), exactly 5 tiles (5118 from element 2), and one row
+# just past them (5121: read twice); packed short rows and a vector beside them.
+RESIDENT_SHAPES = [(3, 4608), (2, 1030), (2, 5118), (5121,), (4, 9), (3,), (2, 2000)]
+
+
+@pytest.mark.parametrize("mode", ["rwp", pytest.param("arwp", marks=pytest.mark.slow)])
+def test_resident_rows_equal_the_cpp_backend(monkeypatch, cpp_ext, mode):
+    """Where most elements are in rows longer than a tile, perturb_kernel keeps a row of up to RESIDENT_PARTS
+    tiles in registers between its norm and its update: on values whose sums of squares are exact in any order,
+    the C++ CPU backend's results bit for bit."""
+    from rwp_kernels.triton import perturb, tables
+
+    parts = []
+    real = tables.launch
+
+    def recording(kernel, *args, **kwargs):
+        if kernel is perturb.perturb_kernel:
+            parts.append(kwargs["PARTS"])
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(tables, "launch", recording)
+    exact = [_dyadic(s, i) for i, s in enumerate(RESIDENT_SHAPES)]
+    exact[-1] = C.place(exact[-1], C.OFFSET)
+    fisher = _split_fisher(mode, RESIDENT_SHAPES)
+    ours = _perturb_all("triton", exact, fisher)
+    assert parts == [tables.RESIDENT_PARTS[4]]
+    cpp = _perturb_all("cpu", exact, fisher)
+    for what in ours:
+        assert_bitwise(ours[what], cpp[what], what)
+
+
 @pytest.mark.parametrize("mode", ["rwp", pytest.param("arwp", marks=pytest.mark.slow)])
 def test_aligned_and_unaligned_tensors_equal_the_cpp_backend(cpp_ext, mode):
     """The same tensors 16-byte aligned (vectorized path) and as views at an odd element offset (scalar path):

@@ -36,15 +36,23 @@ HEADER = ROOT / "csrc" / "rwp_common.h"
 
 # The small tile of each dtype (tables.TILE_MENUS: 16-bit tiles hold 8 elements per thread, one tile).
 SMALL = {None: (512, 4), "fp32": (512, 4), "fp16": (512, 2), "bf16": (512, 2)}
-# (kernel, dtype, block, warps, arch, index); float32's large tile for the noise-generating kernels on sm_90.
-SPECS = ([("philox_kernel", None, 512, 4, a, "i32") for a in (80, 90)]
-         + [("noise_kernel", None, 512, 4, a, "i64,i32") for a in (80, 90)]
-         + [(k, d, *SMALL[d], a, None) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
+
+
+def _parts(kernel: str) -> int | None:
+    return 1 if kernel == "perturb_kernel" else None  # perturb_kernel's PARTS (aot.Spec.parts)
+
+
+# (kernel, dtype, block, warps, arch, index, parts); float32's large tile for the noise-generating kernels on sm_90,
+# perturb_kernel's also keeping rows of 5 tiles in registers.
+SPECS = ([("philox_kernel", None, 512, 4, a, "i32", None) for a in (80, 90)]
+         + [("noise_kernel", None, 512, 4, a, "i64,i32", None) for a in (80, 90)]
+         + [(k, d, *SMALL[d], a, None, _parts(k)) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
             for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
-         + [("noise_kernel", None, 1024, 8, 90, "i32,i64"), ("perturb_kernel", "fp32", 1024, 8, 90, None)]
-         + [(k, d, *SMALL[d], 90, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
+         + [("noise_kernel", None, 1024, 8, 90, "i32,i64", None), ("perturb_kernel", "fp32", 1024, 8, 90, None, 1),
+            ("perturb_kernel", "fp32", 1024, 8, 90, None, 5)]
+         + [(k, d, *SMALL[d], 90, None, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
             for d in ("fp32", "bf16")])
-FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32")  # compiled with enable_fp_fusion=True: the checks must fail
+FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32", None)  # compiled with enable_fp_fusion=True: the checks must fail
 
 _COMPILE = r"""
 import json, sys
@@ -108,17 +116,23 @@ def fma_per_normal_block() -> int:
 
 
 # Places where a kernel generates noise (P.normal_tile calls, counting the vectorized and the scalar copy of each
-# path: a tile that fits and a long row's update loop in perturb_) and explicit fma per element outside it.
+# path: a tile that fits and a long row's update loop in perturb_; with PARTS > 1 also each kept tile of a row)
+# and explicit fma per element outside it.
 NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 4,
                "row_partials_kernel": 0, "restore_kernel": 2, "sgd_step_kernel": 0}
 
 
+def noise_sites(spec) -> int:
+    kernel, parts = spec[0], spec[6]
+    return NOISE_SITES[kernel] + (2 * parts if (parts or 1) > 1 else 0)
+
+
 def expected_fma(spec) -> int:
-    kernel, _, block, warps, _, _ = spec
+    kernel, _, block, warps = spec[:4]
     threads = 32 * warps
     # normal_tile: BLOCK // 4 Philox blocks per program (16-bit tiles: 8 elements, two blocks per thread)
     blocks_per_thread = max(1, block // 4 // threads)
-    count = NOISE_SITES[kernel] * fma_per_normal_block() * blocks_per_thread
+    count = noise_sites(spec) * fma_per_normal_block() * blocks_per_thread
     if kernel == "sgd_step_kernel":
         count += 2 * fmadds("sgd_update") * max(1, block // threads)  # per element, vectorized and scalar copy
     return count
@@ -185,5 +199,5 @@ def test_the_checks_catch_fp_fusion(compiled):
     found = problems(FUSED, ptx, ttir)
     assert any(p.startswith("contractible") for p in found), found
     assert any(p.startswith("fma.rn.f32") for p in found), found
-    unfused, _ = compiled[(("noise_kernel", None, 512, 4, 90, "i64,i32"), False)]
+    unfused, _ = compiled[(("noise_kernel", None, 512, 4, 90, "i64,i32", None), False)]
     assert instructions(ptx).count("fma.rn.f32") > instructions(unfused).count("fma.rn.f32") == 40

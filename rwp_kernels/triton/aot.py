@@ -13,7 +13,7 @@ time into their vectorized path (``tables.vector_item``). What remains varies: t
 (``tables.TILE_MENUS``: by the dtype's size; float32 two tiles, 16-bit types one) and, for the kernels
 that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
 independently (an i64 size only with the menu's largest tile). ``specializations()`` lists all of them (sm_80
-and sm_90: 58); ``compile_inputs`` gives the exact
+and sm_90: 60); ``compile_inputs`` gives the exact
 signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
 same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
 launchers on many argument sets and checks that each launch is one of ``specializations()``.
@@ -73,12 +73,13 @@ class Spec:
     num_warps: int
     arch: int
     index: str | None = None  # the INDEX arguments' types, comma-separated (e.g. "i64,i32"); None if none
+    parts: int | None = None  # perturb_kernel's PARTS (tables.RESIDENT_PARTS); None for the other kernels
 
     @property
     def label(self) -> str:
         names = [n for n, t in zip(_arg_names(self.kernel), _KERNEL_ARGS[self.kernel][1]) if t in (INDEX, SIZE)]
         index = " ".join(f"{n}={t}" for n, t in zip(names, self.index.split(","))) if self.index else ""
-        variant = " ".join(v for v in (self.dtype, index) if v)
+        variant = " ".join(v for v in (self.dtype, index, f"PARTS={self.parts}" if (self.parts or 1) > 1 else "") if v)
         return f"{self.kernel} {variant} BLOCK={self.block} warps={self.num_warps} sm_{self.arch}".replace("  ", " ")
 
 
@@ -105,12 +106,13 @@ def _kernel(name: str):
 
 def _arg_names(name: str) -> list[str]:
     """The kernel's non-constexpr argument names (also when the kernels are interpreted)."""
-    return [n for n in inspect.signature(_kernel(name).fn).parameters if n not in ("DTYPE", "BLOCK")]
+    return [n for n in inspect.signature(_kernel(name).fn).parameters if n not in ("DTYPE", "BLOCK", "PARTS")]
 
 
 def specializations(archs=ARCHS) -> list[Spec]:
     """Every specialization the launchers can produce, per target (the tiles of each dtype: ``tables.TILE_MENUS``;
-    the noise and Philox kernels, which have none, float32's)."""
+    the noise and Philox kernels, which have none, float32's; perturb_kernel also keeps rows of up to
+    ``tables.RESIDENT_PARTS`` tiles in registers with the largest tile)."""
     from .tables import tile_menu
 
     specs = []
@@ -123,8 +125,19 @@ def specializations(archs=ARCHS) -> list[Spec]:
                 for i, (block, warps) in enumerate(menu):
                     indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
                                if i == len(menu) - 1 or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
-                    specs += [Spec(kernel, dtype, block, warps, arch, index or None) for index in indices]
+                    specs += [Spec(kernel, dtype, block, warps, arch, index or None, parts)
+                              for index in indices for parts in _parts(kernel, dtype, i == len(menu) - 1)]
     return specs
+
+
+def _parts(kernel: str, dtype: str | None, largest: bool) -> tuple:
+    """perturb_kernel's PARTS with a tile (1; also ``tables.RESIDENT_PARTS`` with the largest); None elsewhere."""
+    from .tables import RESIDENT_PARTS
+
+    if kernel != "perturb_kernel":
+        return (None,)
+    resident = RESIDENT_PARTS.get(ITEMSIZE[dtype])
+    return (1, resident) if largest and resident else (1,)
 
 
 def compile_inputs(spec: Spec):
@@ -146,7 +159,7 @@ def compile_inputs(spec: Spec):
             raise RuntimeError(f"{spec.kernel}: the JIT specializes integer argument {p.name} on its value (== 1, "
                                f"divisible by 16): mark it do_not_specialize or list those variants here")
         signature[p.name] = t
-    constexprs = {"BLOCK": spec.block}
+    constexprs = {"BLOCK": spec.block, **({"PARTS": spec.parts} if spec.parts else {})}
     if spec.dtype is not None:
         constexprs["DTYPE"] = getattr(triton.language, _TL_DTYPES[spec.dtype])
     # In the kernel's argument order, as the JIT builds it.
@@ -155,7 +168,7 @@ def compile_inputs(spec: Spec):
     # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
-    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype])}
+    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.parts or 1)}
     return kernel, signature, constexprs, attrs, options
 
 

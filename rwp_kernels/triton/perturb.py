@@ -110,10 +110,11 @@ def _packed_sigmas(squares, f_ptr, mask, lo, count, row_len, has_fisher, gamma, 
 
 @triton.jit
 def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr,
-           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+           DTYPE: tl.constexpr, BLOCK: tl.constexpr, x_kept=None):
     """The per-element part of the tile at element ``tile``: backup <- w, w <- w + sigma * z (``add_noise``: a
     product and a sum, two roundings), grad <- grad * grad_scale. Reads what it needs from the parameter's
-    table row and the kernel's arguments here, after the norm, rather than keeping it in registers through it."""
+    table row and the kernel's arguments here, after the norm, rather than keeping it in registers through it;
+    the weights too, unless the caller kept them (``x_kept``: a resident row's)."""
     lanes = tl.arange(0, BLOCK)
     noisy = tl.load(gamma_ptr) != 0
     z = tl.zeros([BLOCK], tl.float32)
@@ -122,7 +123,10 @@ def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, 
         z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True), key0,
                           key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
     w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile + lanes
-    x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
+    if x_kept is None:
+        x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
+    else:
+        x_raw = x_kept
     backup_addr = tl.load(row + BACKUP)
     if backup_addr != 0:
         tl.store(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, x_raw, mask=mask)
@@ -189,6 +193,49 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
 
 
 @triton.jit
+def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector, grad_scale,
+              grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+              PARTS: tl.constexpr):
+    """A row of at most PARTS tiles kept in registers: all its tiles loaded at once, the norm, then each tile's
+    update from the kept weights (the row read from DRAM once, its loads all in flight together). Offsets are
+    32-bit from the row's first tile, so that the compiler recomputes each tile's addresses and mask rather than
+    keeping them through the normals."""
+    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
+    lanes = tl.arange(0, BLOCK)
+    base = start - start % 4
+    first = (start - base).to(tl.int32)
+    end = (start + count - base).to(tl.int32)
+    if VEC:  # (the same values, in a form that shows the compiler whole, aligned vectors: tables.span)
+        base = base // PER * PER
+        first = 0
+        end = end // PER * PER
+    w_ptr = T.pointer(w_addr, DTYPE, VEC) + base
+    f_ptr = T.pointer(fisher_addr, tl.float32, VEC) + base
+    kept = ()
+    for p in tl.static_range(PARTS):  # all loads first, none waiting for another's data
+        offsets = p * BLOCK + lanes
+        kept = kept + (tl.load(w_ptr + offsets, mask=(offsets >= first) & (offsets < end), other=0.0),)
+    acc = tl.zeros([BLOCK // PER], tl.float64)
+    facc = tl.zeros([BLOCK // PER], tl.float64)
+    for p in tl.static_range(PARTS):
+        x = to_float32(kept[p]).to(tl.float64)
+        acc += tl.sum(tl.reshape(x * x, [BLOCK // PER, PER]), 1)
+        if fisher_addr != 0:
+            offsets = p * BLOCK + lanes
+            mask = (offsets >= first) & (offsets < end)
+            f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+            facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
+    row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
+    tl.store(sigma_ptr + start // row_len, row_sigma)
+    for p in tl.static_range(PARTS):
+        if p * BLOCK < end:
+            offsets = p * BLOCK + lanes
+            _apply(row, gamma_ptr, base + p * BLOCK, (offsets >= first) & (offsets < end),
+                   tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
+                   BLOCK, kept[p])
+
+
+@triton.jit
 def _partial_sums(partials_ptr, first, n, BLOCK: tl.constexpr):
     """A split row's sums: its ``n`` segments' partials (``partials_ptr[2 * first:]``, sum of squares and Fisher
     sum per segment) added in one fixed order, so that every program of the row gets the same sums."""
@@ -223,7 +270,7 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_
 
 @triton.jit
 def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+             ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     """The body of both perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
     element (float64 per element: their own kernel, so that the others' needs fewer registers)."""
     slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
@@ -246,6 +293,13 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
             tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE,
                                              gamma, eta, vector, False, DTYPE, BLOCK)
             _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
+    elif (PARTS > 1) & (start % 4 + count <= PARTS * BLOCK) & (row_len <= SPLIT_ROW):
+        if vec:
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector,
+                      grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PARTS)
+        else:
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector,
+                      grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PARTS)
     else:
         # A long row, or a segment of a split row: its norm first, then the update.
         first_row = start // row_len
@@ -271,16 +325,16 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
 def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0,
-                   k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                   k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             False, DTYPE, BLOCK)
+             False, DTYPE, BLOCK, PARTS)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
 def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr,
                                step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             True, DTYPE, BLOCK)
+             True, DTYPE, BLOCK, 1)
 
 
 @triton.jit
@@ -299,7 +353,8 @@ def row_partials_kernel(params_ptr, items_ptr, partials_ptr, DTYPE: tl.constexpr
     tl.store(out + 1, fsum)
 
 
-def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple) -> None:
+def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple,
+            **constexprs) -> None:
     """One launch of ``kernel`` for the parameter table ``rows``, after the partial sums of its split rows."""
     tables = T.tables(device, rows, tile, by_rows=True, vector=T.vector_elems(dtype))
     DTYPE = T.TL_DTYPES[dtype]
@@ -308,7 +363,7 @@ def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale:
         T.launch(row_partials_kernel, tables.n_split, tile, device, tables.params, tables.items, partials, DTYPE=DTYPE)
     else:
         partials = T.float_table(device, (0.0, 0.0), torch.float64)  # not read
-    T.launch_items(kernel, tables, device, hyper, sigma_buffer, partials, *scale, *words, DTYPE=DTYPE)
+    T.launch_items(kernel, tables, device, hyper, sigma_buffer, partials, *scale, *words, DTYPE=DTYPE, **constexprs)
 
 
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
@@ -319,7 +374,7 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
     offsets = sigma_offsets(plan)
     sigma_buffer = torch.empty(sum(e.sigma_count for e in plan), dtype=torch.float32, device=device)
-    tile = T.choose_tile([(e.row_len, e.rows) for e in plan], dtype.itemsize)
+    tile = T.perturb_tile([(e.row_len, e.rows) for e in plan], dtype.itemsize)
     scale = T.scale_args(grad_scale, device)
     k0, k1, step = key.words()
     words = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
@@ -330,5 +385,6 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
         rows = [T.param_row(params[i], plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
                             fisher=T.entry(fisher, i)) for i in group]
         hyper = T.float_table(device, tuple(v for i in group for v in (gammas[i], etas[i])), torch.float64)
-        _launch(kernel, device, dtype, rows, tile, hyper, sigma_buffer, scale, words)
+        parts = {} if elementwise else {"PARTS": tile.parts}
+        _launch(kernel, device, dtype, rows, tile, hyper, sigma_buffer, scale, words, **parts)
     return list(sigma_buffer.split([e.sigma_count for e in plan]))

@@ -63,9 +63,10 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 # resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill (it picks 48 and spills 8 bytes for
 # the elementwise kernel on sm_80). 16-bit tiles hold 8 elements per thread, two Philox blocks: perturb_kernel's
 # packed rows need 64 registers (32 warps per SM; at 56 it spills 8-12 bytes), sgd_step_kernel 72 (float16 on
-# sm_80 spills at 64), restore_kernel 48. aot.py compiles with them and fails on any spill.
+# sm_80 spills at 64), restore_kernel 48. aot.py compiles with them and fails on any spill. A key with a third
+# entry is perturb_kernel's variant that keeps rows of up to that many tiles in registers (``RESIDENT_PARTS``).
 MAX_REGISTERS = {
-    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 64,
+    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 64, ("perturb_kernel", 4, 5): 64,
     ("perturb_elementwise_kernel", 4): 64, ("perturb_elementwise_kernel", 2): 64,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 72,
     ("restore_kernel", 2): 48,
@@ -79,6 +80,13 @@ MAX_REGISTERS = {
 # half or three quarters empty); perturb_kernel's 64 registers leave 32 warps per SM (2048 / 8 warps: 72, 24).
 TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
+
+# perturb_'s rows longer than a tile, by element size: where most elements are in such rows, the launch takes a
+# variant of perturb_kernel that keeps a row of up to this many tiles in registers between its norm and its update
+# (float32, 1024-element tiles: rows of up to 5120 elements, CNN rows of 512 * 3 * 3; 64 registers, 32 warps per
+# SM; 6 tiles spill). Longer rows, and rows of 16-bit types (whose 8 elements per thread spill at 5 tiles), are read
+# twice: the norm, then the update.
+RESIDENT_PARTS = {4: 5}
 
 _CACHE_CAPACITY = 16
 
@@ -137,6 +145,7 @@ def span(tile, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.con
 class Tile:
     block: int
     num_warps: int
+    parts: int = 1  # perturb_kernel's PARTS: the tiles of a row it keeps in registers (RESIDENT_PARTS)
 
 
 def tile_menu(itemsize: int = 4) -> tuple:
@@ -152,17 +161,32 @@ def choose_tile(units, itemsize: int = 4) -> Tile:
     loop over several tiles; short rows share a tile (perturb_ packs them), so a tile is never mostly
     idle except where a whole tensor is shorter than half of it.
     """
+    length = _median_unit(units)
+    menu = tile_menu(itemsize)
+    for block, warps in menu:
+        if length <= block:
+            return Tile(block, warps)
+    return Tile(*menu[-1])
+
+
+def perturb_tile(units, itemsize: int = 4) -> Tile:
+    """perturb_kernel's tile for rows given as ``(length, how many)`` pairs: ``choose_tile``'s, keeping rows of up to
+    ``RESIDENT_PARTS`` tiles in registers where the median row is longer than a tile."""
+    tile = choose_tile(units, itemsize)
+    if _median_unit(units) <= tile.block:
+        return tile
+    return Tile(tile.block, tile.num_warps, RESIDENT_PARTS.get(itemsize, 1))
+
+
+def _median_unit(units) -> int:
+    """The length of the unit that holds the median element."""
     units = sorted(units)
     half, seen = sum(length * n for length, n in units) / 2, 0
     for length, n in units:
         seen += length * n
         if seen >= half:
             break
-    menu = tile_menu(itemsize)
-    for block, warps in menu:
-        if length <= block:
-            return Tile(block, warps)
-    return Tile(*menu[-1])
+    return length
 
 
 def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> list[tuple[int, int, int]]:
@@ -301,10 +325,10 @@ def clear_caches() -> None:
     _constants.clear()
 
 
-def kernel_options(name: str, itemsize: int = 4) -> dict:
-    """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes: ``COMPILE_OPTIONS`` and its
-    register cap (``MAX_REGISTERS``), if any."""
-    cap = MAX_REGISTERS.get((name, itemsize))
+def kernel_options(name: str, itemsize: int = 4, parts: int = 1) -> dict:
+    """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes (and perturb_kernel's
+    ``parts``): ``COMPILE_OPTIONS`` and its register cap (``MAX_REGISTERS``), if any."""
+    cap = MAX_REGISTERS.get((name, itemsize, parts) if parts > 1 else (name, itemsize))
     return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
 
 
@@ -312,8 +336,8 @@ def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
     """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
     dtype = constexprs.get("DTYPE")
     itemsize = dtype.primitive_bitwidth // 8 if dtype is not None else 4
-    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **kernel_options(kernel.fn.__name__, itemsize),
-                **constexprs)
+    options = kernel_options(kernel.fn.__name__, itemsize, constexprs.get("PARTS", 1))
+    return dict(BLOCK=tile.block, num_warps=tile.num_warps, **options, **constexprs)
 
 
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
