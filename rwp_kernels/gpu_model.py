@@ -240,7 +240,8 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
         return KernelFacts("one counter block per lane", (PathSpec("main", {"philox": 1}, loop=False),), 4 * e, 20,
                            "reads 4 counter and 2 key int64 words, writes 4 int64 words per block of 4 words")
     if kernel == "noise_kernel":
-        return KernelFacts("one tile", (PathSpec("main", {"st32": e, "philox": 1}, loop=False),), e, 4,
+        return KernelFacts("output on Philox block boundaries (offset % 4 == 0)",
+                           (PathSpec("main", {"st128": e // 4, "philox": 1}, loop=False),), e, 4,
                            "writes each normal once (float32)")
     s = ITEMSIZE[dtype]
     b = min(128, 8 * s * e)  # bits of a thread's access on the vectorized path (16 bytes at most)

@@ -346,6 +346,8 @@ def test_report_script_quick(tmp_path):
     assert int(cuda["registers"]) > 0 and cuda["spill_store_bytes"] == "0"
     assert float(cuda["instructions_per_element"]) > 0
     assert "ST.128x2" in cuda["accesses"]  # backup and w: one 16-byte store each per vector
+    noise = [r for (backend, name, _), r in kernels.items() if backend == "triton" and name.startswith("noise_kernel")]
+    assert noise and all((r["accesses"], r["smem_bytes"]) == ("STG.128", "0") for r in noise)  # no shuffle either
     assert {k[0] for k in kernels} == {"cuda", "triton"} and {k[2] for k in kernels} == {"sm_90"}
     assert all(r["instructions_per_element"] for r in kernels.values()), "a kernel without a hot path"
     if importlib.util.find_spec("matplotlib"):

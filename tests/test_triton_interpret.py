@@ -171,6 +171,43 @@ def test_normals_equal_the_cpp_backend(cpp_ext, window):
     assert torch.equal(z.view(torch.int32), rk.noise(numel, **args, backend="cpu").view(torch.int32))
 
 
+# (numel, offset) for the noise kernel's two stores (tiles: 512 elements up to numel 512, else 1024): 16-byte
+# vectors for a program whose outputs start and end on a Philox block boundary, lane by lane otherwise.
+NOISE_STORES = [
+    (4, 0), (512, 16), (3072, 8),  # every program vectorized (one vector, one tile, three tiles)
+    (2053, 4), (2047, 0),  # vectorized, then a last tile lane by lane that ends 1 / 3 elements into a block
+    (1, 0), (3, 8), (5, 0),  # lane by lane: shorter than a block, or ends 1 element into the second
+    (2048, 3), (1029, 2), (2, 1), (3, 1), (1, 7),  # lane by lane: output 0 is inside a Philox block
+]
+GUARD = 4  # float32 elements either side of the output (16 bytes: the output stays 16-byte aligned)
+
+
+@pytest.mark.parametrize("numel,offset", NOISE_STORES, ids=lambda v: str(v))
+def test_noise_kernel_writes_exactly_its_outputs(cpp_ext, numel, offset):
+    """The noise kernel's vector and lane-by-lane stores, into an output between guard elements: every output
+    holds the C++ CPU backend's normal, bit for bit, and no guard element is written (the launch is the
+    launcher's, ``rwp_kernels.triton.noise.noise``, on an output the test owns)."""
+    import triton
+
+    from rwp_kernels.contract import NoiseKey
+    from rwp_kernels.triton import philox, tables
+    from rwp_kernels.triton.noise import noise_kernel
+
+    key, param_index = NoiseKey(seed=20240611, stream=3, step=7), 5
+    sentinel = 0x7FC0DEAD  # the bits of a NaN: no normal has them
+    buffer = torch.full((GUARD + numel + GUARD,), sentinel, dtype=torch.int32).view(torch.float32)
+    tile = tables.choose_tile([(numel, 1)])
+    k0, k1, step = key.words()
+    tables.launch(noise_kernel, triton.cdiv(offset % 4 + numel, tile.block), tile, buffer.device,
+                  buffer[GUARD:GUARD + numel], offset, numel, param_index, philox.as_int32(step),
+                  philox.as_int32(k0), philox.as_int32(k1))
+    bits = buffer.view(torch.int32)
+    expected = rk.noise(numel, seed=key.seed, stream=key.stream, step=key.step, param_index=param_index,
+                        offset=offset, backend="cpu")
+    assert torch.equal(bits[GUARD:GUARD + numel], expected.view(torch.int32))
+    assert (bits[:GUARD] == sentinel).all() and (bits[GUARD + numel:] == sentinel).all()
+
+
 def _table_ops(backend, params, mode):
     """perturb_ (ARWP or RWP), a regenerated restore_ with the whole gradient mix, and two sgd_step_ calls
     (fused restore, mix, Fisher, momentum with dampening; nesterov, weight decay, maximize) on copies."""

@@ -12,7 +12,9 @@ does to the float math. This file compiles the kernels for sm_80 and sm_90 with 
 * the ``fma.rn.f32`` count is exactly the header's: ``fmadd`` in ``normal_block`` (counted in rwp_common.h)
   per Philox block, times the blocks each thread computes, times the places a kernel generates noise (each
   path has a vectorized and a scalar copy), and ``sgd_update``'s ``fmadd`` per element of ``sgd_step_kernel``
-  (twice: both copies); no ``fma.rn.f64`` (``row_sigma`` has none).
+  (twice: both copies); no ``fma.rn.f64`` (``row_sigma`` has none);
+* the noise kernel stores a thread's Philox block with one ``st.global.v4.b32`` (4 ``st.global.b32`` on its
+  other path) and has no shared-memory shuffle.
 
 With ``enable_fp_fusion=True`` (Triton's default) LLVM contracts the spec's separate multiply and add into fma
 and emits contractible ``mul.f32`` / ``add.f32``: ``test_the_checks_catch_fp_fusion`` compiles the noise kernel
@@ -115,9 +117,9 @@ def fma_per_normal_block() -> int:
     return 2 * (2 * fmadds("uniform") + fmadds("log_unit") + fmadds("sincos_2pi"))
 
 
-# Places where a kernel generates noise (P.normal_tile calls, counting the vectorized and the scalar copy of each
-# path: a tile that fits and a long row's update loop in perturb_; with PARTS > 1 also each kept tile of a row)
-# and explicit fma per element outside it.
+# Places where a kernel generates noise (P.normal_tile or P.block_normals calls, counting the vectorized and the
+# scalar copy of each path: a tile that fits and a long row's update loop in perturb_; with PARTS > 1 also each
+# kept tile of a row) and explicit fma per element outside it.
 NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 4,
                "row_partials_kernel": 0, "restore_kernel": 2, "sgd_step_kernel": 0}
 
@@ -201,3 +203,13 @@ def test_the_checks_catch_fp_fusion(compiled):
     assert any(p.startswith("fma.rn.f32") for p in found), found
     unfused, _ = compiled[(("noise_kernel", None, 512, 4, 90, "i64,i32", None), False)]
     assert instructions(ptx).count("fma.rn.f32") > instructions(unfused).count("fma.rn.f32") == 40
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s[0] == "noise_kernel"],
+                         ids=lambda s: "-".join(str(v) for v in s if v is not None))
+def test_noise_kernel_stores_16_byte_vectors(compiled, spec):
+    """A thread's 4 normals (one Philox block) leave in one ``st.global.v4.b32`` where the output starts and ends on
+    a block boundary, else in 4 ``st.global.b32``; no shared memory between the normals and either store."""
+    ops = instructions(compiled[(spec, False)][0])
+    assert (ops.count("st.global.v4.b32"), ops.count("st.global.b32")) == (1, 4)
+    assert not [op for op in ops if ".shared" in op]

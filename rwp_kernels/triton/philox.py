@@ -191,5 +191,18 @@ def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr, PER_
                           [BLOCK])
     else:
         z0, z1, z2, z3 = _normals(first_quad, param_index, step, k0, k1, 1, BLOCK // 4)
-        # [Q, 2, 2] with [q, a, b] = (z0, z1, z2, z3)[2a + b]; row-major order is element order.
-        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+        return interleave(z0, z1, z2, z3)
+
+
+@triton.jit
+def block_normals(first_quad, param_index, step, k0, k1, Q: tl.constexpr):
+    """The normals of the blocks first_quad .. first_quad + Q - 1 by lane: float32 [Q] tensors z0, z1, z2, z3
+    (element 4 * (first_quad + q) + k is zk[q]); arguments as ``normal_tile``'s."""
+    return _normals(tl.to_tensor(first_quad).to(tl.int64), param_index, step, k0, k1, 1, Q)
+
+
+@triton.jit
+def interleave(z0, z1, z2, z3):
+    """``block_normals``' lanes as one tile in element order, float32 [4 Q], a block's 4 elements in one thread."""
+    # [Q, 2, 2] with [q, a, b] = (z0, z1, z2, z3)[2a + b]; row-major order is element order.
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [4 * z0.shape[0]])
