@@ -212,6 +212,21 @@ __device__ __forceinline__ void for_span(const Span& s, bool aligned, unsigned l
   for (int v = lane; v < s.vectors; v += group) body(v, aligned && v >= s.full_lo && v < s.full_hi);
 }
 
+// for_span with vec as a VecFlag: a copy of the body per case, so that a whole vector's words go from the load to
+// their uses without being split into elements to meet the other case's (the update: 2-10 % fewer instructions;
+// the norm loop, which stages the words, gets longer this way).
+template <class Body>
+__device__ __forceinline__ void for_span_cases(const Span& s, bool aligned, unsigned lane, unsigned group,
+                                               const Body& body) {
+  for_span(s, aligned, lane, group, [&](int v, bool vec) {
+    if (vec) {
+      body(v, VecFlag<true>{});
+    } else {
+      body(v, VecFlag<false>{});
+    }
+  });
+}
+
 // This thread's sums of squares of w and of the Fisher state (unless null) over its vectors of the span (w and
 // fisher point at its element `first`); kStage: vector v is also kept in stage[v].
 template <class T, bool kStage>
@@ -254,7 +269,8 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
   const float* const fisher = kPerElement ? p.fisher + s.first : nullptr;  // no offset on a null pointer
   float* const sigmas = a.sigma + p.sigma_offset + s.first;
-  for_span(s, aligned, lane, group, [&](int v, bool vec) {
+  for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
+    constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
     const Vec<T> raw = kStage ? stage[v] : load_raw(w, e, s.lo, s.hi, vec);
     if (backup) store_raw(backup, e, s.lo, s.hi, vec, raw);
