@@ -17,12 +17,10 @@ from ..contract import NoiseKey
 from ..layout import sigma_offsets
 from . import philox as P
 from . import tables as T
-from .rounding import to_dtype, to_float32
+from .rounding import INTERPRETED, to_dtype, to_float32
 from .tables import BACKUP, COLUMNS, FISHER, GRAD, PARAM_INDEX, ROW_LEN, SEGMENT, SIGMA_OFF, SPLIT_ROW, VECTOR, W
 
 NORM_EPS: tl.constexpr = tl.constexpr(S.NORM_EPS)
-# True when the kernels are interpreted (the knob triton.jit reads when it creates them).
-INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 @triton.jit

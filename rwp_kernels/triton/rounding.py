@@ -1,10 +1,12 @@
 """Float operations that round exactly as csrc/rwp_common.h does, on a GPU and in Triton's interpreter.
 
 * ``to_dtype`` / ``to_float32``: conversions between the parameter dtype and float32, to nearest even. For
-  bfloat16 both directions are integer operations: Triton's interpreter converts float32 to bfloat16 by
-  truncation and bfloat16 subnormals to float32 wrongly, so ``.to()`` would make the CPU tests disagree
-  with a GPU and with the other backends. The integer versions give the GPU's results on both (the
-  widening is a shift; the narrowing rounds to nearest even and keeps NaNs NaN).
+  bfloat16 the widening is a shift, and the narrowing, where the kernels are interpreted, integer operations:
+  Triton's interpreter converts float32 to bfloat16 by truncation and bfloat16 subnormals to float32 wrongly,
+  so ``.to()`` would make the CPU tests disagree with a GPU and with the other backends. The integer
+  narrowing rounds to nearest even and keeps NaNs NaN, as a GPU's ``cvt.rn.bf16x2.f32`` (one instruction for
+  two elements, where the integer version takes about seven per element) does, NaN payloads aside: compiled
+  kernels use ``.to()``.
 * ``tl.fma`` in the interpreter: Triton's interpreter computes it as ``x * y + z`` in float32 (two
   roundings), not as the one-rounding fma a GPU (``fma.rn.f32``) and the header's ``fmadd`` compute.
   ``exact_interpreter_fma`` replaces it with a correctly rounded one (float64 product, sum rounded to odd,
@@ -22,11 +24,13 @@ import triton
 import triton.language as tl
 
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
+# True when the kernels are interpreted (the knob triton.jit reads when it creates them).
+INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 @triton.jit
 def to_dtype(x, DTYPE: tl.constexpr):
-    if DTYPE == tl.bfloat16:
+    if (DTYPE == tl.bfloat16) and INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         quiet_nan = (bits >> 16) | 0x40
