@@ -89,6 +89,10 @@ def print_facts(reports) -> None:
           "requirement; the path is the one with the fewest instructions that meets it and calls no slow path.\n")
 
 
+# perturb_'s variants (grad_scale 1): a row in one tile or staged, split rows, long rows, rows kept in registers.
+PERTURB_PATHS = ("perturb_kernel", "perturb_kernel_split", "perturb_kernel_long", "perturb_kernel_resident")
+
+
 def print_compute_floor(reports) -> None:
     """perturb_'s hot path against the normals alone: the noise kernel's instructions per element (Philox and the
     header's polynomial Box-Muller, which the bits must follow) are the floor of a kernel that draws them; what
@@ -97,7 +101,7 @@ def print_compute_floor(reports) -> None:
     lines = []
     for r in reports:
         base = noise.get((r.backend, r.arch, r.block))
-        if r.key != "perturb_kernel" or not r.complete or base is None:
+        if r.key not in PERTURB_PATHS or not r.complete or base is None:
             continue
         floor, total = base.instr_per_elem(), r.instr_per_elem()
         lines.append(f"| {r.backend} | {r.label} | sm_{r.arch} | {floor:.1f} | {total:.1f} | {total - floor:+.1f} "
@@ -192,7 +196,7 @@ def print_estimates(estimates, notes) -> None:
     if gaps:
         far = max(gaps, key=lambda g: abs(g[0] - 1))
         print(f"target cuda and triton perturb_ + sgd_step_ within {BACKEND_GAP:.0%} of each other: triton / cuda "
-              f"{min(g[0] for g in gaps):.2f} to {max(g[0] for g in gaps):.2f} (furthest: {far[1]} {far[2]} {far[3]}); "
+              f"{min(g[0] for g in gaps):.3f} to {max(g[0] for g in gaps):.3f} (furthest: {far[1]} {far[2]} {far[3]}); "
               f"{sum(abs(g[0] - 1) <= BACKEND_GAP for g in gaps)} of {len(gaps)} cases meet it ({G.ESTIMATE_LABEL})")
     for backend in dict.fromkeys(e.backend for e in estimates):
         for dtype, target in TARGETS.items():
@@ -202,7 +206,7 @@ def print_estimates(estimates, notes) -> None:
             lo, hi = min(steps, key=lambda e: e.pct_hbm_peak), max(steps, key=lambda e: e.pct_hbm_peak)
             compute = sum("compute" in e.bound for e in steps)
             print(f"target {backend} {dtype} perturb_ + sgd_step_ >= {target:.0%} of HBM peak: estimate "
-                  f"{lo.pct_hbm_peak:.0%} ({lo.gpu} {lo.model}) to {hi.pct_hbm_peak:.0%} ({hi.gpu} {hi.model}); "
+                  f"{lo.pct_hbm_peak:.1%} ({lo.gpu} {lo.model}) to {hi.pct_hbm_peak:.1%} ({hi.gpu} {hi.model}); "
                   f"{sum(e.pct_hbm_peak >= target for e in steps)} of {len(steps)} cases meet it, {compute} have a "
                   f"compute-bound op ({G.ESTIMATE_LABEL})")
     print()
