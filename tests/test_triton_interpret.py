@@ -273,9 +273,9 @@ def _dyadic(shape, seed):
     return torch.randint(-64, 65, shape, generator=gen).float() / 64
 
 
-def _perturb_all(backend, params, fisher):
+def _perturb_all(backend, params, fisher, gamma=0.01):
     p, grads, backups = C.clone_all(params), C.clone_all([x.flip(-1) for x in params]), C.clone_all(params)
-    sigmas = rk.perturb_(p, gamma=0.01, seed=5, step=3, backups=backups, grads=grads, grad_scale=0.5,
+    sigmas = rk.perturb_(p, gamma=gamma, seed=5, step=3, backups=backups, grads=grads, grad_scale=0.5,
                          fisher=C.clone_all(fisher), eta=0.3, backend=backend)
     return dict(sigmas=sigmas, perturbed=p, backups=backups, grads=grads)
 
@@ -315,8 +315,10 @@ def test_split_rows_on_normal_values_within_the_sigma_tolerance(cpp_ext, mode):
 
 # Rows of 2 to 5 float32 tiles, kept in registers (tables.RESIDENT_PARTS): aligned, starting inside a vector (the
 # second rows of (2, 1030) and (2, 5118), the unaligned view), exactly 5 tiles (5118 from element 2), and one row
-# just past them (5121: read twice); packed short rows and a vector beside them.
+# just past them (5121: read twice); packed short rows and a vector beside them; gamma 0 for one kept tensor
+# (backups and gradient scaling, no noise).
 RESIDENT_SHAPES = [(3, 4608), (2, 1030), (2, 5118), (5121,), (4, 9), (3,), (2, 2000)]
+RESIDENT_GAMMAS = [0.01, 0.0, 0.02, 0.01, 0.01, 0.01, 0.03]
 
 
 @pytest.mark.parametrize("mode", ["rwp", pytest.param("arwp", marks=pytest.mark.slow)])
@@ -338,9 +340,10 @@ def test_resident_rows_equal_the_cpp_backend(monkeypatch, cpp_ext, mode):
     exact = [_dyadic(s, i) for i, s in enumerate(RESIDENT_SHAPES)]
     exact[-1] = C.place(exact[-1], C.OFFSET)
     fisher = _split_fisher(mode, RESIDENT_SHAPES)
-    ours = _perturb_all("triton", exact, fisher)
+    ours = _perturb_all("triton", exact, fisher, RESIDENT_GAMMAS)
     assert parts == [tables.RESIDENT_PARTS[4]]
-    cpp = _perturb_all("cpu", exact, fisher)
+    cpp = _perturb_all("cpu", exact, fisher, RESIDENT_GAMMAS)
+    assert torch.equal(ours["perturbed"][1], exact[1]) and not torch.equal(ours["perturbed"][0], exact[0])
     for what in ours:
         assert_bitwise(ours[what], cpp[what], what)
 
