@@ -414,12 +414,19 @@ _TEMPLATE_ARGS = (("NS1_9bf16_bitsE", "bf16"), ("NS1_9half_bitsE", "fp16"), ("f"
                   ("Lb1E", "true"))
 
 
+_LENGTH_PREFIXED = re.compile(r"(\d+)([A-Za-z_])")  # a part of a mangled name: its length, then its first character
+
+
 def short_name(mangled: str) -> str:
     """A readable name for this project's kernels (``perturb_kernel<bf16,false,true>``, ``sgd_kernel<fp32>``,
-    ``noise_kernel``); other names come back unchanged."""
-    for m in re.finditer(r"(\d+)([A-Za-z_])", mangled):
+    ``noise_kernel``); other names come back unchanged. The mangled name's length-prefixed parts are read left to
+    right, each skipped whole: the anonymous namespace's part holds a hash of the source's path whose digits
+    may read as another length (``_GLOBAL__N__50b6a524_...``)."""
+    pos = 0
+    while (m := _LENGTH_PREFIXED.search(mangled, pos)) is not None:
         n = int(m[1])
         name = mangled[m.start(2):m.start(2) + n]
+        pos = m.start(2) + n
         if len(name) != n or not name.endswith("_kernel"):
             continue
         rest = mangled[m.start(2) + n:]

@@ -107,6 +107,9 @@ def test_short_names_of_the_projects_kernels():
                            "NS_10ParamEntryEllNS_11PerturbArgsE") == "perturb_kernel<fp32,false>"
     assert sass.short_name("_ZN3rwp4cuda48_GLOBAL__N__a2751081_15_cuda_kernels_cu_2b7faf8c12noise_kernelEPflljNS_8"
                            "NoiseKeyE") == "noise_kernel"
+    # the namespace's path hash starts with digits that read as the length of the rest ("50" + 50 characters)
+    assert sass.short_name("_ZN3rwp4cuda48_GLOBAL__N__50b6a524_15_cuda_kernels_cu_2b7faf8c14perturb_kernelIfLb0ELb1EE"
+                           "EvPKNS_10ParamEntryEllNS_11PerturbArgsE") == "perturb_kernel<fp32,false,true>"
     assert sass.short_name("restore_kernel") == "restore_kernel"  # Triton's names are plain
     assert sass.short_name("_Z3fooi") == "_Z3fooi"
 
