@@ -161,21 +161,26 @@ def choose_tile(units, itemsize: int = 4) -> Tile:
     loop over several tiles; short rows share a tile (perturb_ packs them), so a tile is never mostly
     idle except where a whole tensor is shorter than half of it.
     """
-    length = _median_unit(units)
-    menu = tile_menu(itemsize)
-    for block, warps in menu:
-        if length <= block:
-            return Tile(block, warps)
-    return Tile(*menu[-1])
+    return _tile_holding(_median_unit(units), itemsize)
 
 
 def perturb_tile(units, itemsize: int = 4) -> Tile:
     """perturb_kernel's tile for rows given as ``(length, how many)`` pairs: ``choose_tile``'s, keeping rows of up to
     ``RESIDENT_PARTS`` tiles in registers where the median row is longer than a tile."""
-    tile = choose_tile(units, itemsize)
-    if _median_unit(units) <= tile.block:
+    length = _median_unit(units)
+    tile = _tile_holding(length, itemsize)
+    if length <= tile.block:
         return tile
     return Tile(tile.block, tile.num_warps, RESIDENT_PARTS.get(itemsize, 1))
+
+
+def _tile_holding(length: int, itemsize: int) -> Tile:
+    """The smallest tile of the menu that holds ``length`` elements, or the largest one."""
+    menu = tile_menu(itemsize)
+    for block, warps in menu:
+        if length <= block:
+            return Tile(block, warps)
+    return Tile(*menu[-1])
 
 
 def _median_unit(units) -> int:
