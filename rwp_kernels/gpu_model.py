@@ -123,7 +123,9 @@ def _limits_arch(arch: int) -> int:
 class PathSpec:
     """One hot path of a kernel: the cheapest path through a loop body (``loop``) or through the function
     outside its loops that carries at least ``require`` tagged instructions (``rwp_kernels.sass.tags``);
-    ``body_without``: only loops whose body has none of these tags. ``minus`` (function paths): only the
+    ``body_without``: only loops whose body has none of these tags; ``body_at_most``: only loops whose body has
+    at most this many of each tag (the norm loop of a row without a Fisher state, not its twin that also sums
+    one). ``minus`` (function paths): only the
     instructions of that path that are not on the cheapest path carrying ``minus``, what one more unrolled
     iteration adds (a loop body's counterpart), and a warp running it waits for DRAM as one running a loop body
     with a load does (``waits``)."""
@@ -132,6 +134,7 @@ class PathSpec:
     loop: bool = True
     avoid: tuple = ("call",)
     body_without: tuple = ()
+    body_at_most: dict = field(default_factory=dict)
     minus: dict | None = None
 
     @property
@@ -195,7 +198,7 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
         return KernelFacts(
             "row staged in shared memory, backups, "
             + ("gradients rescaled" if grad_scale else "no gradient scaling") + ", no Fisher state",
-            (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",)),
+            (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
              PathSpec("update", dict(Counter({"lds128": 1, "st128": 2, "philox": 1}) + Counter(grad)))), n,
             (5 if grad_scale else 3) * s,
             f"reads w once (rows up to {CUDA_STAGE_BYTES // s} elements are staged in shared memory), writes w and "
@@ -207,13 +210,14 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
                       avoid=("call", "lds128")),), n, (5 if grad_scale else 3) * s,
             f"reads w, writes w and the backup{grad_note} (partials_kernel read w before)")
     if kernel == "partials_kernel":
-        return KernelFacts("a segment's float64 sums of squares", (PathSpec("norm", {"ld128": 1}),), n, s,
+        return KernelFacts("a segment's float64 sums of squares, no Fisher state",
+                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}),), n, s,
                            "reads w once")
     if kernel == "perturb_kernel_ae":  # <T, true, false>: ARWP, one sigma per element of a 0-D/1-D parameter
         vf = 4 * n // 16  # 16-byte vectors of float32 per vector of T
         return KernelFacts(
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
-            (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",)),
+            (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
              PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2 + vf, "philox": 1})), n, 3 * s + 8,
             "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
     if kernel == "restore_kernel":
@@ -522,8 +526,9 @@ class KernelReport:
 
 
 def analyze(instrs: list, facts: KernelFacts) -> dict:
-    """The hot paths of one function: for a loop spec, the loop with the largest body among those whose
-    body has a path that meets the spec (and none of ``body_without``'s tags), and its cheapest such path;
+    """The hot paths of one function: for a loop spec, the loop with the largest body among the innermost of
+    those whose body has a path that meets the spec (and none of ``body_without``'s tags), and its cheapest
+    such path (a loop nested in another runs more often: an inner loop over the whole vectors of a span);
     for a function spec, the cheapest path from entry to EXIT through no loop."""
     loops = sass.find_loops(instrs)
     out = {}
@@ -534,15 +539,20 @@ def analyze(instrs: list, facts: KernelFacts) -> dict:
                 less = sass.cheapest_path(instrs, spec.minus, avoid=spec.avoid, outside=loops)
                 out[spec.name] = None if less is None else sass.path_difference(out[spec.name], less)
             continue
-        best = None
+        meeting = {}
         for lp in loops:
             body = [i for i in instrs if lp.contains(i.addr)]
             if spec.body_without and any(sass.tags(i)[t] for i in body for t in spec.body_without):
                 continue
+            if spec.body_at_most:
+                carried = sum((sass.tags(i) for i in body), Counter())
+                if any(carried[t] > n for t, n in spec.body_at_most.items()):
+                    continue
             path = sass.cheapest_path(instrs, spec.require, loop=lp, avoid=spec.avoid)
-            if path is not None and (best is None or path.body_instrs > best.body_instrs):
-                best = path
-        out[spec.name] = best
+            if path is not None:
+                meeting[lp] = path
+        hot = [meeting[lp] for lp in sass.innermost(list(meeting))]
+        out[spec.name] = max(hot, key=lambda path: path.body_instrs, default=None)
     return out
 
 

@@ -176,6 +176,41 @@ def test_cheapest_path_meets_the_requirement():
     assert [lp for lp, _ in found] == [loop]
 
 
+# An outer loop (0x10-0x90) around an inner one (0x20-0x50), and a second loop (0xa0-0xe0) that also reads a
+# second tensor: the shape of for_span_runs' runs of whole vectors, and of a norm loop's Fisher-state twin.
+NESTED = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   ISETP.NE.AND P1, PT, R5, RZ, PT ;
+        /*0020*/                   LD.E.128 R8, desc[UR4][R2.64] ;
+        /*0030*/                   DFMA R20, R8, R8, R20 ;
+        /*0040*/                   IADD3 R0, R0, 0x100, RZ ;
+        /*0050*/               @P0 BRA 0x20 ;
+        /*0060*/               @P2 LD.E R12, desc[UR4][R6.64] ;
+        /*0070*/                   DFMA R20, R12, R12, R20 ;
+        /*0080*/                   IADD3 R0, R0, 0x100, RZ ;
+        /*0090*/               @P1 BRA 0x10 ;
+        /*00a0*/                   LD.E.128 R8, desc[UR4][R2.64] ;
+        /*00b0*/                   LD.E.128 R12, desc[UR4][R6.64] ;
+        /*00c0*/                   DFMA R20, R8, R8, R20 ;
+        /*00d0*/                   FADD R22, R12, R22 ;
+        /*00e0*/               @P3 BRA 0xa0 ;
+        /*00f0*/                   EXIT ;
+"""
+
+
+def test_a_loop_spec_takes_the_innermost_loop_and_honours_body_limits():
+    instrs = sass.parse_instructions(NESTED)
+    facts = G.KernelFacts("toy", (G.PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}),
+                                  G.PathSpec("fisher", {"ld128": 2}), G.PathSpec("any", {"ld128": 1})),
+                          4, 4, "toy")
+    paths = G.analyze(instrs, facts)
+    # the outer loop meets the spec through its inner loop's body, but the inner loop is what runs most
+    assert paths["norm"].region == "loop 0x20-0x50" and len(paths["norm"]) == 4
+    assert paths["fisher"].region == "loop 0xa0-0xe0"
+    # without the limit, the larger of the innermost loops that meet the spec: the Fisher twin
+    assert paths["any"].region == "loop 0xa0-0xe0"
+
+
 def test_the_last_store_after_an_early_exit_is_on_the_longer_path():
     tri = _functions()["_Z6tritonPv"]
     one = sass.cheapest_path(tri, {"st32": 1}, avoid=("call",))

@@ -205,26 +205,37 @@ __device__ __forceinline__ Span span_of(int64_t lo, int64_t hi) {
   return {first, l, h, (h + N - 1) / N, full_lo, max(full_lo, h / N)};
 }
 
-// Calls body(v, vec) for this thread's vectors of the span, lane, lane + group, ...: the same vectors in every
-// loop over the span. vec: the vector is whole and the parameter aligned (16-byte accesses).
-template <class Body>
-__device__ __forceinline__ void for_span(const Span& s, bool aligned, unsigned lane, unsigned group, const Body& body) {
-  for (int v = lane; v < s.vectors; v += group) body(v, aligned && v >= s.full_lo && v < s.full_hi);
-}
-
-// for_span with vec as a VecFlag: a copy of the body per case, so that a whole vector's words go from the load to
-// their uses without being split into elements to meet the other case's (the update: 2-10 % fewer instructions;
-// the norm loop, which stages the words, gets longer this way).
+// Calls body(v, VecFlag<vec>{}) for this thread's vectors of the span, lane, lane + group, ...: the same vectors
+// in every loop over the span. vec: the vector is whole and the parameter aligned (16-byte accesses). A copy of
+// the body per case, so that a whole vector's words go from the load to their uses without being split into
+// elements to meet the other case's (the update: 2-10 % fewer instructions than one body with a run-time flag).
 template <class Body>
 __device__ __forceinline__ void for_span_cases(const Span& s, bool aligned, unsigned lane, unsigned group,
                                                const Body& body) {
-  for_span(s, aligned, lane, group, [&](int v, bool vec) {
-    if (vec) {
+  for (int v = lane; v < s.vectors; v += group) {
+    if (aligned && v >= s.full_lo && v < s.full_hi) {
       body(v, VecFlag<true>{});
     } else {
       body(v, VecFlag<false>{});
     }
-  });
+  }
+}
+
+// for_span_cases in the same order with the whole vectors of an aligned span (all but its first and last, at
+// most) in a loop of their own, which tests nothing per vector: for a short body (the norm: 20 instead of 32
+// instructions per float32 vector on sm_90), not the update's: at 48 registers, the 16-bit types spill so.
+template <class Body>
+__device__ __forceinline__ void for_span_runs(const Span& s, bool aligned, unsigned lane, unsigned group,
+                                              const Body& body) {
+  const int whole_lo = aligned ? s.full_lo : s.vectors, whole_hi = aligned ? s.full_hi : 0;
+  int v = lane;
+  if (v < whole_lo) {  // vector 0 of an aligned span (whole_lo <= 1), or the first of an unaligned one
+    body(v, VecFlag<false>{});
+    v += group;
+  }
+#pragma unroll 1  // one vector per iteration, as the report counts it (rwp_kernels/gpu_model.py)
+  for (; v < whole_hi; v += group) body(v, VecFlag<true>{});
+  for (; v < s.vectors; v += group) body(v, VecFlag<false>{});
 }
 
 // This thread's sums of squares of w and of the Fisher state (unless null) over its vectors of the span (w and
@@ -233,7 +244,8 @@ template <class T, bool kStage>
 __device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, const Span& s, unsigned lane,
                                             unsigned group, bool aligned, Vec<T>* stage, double& sumsq, double& fsum) {
   constexpr int N = kVecElems<T>;
-  for_span(s, aligned, lane, group, [&](int v, bool vec) {
+  auto body = [&](int v, auto flag, auto with_fisher) {
+    constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
     const Vec<T> raw = load_raw(w, e, s.lo, s.hi, vec);
     if (kStage) stage[v] = raw;
@@ -242,13 +254,19 @@ __device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, con
       const double x = to_f32(raw.x[j]);
       sumsq = fma(x, x, sumsq);  // x * x is exact in double: the same sum as sumsq + x * x, one instruction
     }
-    if (fisher) {
+    if (decltype(with_fisher)::value) {
       float f[N];
       load_elems(fisher, e, s.lo, s.hi, vec, f);
 #pragma unroll
       for (int j = 0; j < N; ++j) fsum += f[j];
     }
-  });
+  };
+  // rows with a Fisher state (ARWP) in a loop of their own: the other loop tests nothing for it per vector
+  if (fisher) {
+    for_span_runs(s, aligned, lane, group, [&](int v, auto flag) { body(v, flag, VecFlag<true>{}); });
+  } else {
+    for_span_runs(s, aligned, lane, group, [&](int v, auto flag) { body(v, flag, VecFlag<false>{}); });
+  }
 }
 
 // The update of this thread's vectors of the span once the row's sums are known: backup <- w,
@@ -318,32 +336,46 @@ __device__ __forceinline__ Span row_span(const ParamEntry& p, int64_t row) {
   return span_of<T>(lo, has_row ? lo + p.row_len : 0);
 }
 
+// This thread's group of threads in a block of perturb_rows (group: a power of two) and its place in it.
+struct RowGroup {
+  unsigned size, lane, index;
+};
+
+// The volatile read makes the compiler read the entry anew at each call (it would keep the first call's group
+// in registers, across the norm loop).
+__device__ __forceinline__ RowGroup row_group(const ParamEntry& p) {
+  const unsigned size = kThreads / static_cast<unsigned>(*static_cast<const volatile int64_t*>(&p.unit_size));
+  return {size, threadIdx.x & (size - 1), threadIdx.x >> (__ffs(size) - 1)};
+}
+
 // The rows of the block's unit: one per group of cuda_row_threads() threads, each staged whole. kPerElement:
-// a 0-D/1-D parameter with ARWP, one sigma per element from its Fisher value. The row's span is found again
-// after the norm (from the entry in shared memory, which the barriers make the compiler read anew) rather than
-// kept in registers across the norm loop: in the 16-bit types that would spill.
+// a 0-D/1-D parameter with ARWP, one sigma per element from its Fisher value. What the update needs of the
+// entry (the group, the row's span and stage, the Fisher test) is found again after the norm, from the entry in
+// shared memory, rather than kept in registers across the norm loop: in the 16-bit types that would spill.
 template <class T, bool kPerElement>
 __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_unit, const PerturbArgs& a,
                                              RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
-  const unsigned group = kThreads / static_cast<unsigned>(p.unit_size), lane = threadIdx.x & (group - 1);
-  const unsigned group_index = threadIdx.x >> (__ffs(group) - 1);  // group is a power of two
-  auto row = [&] { return (block_unit(first_unit) - p.first_unit) * p.unit_size + group_index; };
-  const bool row_fisher = p.fisher != nullptr && !kPerElement;
+  auto row = [&](const RowGroup& g) { return (block_unit(first_unit) - p.first_unit) * p.unit_size + g.index; };
+  auto row_fisher = [&] { return p.fisher != nullptr && !kPerElement; };
   // Each group stages its row in its share of the stage (the row fits: cuda_row_segments).
-  Vec<T>* stage = reinterpret_cast<Vec<T>*>(stage_bytes) + group_index * cuda_stage_vectors(p.unit_size);
+  auto stage = [&](const RowGroup& g) {
+    return reinterpret_cast<Vec<T>*>(stage_bytes) + g.index * cuda_stage_vectors(p.unit_size);
+  };
 
   double sumsq = 0.0, fsum = 0.0;
   {
-    const Span span = row_span<T>(p, row());
-    sum_vectors<T, true>(static_cast<const T*>(p.w) + span.first, row_fisher ? p.fisher + span.first : nullptr, span,
-                         lane, group, entry_aligned(p), stage, sumsq, fsum);
+    const RowGroup g = row_group(p);
+    const Span span = row_span<T>(p, row(g));
+    sum_vectors<T, true>(static_cast<const T*>(p.w) + span.first, row_fisher() ? p.fisher + span.first : nullptr,
+                         span, g.lane, g.size, entry_aligned(p), stage(g), sumsq, fsum);
   }
-  sumsq = RowSum::sum(tmp, sumsq, group);
-  if (row_fisher) fsum = RowSum::sum(tmp, fsum, group);
-  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
-  const Span span = row_span<T>(p, row());
-  if (!kPerElement && span.vectors > 0 && lane == 0) a.sigma[p.sigma_offset + row()] = row_sig;
-  update_vectors<T, kPerElement, true>(p, a, span, lane, group, entry_aligned(p), stage, sumsq, row_sig);
+  const RowGroup g = row_group(p);
+  sumsq = RowSum::sum(tmp, sumsq, g.size);
+  if (row_fisher()) fsum = RowSum::sum(tmp, fsum, g.size);
+  const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher(), fsum, p.eta);
+  const Span span = row_span<T>(p, row(g));
+  if (!kPerElement && span.vectors > 0 && g.lane == 0) a.sigma[p.sigma_offset + row(g)] = row_sig;
+  update_vectors<T, kPerElement, true>(p, a, span, g.lane, g.size, entry_aligned(p), stage(g), sumsq, row_sig);
 }
 
 // Segment `unit` of a split parameter (its partial sums are entry p.partial_offset + unit of args.partials).
