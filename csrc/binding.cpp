@@ -151,11 +151,13 @@ Table make_table(TensorList params, at::IntArrayRef plan, bool by_rows, const ch
     e.whole_tensor = words[3] != 0;
     e.sigma_per_element = e.whole_tensor && sigma_len == 1 && e.numel > 1;
     e.dtype = dtype_code(p, op, i);
+    e.rows = e.numel / e.row_len;
     if (by_rows) {
-      e.unit_size = table.cuda ? kCudaThreads / cuda_row_threads(e.row_len, e.dtype) : cpu::perturb_unit_rows(e.row_len);
+      e.row_threads = table.cuda ? cuda_row_threads(e.row_len, e.dtype) : 0;
+      e.unit_size = table.cuda ? kCudaThreads / e.row_threads : cpu::perturb_unit_rows(e.row_len);
       e.segments = table.cuda ? cuda_row_segments(e.row_len, e.dtype) : 0;
       e.partial_offset = table.segments;
-      table.segments += e.segments * (e.numel / e.row_len);
+      table.segments += e.segments * e.rows;
     } else {
       e.unit_size = table.cuda ? kCudaChunkElems : kCpuChunkElems;
     }
@@ -338,7 +340,7 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
     TORCH_CHECK(!e.sigma_per_element || (e.whole_tensor && e.fisher), RWP_OPS_PREFIX "perturb_: the plan gives params[",
                 i, "] one sigma per element, which only a 0-D/1-D tensor with a Fisher state has");
     e.sigma_offset = sigma_rows;
-    sigma_rows += e.sigma_per_element ? e.numel : e.numel / e.row_len;
+    sigma_rows += e.sigma_per_element ? e.numel : e.rows;
   }
   Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
   Tensor partials = at::empty({2 * t.segments}, params[0].options().dtype(at::kDouble));
@@ -395,7 +397,7 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
       continue;
     }
     const Tensor& s = sigmas[i];
-    const int64_t count = e.sigma_per_element ? e.numel : e.numel / e.row_len;
+    const int64_t count = e.sigma_per_element ? e.numel : e.rows;
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device() == params[i].device() &&
                     s.numel() == count,
                 RWP_OPS_PREFIX "restore_: sigmas[", i, "] does not fit params[", i, "] and its plan");

@@ -23,6 +23,7 @@ struct ParamEntry {
   float* fisher;        // ARWP Fisher state
   int64_t numel;
   int64_t row_len;      // elements of one norm row (numel for a 0-D/1-D parameter)
+  int64_t rows;         // numel / row_len
   int64_t first_unit;   // index of this parameter's first work unit; units are numbered across the call
   int64_t unit_size;    // rows per unit (perturb_) or elements per unit (restore_, sgd_step_)
   int64_t sigma_offset; // index of the parameter's first sigma in the call's sigma array (args.sigma)
@@ -34,6 +35,7 @@ struct ParamEntry {
   int32_t dtype;         // DType
   int32_t whole_tensor;  // 0-D/1-D parameter: norm of the whole tensor, plus kNormEps
   int32_t sigma_per_element;  // 0-D/1-D parameter with ARWP: one sigma per element
+  int32_t row_threads;   // CUDA perturb_: threads per row (cuda_row_threads); 0 elsewhere
 };
 
 // The index of the parameter that owns work unit `unit`: the last entry whose first_unit is <= unit (the
@@ -63,8 +65,8 @@ RWP_HD void dispatch_dtype(int32_t dtype, const Fn& fn) {
 
 // Number of work units of a parameter (the table's first_unit of the next parameter minus this one's).
 inline int64_t units_of(const ParamEntry& e, bool per_row) {
-  if (per_row && e.segments) return e.numel / e.row_len * e.segments;
-  const int64_t n = per_row ? e.numel / e.row_len : e.numel;
+  if (per_row && e.segments) return e.rows * e.segments;
+  const int64_t n = per_row ? e.rows : e.numel;
   return (n + e.unit_size - 1) / e.unit_size;
 }
 
@@ -112,20 +114,22 @@ constexpr int kCudaThreads = 256;
 
 inline int64_t dtype_bytes(int32_t dtype) { return dtype == kFloat32 ? 4 : 2; }
 
-// CUDA perturb_: a row goes to a group of threads, a power of two from 8 to kCudaThreads with about one
-// thread per 16-byte vector the row spans, and a block holds kCudaThreads / group rows: short rows do not
-// leave most of a block idle.
+// CUDA perturb_: a row goes to a group of threads, a power of two from 8 to kCudaThreads with one thread per
+// 16-byte vector of the row's elements, and a block holds kCudaThreads / group rows: short rows do not leave
+// most of a block idle. (A row that starts inside a vector spans one more: a thread of its group takes two.)
 inline int cuda_row_threads(int64_t row_len, int32_t dtype) {
-  const int64_t vectors = row_len * dtype_bytes(dtype) / 16 + 2;  // a row may start and end inside a vector
+  const int64_t vectors = (row_len * dtype_bytes(dtype) + 15) / 16;
   int group = 8;
   while (group < vectors && group < kCudaThreads) group *= 2;
   return group;
 }
 
 // CUDA perturb_ reads a row from DRAM once: its block keeps it in shared memory (the stage) between the norm
-// and the update. Each of a block's rows_per_block rows gets an equal share of the stage, in 16-byte vectors.
+// and the update. Each of a block's rows gets an equal share of the stage, in 16-byte vectors: as many per
+// thread of its group of row_threads.
 constexpr int64_t kCudaStageBytes = 6144 * 4;
-RWP_HD int64_t cuda_stage_vectors(int64_t rows_per_block) { return kCudaStageBytes / 16 / rows_per_block; }
+static_assert(kCudaStageBytes / 16 % kCudaThreads == 0, "the stage divides evenly among the threads");
+RWP_HD int64_t cuda_stage_vectors(int64_t row_threads) { return kCudaStageBytes / 16 / kCudaThreads * row_threads; }
 
 // The most 16-byte vectors a row of row_len elements touches, wherever it starts.
 RWP_HD int64_t row_vectors_at_most(int64_t row_len, int64_t vec_elems) { return (row_len - 1) / vec_elems + 2; }
@@ -136,8 +140,9 @@ RWP_HD int64_t row_vectors_at_most(int64_t row_len, int64_t vec_elems) { return 
 // that fits the stage.
 constexpr int64_t kCudaSegmentElems = 8192;
 inline int64_t cuda_row_segments(int64_t row_len, int32_t dtype) {
-  const int64_t rows_per_block = kCudaThreads / cuda_row_threads(row_len, dtype);
-  if (row_vectors_at_most(row_len, 16 / dtype_bytes(dtype)) <= cuda_stage_vectors(rows_per_block)) return 0;
+  if (row_vectors_at_most(row_len, 16 / dtype_bytes(dtype)) <= cuda_stage_vectors(cuda_row_threads(row_len, dtype))) {
+    return 0;
+  }
   return (row_len + kCudaSegmentElems - 1) / kCudaSegmentElems;
 }
 

@@ -731,7 +731,7 @@ class Work:
 
 def cuda_row_threads(row_len: int, itemsize: int) -> int:
     """csrc/rwp_api.h cuda_row_threads: threads per row, a power of two from 8 to 256."""
-    vectors = row_len * itemsize // 16 + 2
+    vectors = -(-row_len * itemsize // 16)
     group = 8
     while group < vectors and group < CUDA_THREADS:
         group *= 2
@@ -748,8 +748,8 @@ def _warp_iterations(vectors: int, threads: int) -> float:
 
 def cuda_row_segments(row_len: int, itemsize: int) -> int:
     """csrc/rwp_api.h cuda_row_segments: segments of a row split across blocks, 0 for a row that is staged."""
-    rows_per_block = CUDA_THREADS // cuda_row_threads(row_len, itemsize)
-    if (row_len - 1) // (16 // itemsize) + 2 <= CUDA_STAGE_BYTES // 16 // rows_per_block:
+    if (row_len - 1) // (16 // itemsize) + 2 <= CUDA_STAGE_BYTES // 16 // CUDA_THREADS * cuda_row_threads(row_len,
+                                                                                                       itemsize):
         return 0
     return -(-row_len // CUDA_SEGMENT)
 

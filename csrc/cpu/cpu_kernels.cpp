@@ -208,7 +208,7 @@ double sum(const float* x, int64_t n) {
 // cached data. Longer rows: a norm pass, then the update with the noise generated chunk by chunk.
 template <class T>
 void perturb_unit(const ParamEntry& p, int64_t unit, const PerturbArgs& a, float grad_scale, bool scale_grads) {
-  const int64_t rows = p.numel / p.row_len;
+  const int64_t rows = p.rows;
   const int64_t r0 = (unit - p.first_unit) * p.unit_size;
   const int64_t r1 = std::min(rows, r0 + p.unit_size);
   T* w = static_cast<T*>(p.w);

@@ -212,8 +212,9 @@ __device__ __forceinline__ Span span_of(int64_t lo, int64_t hi) {
 template <class Body>
 __device__ __forceinline__ void for_span_cases(const Span& s, bool aligned, unsigned lane, unsigned group,
                                                const Body& body) {
+  const int whole_lo = aligned ? s.full_lo : s.vectors, whole_hi = aligned ? s.full_hi : 0;
   for (int v = lane; v < s.vectors; v += group) {
-    if (aligned && v >= s.full_lo && v < s.full_hi) {
+    if (v >= whole_lo && v < whole_hi) {
       body(v, VecFlag<true>{});
     } else {
       body(v, VecFlag<false>{});
@@ -298,8 +299,12 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
     if (kPerElement) {
       float f[N];
       load_elems(fisher, e, s.lo, s.hi, vec, f);
+      // gamma and eta read from the entry in shared memory where they are used, not kept in registers (the
+      // bfloat16 variant spills on sm_90 if they are)
+      const double gamma = *static_cast<const volatile double*>(&p.gamma);
+      const double eta = *static_cast<const volatile double*>(&p.eta);
 #pragma unroll
-      for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, p.gamma, true, true, f[j], p.eta);
+      for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, gamma, true, true, f[j], eta);
       store_elems(sigmas, e, s.lo, s.hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
     }
     if (add) {
@@ -331,20 +336,19 @@ __device__ __forceinline__ bool entry_aligned(const ParamEntry& p) {
 // rows than groups).
 template <class T>
 __device__ __forceinline__ Span row_span(const ParamEntry& p, int64_t row) {
-  const bool has_row = row < p.numel / p.row_len;
+  const bool has_row = row < p.rows;
   const int64_t lo = has_row ? row * p.row_len : 0;
   return span_of<T>(lo, has_row ? lo + p.row_len : 0);
 }
 
-// This thread's group of threads in a block of perturb_rows (group: a power of two) and its place in it.
+// This thread's group of threads in a block of perturb_rows (a power of two: ParamEntry::row_threads) and its
+// place in it.
 struct RowGroup {
   unsigned size, lane, index;
 };
 
-// The volatile read makes the compiler read the entry anew at each call (it would keep the first call's group
-// in registers, across the norm loop).
 __device__ __forceinline__ RowGroup row_group(const ParamEntry& p) {
-  const unsigned size = kThreads / static_cast<unsigned>(*static_cast<const volatile int64_t*>(&p.unit_size));
+  const unsigned size = static_cast<unsigned>(p.row_threads);
   return {size, threadIdx.x & (size - 1), threadIdx.x >> (__ffs(size) - 1)};
 }
 
@@ -359,7 +363,7 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
   auto row_fisher = [&] { return p.fisher != nullptr && !kPerElement; };
   // Each group stages its row in its share of the stage (the row fits: cuda_row_segments).
   auto stage = [&](const RowGroup& g) {
-    return reinterpret_cast<Vec<T>*>(stage_bytes) + g.index * cuda_stage_vectors(p.unit_size);
+    return reinterpret_cast<Vec<T>*>(stage_bytes) + g.index * cuda_stage_vectors(g.size);
   };
 
   double sumsq = 0.0, fsum = 0.0;
