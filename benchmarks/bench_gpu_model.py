@@ -42,6 +42,7 @@ def kernel_rows(reports) -> list[dict]:
             backend=r.backend, kernel=r.label, dtype=r.dtype or "", arch=f"sm_{r.arch}", registers=r.registers,
             spill_store_bytes=r.spill_stores, spill_load_bytes=r.spill_loads, smem_bytes=r.smem, threads=r.threads,
             warps_per_sm=r.warps, limiter=r.limiter, config=r.facts.config, hot_path=r.path_summary(),
+            overhead=r.path_summary(overhead=True),
             path_instructions=r.path_instrs() if r.complete else "", elements_per_iteration=r.facts.elems,
             instructions_per_element=round(r.instr_per_elem(), 1) if r.complete else "",
             warp_cycles_per_iteration=round(r.warp_cycles(), 1) if r.complete else "", bound=r.bound_pipe(),
@@ -53,14 +54,13 @@ def kernel_rows(reports) -> list[dict]:
 def print_kernels(rows) -> None:
     print("## Kernels (compiled as the run time does; SASS hot paths)\n")
     print("| backend | kernel | arch | regs | spill st/ld | smem/block | threads | warps/SM (limit) | hot path: "
-          "instructions / loop body | elements / iteration | instructions / element | bound (busiest pipe: its "
-          "cycles / issue slots) | memory accesses on "
-          "the path | DRAM passes / element |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|")
+          "instructions / loop body | per block or program | elements / iteration | instructions / element | bound "
+          "(busiest pipe: its cycles / issue slots) | memory accesses on the path | DRAM passes / element |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|---:|")
     for r in rows:
         print(f"| {r['backend']} | {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
               f"{r['spill_load_bytes']} | {r['smem_bytes']} | {r['threads']} | {r['warps_per_sm']} ({r['limiter']}) | "
-              f"{r['hot_path']} | {r['elements_per_iteration']} | {r['instructions_per_element']} | {r['bound']} | "
+              f"{r['hot_path']} | {r['overhead']} | {r['elements_per_iteration']} | {r['instructions_per_element']} | {r['bound']} | "
               f"{r['accesses']} | {r['dram_passes']} |")
     print()
 
@@ -77,16 +77,21 @@ def print_facts(reports) -> None:
         if key in seen or r.arch != max(x.arch for x in reports):
             continue
         seen.add(key)
-        paths = "; ".join(f"{p.name}: {'loop' if p.loop else 'program'} with "
-                          + ", ".join(f"{k}>={v}" for k, v in p.require.items()) for p in r.facts.paths)
+        paths = "; ".join(f"{p.name}: {'loop' if p.loop else 'program'}"
+                          + (" (per block or program)" if p.overhead else "")
+                          + (" with " + ", ".join(f"{k}>={v}" for k, v in p.require.items()) if p.require else "")
+                          for p in r.facts.paths)
         print(f"| {r.backend} | {r.label} | {r.facts.config} | {paths} | {r.facts.elems} | "
               f"{r.facts.dram_passes(r.dtype)} | {r.facts.dram_note} |")
     print("\nElements per iteration: CUDA, one 16-byte vector per thread (4 float32, 8 16-bit: kVecElems in "
           "csrc/cuda/cuda_kernels.cu; noise: one Philox block of 4); Triton, BLOCK / (num_warps * 32) per thread "
           "(TILE_MENU in rwp_kernels/triton/tables.py). Tags: ld/st<bits> global accesses (p: predicated), "
           "lds/sts<bits> shared, ld64@<offset> a table column, philox a Philox multiply. A loop path runs from the "
-          "loop's head to its back edge; the loop chosen is the largest whose body has a path meeting the "
-          "requirement; the path is the one with the fewest instructions that meets it and calls no slow path.\n")
+          "loop's head to its back edge; the loop chosen is the largest of the innermost loops whose body has a "
+          "path meeting the requirement (within the body's limits, if any); the path is the one with the fewest "
+          "instructions that meets it and calls no slow path. A program path runs from the entry to an EXIT "
+          "outside the loops. Per block or program: run once by each warp of a block (CUDA) or program (Triton), "
+          "not per element.\n")
 
 
 # perturb_'s variants (grad_scale 1): a row in one tile or staged, split rows, long rows, rows kept in registers.

@@ -13,7 +13,9 @@ into a time for ``perturb_`` and ``sgd_step_`` on a model's parameters on an A10
            + launches * launch overhead
 
 where the scheduler cycles are the hot paths' warp instructions (one issue slot each) or, if more, the
-cycles of the busiest pipe (``PIPE_THROUGHPUT``), summed over the warp iterations of the op. The
+cycles of the busiest pipe (``PIPE_THROUGHPUT``), summed over the warp iterations of the op, and those of
+each block's or program's overhead paths (its prologue and epilogue around the loops: table reads, the row's
+reduction and sigma; ``PathSpec.overhead``) once per warp of each block or program. The
 constants below say where each figure comes from; ``ASSUMPTIONS``
 are this model's own choices, to be calibrated on a GPU (``benchmarks/bench_ops.py --device cuda``
 prints measured times next to these estimates). ``benchmarks/bench_gpu_model.py`` prints the report.
@@ -128,7 +130,8 @@ class PathSpec:
     one). ``minus`` (function paths): only the
     instructions of that path that are not on the cheapest path carrying ``minus``, what one more unrolled
     iteration adds (a loop body's counterpart), and a warp running it waits for DRAM as one running a loop body
-    with a load does (``waits``)."""
+    with a load does (``waits``). ``overhead``: the path runs once per block or program (its prologue and
+    epilogue: the table reads, a row's reduction and sigma), not once per element."""
     name: str
     require: dict
     loop: bool = True
@@ -136,6 +139,7 @@ class PathSpec:
     body_without: tuple = ()
     body_at_most: dict = field(default_factory=dict)
     minus: dict | None = None
+    overhead: bool = False
 
     @property
     def waits(self) -> bool | None:
@@ -174,9 +178,20 @@ def _header_constant(name: str) -> int:
 
 CUDA_STAGE_BYTES = _header_constant("kCudaStageBytes")  # shared memory holding a block's rows in perturb_
 CUDA_THREADS = _header_constant("kCudaThreads")
+CUDA_WARPS = CUDA_THREADS // 32  # per block
 CUDA_CHUNK = _header_constant("kCudaChunkElems")  # elements per block of restore_ / sgd_step_
 CUDA_SEGMENT = _header_constant("kCudaSegmentElems")  # elements per block of a row split across blocks
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+# A CUDA perturb_ block's rows: its prologue and epilogue outside the loops (the entry copied to shared memory,
+# the spans, the row's sigma; the cheapest path that writes and reads BlockSum's shared array) and BlockSum's
+# tree, one iteration per halving of the group. Lower bounds: the search for the block's parameter (owner_of,
+# thread 0 alone) and the sigma store (lane 0) are off the cheapest path.
+CUDA_ROW_OVERHEAD = (PathSpec("row", {"sts64": 1, "lds64": 1}, loop=False, overhead=True),
+                     PathSpec("tree", {"lds64": 2}, body_without=("philox",), overhead=True))
+# A block's prologue where there is no row to reduce (split rows' update, restore_, sgd_step_).
+CUDA_BLOCK_OVERHEAD = (PathSpec("block", {}, loop=False, overhead=True),)
 
 
 def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
@@ -199,7 +214,8 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
             "row staged in shared memory, backups, "
             + ("gradients rescaled" if grad_scale else "no gradient scaling") + ", no Fisher state",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
-             PathSpec("update", dict(Counter({"lds128": 1, "st128": 2, "philox": 1}) + Counter(grad)))), n,
+             PathSpec("update", dict(Counter({"lds128": 1, "st128": 2, "philox": 1}) + Counter(grad))),
+             *CUDA_ROW_OVERHEAD), n,
             (5 if grad_scale else 3) * s,
             f"reads w once (rows up to {CUDA_STAGE_BYTES // s} elements are staged in shared memory), writes w and "
             f"the backup{grad_note}")
@@ -207,28 +223,35 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
         return KernelFacts(
             "segment of a split row (after partials_kernel): w read again",
             (PathSpec("update", dict(Counter({"ld128": 1, "st128": 2, "philox": 1}) + Counter(grad)),
-                      avoid=("call", "lds128")),), n, (5 if grad_scale else 3) * s,
+                      avoid=("call", "lds128")), *CUDA_BLOCK_OVERHEAD), n, (5 if grad_scale else 3) * s,
             f"reads w, writes w and the backup{grad_note} (partials_kernel read w before)")
     if kernel == "partials_kernel":
         return KernelFacts("a segment's float64 sums of squares, no Fisher state",
-                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}),), n, s,
+                           # its block sums 256 threads: BlockSum's tree unrolled, on the row's path
+                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}), CUDA_ROW_OVERHEAD[0]), n, s,
                            "reads w once")
     if kernel == "perturb_kernel_ae":  # <T, true, false>: ARWP, one sigma per element of a 0-D/1-D parameter
         vf = 4 * n // 16  # 16-byte vectors of float32 per vector of T
         return KernelFacts(
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
-             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2 + vf, "philox": 1})), n, 3 * s + 8,
+             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2 + vf, "philox": 1}), *CUDA_ROW_OVERHEAD), n,
+            3 * s + 8,
             "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
     if kernel == "restore_kernel":
         return KernelFacts("regenerated noise, no gradient mix",
-                           (PathSpec("main", {"ld128": 1, "st128": 1, "philox": 1}),), n, 2 * s,
+                           (PathSpec("main", {"ld128": 1, "st128": 1, "philox": 1}), *CUDA_BLOCK_OVERHEAD), n, 2 * s,
                            "reads and writes w (one sigma per row, cached); exact mode: reads the backup, writes w")
     if kernel == "sgd_kernel":
         return KernelFacts("backups, momentum after the first step, no gradient mix",
-                           (PathSpec("main", {"ld128": 3, "st128": 2}),), n, 5 * s,
+                           (PathSpec("main", {"ld128": 3, "st128": 2}), *CUDA_BLOCK_OVERHEAD), n, 5 * s,
                            "reads the backup, the gradient and the momentum, writes w and the momentum")
     raise KeyError(kernel)
+
+
+# A Triton program's prologue and epilogue around its loops (the item and table reads, the row's reduction and
+# sigma): the cheapest path through it that draws no normals (those of a row that fits a tile).
+TRITON_ROW_OVERHEAD = PathSpec("row", {}, loop=False, avoid=("call", "philox"), overhead=True)
 
 
 def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, parts: int = 1) -> KernelFacts:
@@ -268,7 +291,8 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles"
             + (", gradients rescaled" if grad_scale else ""),
             (PathSpec("norm", {f"ld{b}p": v}, body_without=("philox",)),
-             PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1})), e, (6 if grad_scale else 4) * s,
+             PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1}), TRITON_ROW_OVERHEAD), e,
+            (6 if grad_scale else 4) * s,
             f"reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup{grad_note}")
     if kernel == "perturb_kernel_resident":
         def tiles(n):  # a row of n tiles, with every tile's Philox multiplies (not a tile skipping its noise)
@@ -276,13 +300,15 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
 
         return KernelFacts(
             f"a row of up to PARTS = {parts} tiles kept in registers, aligned, backups, {grad_case}, no Fisher state; "
-            f"per tile: what its last tile adds to a row of {parts} (the per-row prologue not counted, as for loops)",
-            (PathSpec("tile", tiles(parts), loop=False, minus=tiles(parts - 1)),), e, (5 if grad_scale else 3) * s,
+            f"per tile: what its last tile adds to a row of {parts}; per row: the program of a row of one tile (all "
+            f"{parts} tiles' masked loads and sums, one tile's update)",
+            (PathSpec("tile", tiles(parts), loop=False, minus=tiles(parts - 1)),
+             PathSpec("row", tiles(1), loop=False, overhead=True)), e, (5 if grad_scale else 3) * s,
             f"reads w once from DRAM (the row's tiles' loads all issued before its norm), writes w and the "
             f"backup{grad_note}")
     if kernel == "row_partials_kernel":
         return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
-                           (PathSpec("norm", {f"ld{b}p": v}),), e, s, "reads w once")
+                           (PathSpec("norm", {f"ld{b}p": v}), TRITON_ROW_OVERHEAD), e, s, "reads w once")
     if kernel == "perturb_elementwise_kernel":
         return KernelFacts(
             "ARWP 0-D/1-D tensor that fits a tile: per-element sigma from the Fisher state, backups",
@@ -460,15 +486,20 @@ class KernelReport:
     def complete(self) -> bool:
         return all(p is not None for p in self.paths.values())
 
+    @property
+    def hot(self) -> dict:
+        """The paths that run per element (not the per-block or per-program overhead)."""
+        return {s.name: self.paths[s.name] for s in self.facts.paths if not s.overhead}
+
     def path_instrs(self) -> int:
-        return sum(len(p) for p in self.paths.values() if p is not None)
+        return sum(len(p) for p in self.hot.values() if p is not None)
 
     def instr_per_elem(self) -> float:
         return self.path_instrs() / self.facts.elems if self.complete else float("nan")
 
     def pipes(self) -> Counter:
         total = Counter()
-        for p in self.paths.values():
+        for p in self.hot.values():
             if p is not None:
                 total.update(p.pipes())
         return total
@@ -476,7 +507,7 @@ class KernelReport:
     def warp_cycles(self, path: str | None = None) -> float:
         """Scheduler cycles per warp iteration of one path (all paths: None): the issue slots, or the
         busiest pipe's cycles if more (uniform and branch instructions take an issue slot only)."""
-        paths = [self.paths[path]] if path else list(self.paths.values())
+        paths = [self.paths[path]] if path else list(self.hot.values())
         if any(p is None for p in paths):
             return float("nan")
         counts = Counter()
@@ -498,7 +529,7 @@ class KernelReport:
     def accesses(self) -> str:
         """The global (and shared) memory instructions of each path, e.g. "norm: LD.128 STS.128"."""
         parts = []
-        for name, p in self.paths.items():
+        for name, p in self.hot.items():
             if p is None:
                 parts.append(f"{name}: no path")
                 continue
@@ -514,14 +545,19 @@ class KernelReport:
                 if pred[label]:
                     text += f"({pred[label]}p)"
                 items.append(text)
-            parts.append(f"{name}: {' '.join(items)}" if len(self.paths) > 1 else " ".join(items))
+            parts.append(f"{name}: {' '.join(items)}" if len(self.hot) > 1 else " ".join(items))
         return "; ".join(parts)
 
-    def path_summary(self) -> str:
-        """e.g. "norm 40/115 + update 272/473" (path instructions / static loop body)."""
+    def path_summary(self, overhead: bool = False) -> str:
+        """e.g. "norm 40/115 + update 272/473" (path instructions / static loop body) for the per-element paths,
+        or (``overhead``) the per-block or per-program ones, e.g. "row 358 + tree 10"."""
         parts = []
-        for name, p in self.paths.items():
-            parts.append(f"{name} -" if p is None else f"{name} {len(p)}/{p.body_instrs}")
+        for spec in self.facts.paths:
+            if spec.overhead != overhead:
+                continue
+            p = self.paths[spec.name]
+            parts.append(f"{spec.name} -" if p is None else
+                         f"{spec.name} {len(p)}" if overhead else f"{spec.name} {len(p)}/{p.body_instrs}")
         return " + ".join(parts)
 
 
@@ -769,11 +805,17 @@ def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
                 its = _warp_iterations(vectors, CUDA_THREADS) * rows
                 work.iterations[("partials_kernel", "norm")] += its
                 work.iterations[("perturb_kernel_split" + gs, "update")] += its
+            blocks = rows * segments  # each block: its warps run the overhead paths once (the tree once per level)
+            work.iterations[("partials_kernel", "row")] += CUDA_WARPS * blocks
+            work.iterations[("perturb_kernel_split" + gs, "block")] += CUDA_WARPS * blocks
             work.dram_bytes += numel * s * (6 if grad_scale else 4) + 16 * rows * segments + 4 * rows
             split = True
             continue
         staged = True
         group = cuda_row_threads(row_len, s)
+        blocks = -(-rows // (CUDA_THREADS // group))
+        work.iterations[("perturb_kernel" + gs, "row")] += CUDA_WARPS * blocks
+        work.iterations[("perturb_kernel" + gs, "tree")] += CUDA_WARPS * blocks * (group.bit_length() - 1)
         # the vectors a row touches depend on where it starts; rows repeat with period n / gcd(row_len, n)
         period = n // math.gcd(row_len, n)
         for r in range(min(rows, period)):
@@ -799,18 +841,21 @@ def _triton_perturb(params, s: int, block: int, warps: int, parts: int, work: Wo
             tiles = -(-(start + count - base) // block)
             if row_len > SPLIT_ROW.value:
                 work.iterations[("row_partials_kernel", "norm")] += warps * tiles
+                work.iterations[("row_partials_kernel", "row")] += warps
                 split = True
             elif tiles == 1:
                 work.iterations[("perturb_kernel" + gs, "tile")] += warps
                 work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
                 continue
-            elif tiles <= parts:
-                work.iterations[("perturb_kernel_resident" + gs, "tile")] += warps * tiles
+            elif tiles <= parts:  # the program of a one-tile row, and what each further tile adds
+                work.iterations[("perturb_kernel_resident" + gs, "row")] += warps
+                work.iterations[("perturb_kernel_resident" + gs, "tile")] += warps * (tiles - 1)
                 work.dram_bytes += count * (3 * s + extra) + 4
                 continue
             else:
                 work.iterations[("perturb_kernel_long" + gs, "norm")] += warps * tiles
             work.iterations[("perturb_kernel_long" + gs, "update")] += warps * tiles
+            work.iterations[("perturb_kernel_long" + gs, "row")] += warps
             work.dram_bytes += count * (4 * s + extra) + 4
     work.launches = 1 + int(split)  # split rows: row_partials_kernel first
 
@@ -832,6 +877,7 @@ def op_work(op: str, backend: str, params, dtype: str, grad_scale: bool = False)
                 for lo in range(0, numel, CUDA_CHUNK):
                     work.iterations[("sgd_kernel", "main")] += _warp_iterations(-(-min(CUDA_CHUNK, numel - lo) // n),
                                                                                 CUDA_THREADS)
+                    work.iterations[("sgd_kernel", "block")] += CUDA_WARPS
             work.dram_bytes = 5 * s * elements
     elif backend == "triton":
         from .triton.tables import choose_tile, perturb_tile
@@ -992,9 +1038,11 @@ def assumption_lines(gpus=GPUS) -> list[str]:
         "latency, assumed); the resident warps of an SM overlap their waits",
         f"  compute: hot-path warp instructions, each taking an issue slot or its pipe's cycles if more, at "
         f"{a['issue_efficiency']:.0%} of 4 issues per SM per clock with >= {a['warps_per_scheduler_for_full_issue']} "
-        "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; "
-        "per-row and per-program prologues (table reads, row reductions) do not, except in a Triton program that "
-        "holds one tile (a row kept in registers counts, per tile, what its last tile adds to a row of PARTS tiles)",
+        "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; so "
+        "does each block's or program's overhead, once per warp: its cheapest path outside the loops (the table "
+        "reads, the row's reduction and sigma) and, in CUDA, BlockSum's tree once per level (lower bounds: the "
+        "search for a block's parameter and the stores of one lane are off the cheapest path); a row kept in "
+        "registers counts the program of a one-tile row, then what each further tile adds",
         f"  launch overhead {a['launch_s'] * 1e6:.0f} us per kernel launch (one per op and dtype here)",
         "  configuration: exact mode (backups), grad_scale 1 (gradients untouched), SGD with momentum after the first "
         "step and weight decay, no ARWP, contiguous 16-byte aligned tensors; one dtype per call",

@@ -263,11 +263,16 @@ def test_cuda_perturb_splits_rows_longer_than_the_stage():
     assert fp32.iterations[("partials_kernel", "norm")] == 3 * per_row
     assert fp32.iterations[("perturb_kernel_split", "update")] == 3 * per_row
     assert fp32.iterations[("perturb_kernel", "update")] == 2 * G._warp_iterations(1152, 256)
+    # per block, each of its 8 warps: the prologue once (the tree once per halving of the group)
+    assert fp32.iterations[("partials_kernel", "row")] == fp32.iterations[("perturb_kernel_split", "block")] == 8 * 9
+    assert fp32.iterations[("perturb_kernel", "row")] == 8 * 2 and fp32.iterations[("perturb_kernel", "tree")] == 8 * 2 * 8
     assert fp32.dram_bytes == 3 * 20000 * 16 + 16 * 9 + 4 * 3 + 2 * (4608 * 12 + 4)
     assert fp32.min_bytes == 12 * (60000 + 9216) and fp32.launches == 3  # staged rows; partials, split rows
     bf16 = G.op_work("perturb_", "cuda", [(5760 * 10, 5760)], "bf16", grad_scale=True)  # fits the stage
-    assert set(bf16.iterations) == {("perturb_kernel_gs", "norm"), ("perturb_kernel_gs", "update")}
+    assert set(bf16.iterations) == {("perturb_kernel_gs", p) for p in ("norm", "update", "row", "tree")}
     assert bf16.dram_bytes == 10 * (5760 * 10 + 4) and bf16.min_bytes == 10 * 57600 and bf16.launches == 1
+    short = G.op_work("perturb_", "cuda", [(64 * 20, 20)], "fp32")  # 5 vectors: groups of 8 threads, 32 per block
+    assert short.iterations[("perturb_kernel", "row")] == 8 * 2 and short.iterations[("perturb_kernel", "tree")] == 8 * 2 * 3
 
 
 def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
@@ -278,8 +283,11 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
     work = G.op_work("perturb_", "triton", rows, "fp32")
     assert work.tile == (1024, 8, 5)
     # 4608: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 2 tiles each; 8 warps per program and tile
-    assert work.iterations[("perturb_kernel_resident", "tile")] == 8 * (2 * 5 + 3 * 2)
+    # a row kept in registers: the program of a one-tile row, then what each further tile adds
+    assert work.iterations[("perturb_kernel_resident", "row")] == 8 * 5
+    assert work.iterations[("perturb_kernel_resident", "tile")] == 8 * (2 * 4 + 3 * 1)
     assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 48
+    assert work.iterations[("perturb_kernel_long", "row")] == 8  # its program's prologue and epilogue
     assert work.iterations[("perturb_kernel", "tile")] == 8  # the 16 rows of 27 packed in one tile
     resident = 12 * (4608 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
     assert work.dram_bytes == resident + (16 * 6000 + 4) + (12 * 27 * 16 + 4 * 16)
@@ -291,18 +299,20 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
 
 LOOP = """
 		Function : sgd_like
-        /*0000*/                   LD.E.128 R4, desc[UR4][R2.64] ;
-        /*0010*/                   LD.E.128 R8, desc[UR4][R2.64+0x10] ;
-        /*0020*/                   LD.E.128 R12, desc[UR4][R2.64+0x20] ;
-        /*0030*/                   IADD3 R0, R0, 0x1, RZ ;
-        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
-        /*0050*/                   IADD3 R2, R2, 0x1, RZ ;
-        /*0060*/                   IADD3 R3, R3, 0x1, RZ ;
-        /*0070*/                   ST.E.128 desc[UR4][R2.64], R4 ;
-        /*0080*/                   ST.E.128 desc[UR4][R2.64+0x10], R8 ;
-        /*0090*/                   ISETP.LT.AND P0, PT, R0, R20, PT ;
-        /*00a0*/               @P0 BRA 0x0 ;
-        /*00b0*/                   EXIT ;
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/               @P1 BRA 0xd0 ;
+        /*0020*/                   LD.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LD.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0040*/                   LD.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0050*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0060*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0070*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0080*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0090*/                   ST.E.128 desc[UR4][R2.64], R4 ;
+        /*00a0*/                   ST.E.128 desc[UR4][R2.64+0x10], R8 ;
+        /*00b0*/                   ISETP.LT.AND P0, PT, R0, R20, PT ;
+        /*00c0*/               @P0 BRA 0x20 ;
+        /*00d0*/                   EXIT ;
 """
 
 
@@ -313,24 +323,27 @@ def _index(warps: int) -> dict:
                             facts, G.analyze(instrs, facts))
     assert len(report.paths["main"]) == 11 and report.instr_per_elem() == 11 / 4
     assert report.warp_cycles() == 20  # five LSU instructions at 32 per SM: 4 cycles each per scheduler
+    assert [i.addr for i in report.paths["block"].instrs] == [0x0, 0x10, 0xD0]  # the prologue, around the loop
     return G.report_index([report])
 
 
 def test_roofline_arithmetic_by_hand():
     gpu = G.GPU("test", 90, 1e12, 1, 1e9, 0)
     e = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(40))
-    # 64 warp iterations of 11 instructions; the LSU pipe is the busiest: 5 * 128 / 32 = 20 cycles each
-    t_compute = 64 * 20 / (1 * 4 * 1e9 * 0.8)  # 40 warps: 10 per scheduler, full 80 % issue efficiency
+    # 64 warp iterations of 11 instructions; the LSU pipe is the busiest: 5 * 128 / 32 = 20 cycles each; and the
+    # block's 8 warps each run its prologue of 3, with one LSU instruction (S2R): 4 cycles more each
+    lsu_cycles = 64 * 20 + 8 * 4
+    t_compute = lsu_cycles / (1 * 4 * 1e9 * 0.8)  # 40 warps: 10 per scheduler, full 80 % issue efficiency
     t_memory = 5 * 4 * 8192 / 1e12
     t_latency = 64 / 40 * 600e-9 / 1  # each loading iteration waits one DRAM latency; 40 warps overlap
     assert math.isclose(e.t_compute, t_compute) and math.isclose(e.t_memory, t_memory)
     assert math.isclose(e.t_latency, t_latency) and e.bound == "latency"
     assert math.isclose(e.time, t_latency + 5e-6) and e.launches == 1
     assert math.isclose(e.pct_hbm_peak, t_memory / (t_latency + 5e-6))
-    assert math.isclose(e.instr_per_elem, 64 * 32 * 11 / 8192)
+    assert math.isclose(e.instr_per_elem, (64 * 11 + 8 * 3) * 32 / 8192)
     few = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(8),
                      assumptions={"dram_latency_s": 0.0, "launch_s": 0.0})
-    assert few.bound == "compute" and math.isclose(few.time, 64 * 20 / (4 * 1e9 * 0.8 * 0.5))  # 2 warps/scheduler
+    assert few.bound == "compute" and math.isclose(few.time, lsu_cycles / (4 * 1e9 * 0.8 * 0.5))  # 2 warps/scheduler
     both = G.combine([e, e], G.STEP, gpu)
     assert math.isclose(both.time, 2 * e.time) and math.isclose(both.pct_hbm_peak, e.pct_hbm_peak)
     assert both.bound == "latency+latency" and both.launches == 2
