@@ -114,16 +114,6 @@ constexpr int kCudaThreads = 256;
 
 inline int64_t dtype_bytes(int32_t dtype) { return dtype == kFloat32 ? 4 : 2; }
 
-// CUDA perturb_: a row goes to a group of threads, a power of two from 8 to kCudaThreads with one thread per
-// 16-byte vector of the row's elements, and a block holds kCudaThreads / group rows: short rows do not leave
-// most of a block idle. (A row that starts inside a vector spans one more: a thread of its group takes two.)
-inline int cuda_row_threads(int64_t row_len, int32_t dtype) {
-  const int64_t vectors = (row_len * dtype_bytes(dtype) + 15) / 16;
-  int group = 8;
-  while (group < vectors && group < kCudaThreads) group *= 2;
-  return group;
-}
-
 // CUDA perturb_ reads a row from DRAM once: its block keeps it in shared memory (the stage) between the norm
 // and the update. Each of a block's rows gets an equal share of the stage, in 16-byte vectors: as many per
 // thread of its group of row_threads.
@@ -133,6 +123,17 @@ RWP_HD int64_t cuda_stage_vectors(int64_t row_threads) { return kCudaStageBytes 
 
 // The most 16-byte vectors a row of row_len elements touches, wherever it starts.
 RWP_HD int64_t row_vectors_at_most(int64_t row_len, int64_t vec_elems) { return (row_len - 1) / vec_elems + 2; }
+
+// CUDA perturb_: a row goes to a group of threads, the smallest power of two from 8 to kCudaThreads whose
+// share of the stage holds the row (each thread then takes 3 to 6 of its vectors), and a block holds
+// kCudaThreads / group rows: a block's prologue, BlockSum and sigma serve as many elements as the stage
+// allows, and short rows do not leave most of a block idle.
+inline int cuda_row_threads(int64_t row_len, int32_t dtype) {
+  const int64_t vectors = row_vectors_at_most(row_len, 16 / dtype_bytes(dtype));
+  int group = 8;
+  while (cuda_stage_vectors(group) < vectors && group < kCudaThreads) group *= 2;
+  return group;
+}
 
 // A row longer than its share of the stage is split into segments of kCudaSegmentElems elements, one block
 // each, and summed in two launches: each segment's partial sums first, then the update, which adds the

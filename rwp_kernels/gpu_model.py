@@ -766,10 +766,11 @@ class Work:
 
 
 def cuda_row_threads(row_len: int, itemsize: int) -> int:
-    """csrc/rwp_api.h cuda_row_threads: threads per row, a power of two from 8 to 256."""
-    vectors = -(-row_len * itemsize // 16)
+    """csrc/rwp_api.h cuda_row_threads: threads per row, the smallest power of two from 8 to 256 whose share of
+    the stage (6 vectors per thread) holds the row."""
+    vectors = (row_len - 1) // (16 // itemsize) + 2
     group = 8
-    while group < vectors and group < CUDA_THREADS:
+    while CUDA_STAGE_BYTES // 16 // CUDA_THREADS * group < vectors and group < CUDA_THREADS:
         group *= 2
     return group
 

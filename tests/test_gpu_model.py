@@ -248,7 +248,7 @@ def test_warp_iterations_and_row_threads():
     assert G._warp_iterations(2048, 256) == 64  # a full sgd_step_ chunk of 8192 float32
     assert G._warp_iterations(146, 256) == 5  # 146 vectors: five warps iterate once, three not at all
     assert G._warp_iterations(8, 8) == 0.25  # four rows of 8 vectors share a warp
-    assert G.cuda_row_threads(4608, 4) == 256 and G.cuda_row_threads(27, 4) == 8 and G.cuda_row_threads(512, 4) == 128
+    assert G.cuda_row_threads(4608, 4) == 256 and G.cuda_row_threads(27, 4) == 8 and G.cuda_row_threads(512, 4) == 32
     assert G.param_rows([(64, 3, 3, 3), (10,), (10, 512)]) == [(1728, 27), (10, 10), (5120, 512)]
 
 
