@@ -303,7 +303,9 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             f"per tile: what its last tile adds to a row of {parts}; per row: the program of a row of one tile (all "
             f"{parts} tiles' masked loads and sums, one tile's update)",
             (PathSpec("tile", tiles(parts), loop=False, minus=tiles(parts - 1)),
-             PathSpec("row", tiles(1), loop=False, overhead=True)), e, (5 if grad_scale else 3) * s,
+             # (all its tiles' loads: not the program of a row that fits a tile, which this kernel also has)
+             PathSpec("row", {**tiles(1), f"ld{b}": parts * (v + g)}, loop=False, overhead=True)), e,
+            (5 if grad_scale else 3) * s,
             f"reads w once from DRAM (the row's tiles' loads all issued before its norm), writes w and the "
             f"backup{grad_note}")
     if kernel == "row_partials_kernel":
