@@ -839,7 +839,7 @@ def _triton_perturb(params, s: int, block: int, warps: int, parts: int, work: Wo
     gs = "_gs" if grad_scale else ""  # the paths that also rescale the gradient
     split = False
     for numel, row_len in params:
-        for _, start, count in row_items(0, numel, row_len, block, 16 // s):
+        for _, start, count, _ in row_items(0, numel, row_len, block, 16 // s):
             base = start - start % 4
             tiles = -(-(start + count - base) // block)
             if row_len > SPLIT_ROW.value:

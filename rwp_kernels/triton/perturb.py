@@ -139,8 +139,8 @@ def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, 
 
 
 @triton.jit
-def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE: tl.constexpr, gamma, eta,
-                 vector, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row, ELEMENTWISE: tl.constexpr, gamma,
+                 eta, vector, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The sigmas of an item in one tile (one row, several rows, or a 0-D/1-D ARWP tensor with a sigma per
     element), stored, and per lane; the tile and its mask."""
     lanes = tl.arange(0, BLOCK)
@@ -149,7 +149,6 @@ def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTW
     x = to_float32(tl.load(T.pointer(w_addr, DTYPE, VEC) + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
     squares = x * x  # exact in float64
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC) + tile + lanes
-    first_row = start // row_len
     if ELEMENTWISE:
         f = tl.zeros([BLOCK], tl.float64)
         if has_fisher:
@@ -192,8 +191,8 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
 
 
 @triton.jit
-def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector, grad_scale,
-              grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
+              grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
               PARTS: tl.constexpr):
     """A row of at most PARTS tiles kept in registers: all its tiles loaded at once, the norm, then each tile's
     update from the kept weights (the row read from DRAM once, its loads all in flight together). Offsets are
@@ -225,7 +224,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_
             f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
     row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
-    tl.store(sigma_ptr + start // row_len, row_sigma)
+    tl.store(sigma_ptr + first_row, row_sigma)
     for p in tl.static_range(PARTS):
         if p * BLOCK < end:
             offsets = p * BLOCK + lanes
@@ -273,6 +272,7 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
     """The body of both perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
     element (float64 per element: their own kernel, so that the others' needs fewer registers)."""
     slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
+    first_row = T.load_first_row(items_ptr)
     w_addr = tl.load(row + W)
     fisher_addr = tl.load(row + FISHER)
     row_len = tl.load(row + ROW_LEN)
@@ -285,23 +285,22 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
     end = start + count
     if (start % 4 + count <= BLOCK) & (row_len <= SPLIT_ROW):  # (a split row's last segment may be short)
         if vec:
-            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE,
-                                             gamma, eta, vector, True, DTYPE, BLOCK)
+            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
+                                             ELEMENTWISE, gamma, eta, vector, True, DTYPE, BLOCK)
             _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
         else:
-            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, ELEMENTWISE,
-                                             gamma, eta, vector, False, DTYPE, BLOCK)
+            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
+                                             ELEMENTWISE, gamma, eta, vector, False, DTYPE, BLOCK)
             _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
     elif (PARTS > 1) & (start % 4 + count <= PARTS * BLOCK) & (row_len <= SPLIT_ROW):
         if vec:
-            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector,
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
                       grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PARTS)
         else:
-            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, gamma, eta, vector,
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
                       grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PARTS)
     else:
         # A long row, or a segment of a split row: its norm first, then the update.
-        first_row = start // row_len
         if row_len > SPLIT_ROW:
             segments = tl.cdiv(row_len, SEGMENT)
             sumsq, fsum = _partial_sums(partials_ptr, tl.program_id(0) - (start - first_row * row_len) // SEGMENT,

@@ -26,7 +26,8 @@ from ..layout import ParamPlan
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
-ITEM_COLUMNS: tl.constexpr = tl.constexpr(3)  # (param slot, first element, element count)
+# (param slot, first element, element count, first element's row: perturb_'s sigma index without a division)
+ITEM_COLUMNS: tl.constexpr = tl.constexpr(4)
 
 # The parameter table: one row per parameter, the same columns for every op (an absent tensor: address 0).
 W: tl.constexpr = tl.constexpr(0)
@@ -105,6 +106,12 @@ def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
     start = tl.load(item + 1)
     count = tl.load(item + 2)
     return slot, start, count, params_ptr + slot * COLUMNS
+
+
+@triton.jit
+def load_first_row(items_ptr):
+    """The row of this program's first element (``start // row_len``, found on the host: perturb_ items)."""
+    return tl.load(items_ptr + ITEM_COLUMNS * tl.program_id(0) + 3)
 
 
 @triton.jit
@@ -194,7 +201,7 @@ def _median_unit(units) -> int:
     return length
 
 
-def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> list[tuple[int, int, int]]:
+def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> list[tuple[int, int, int, int]]:
     """Items for the rows of one tensor (``vector``: elements per 16-byte vector).
 
     Rows that fit a tile share it, at most ``block // 8`` of them (the kernel computes their sigmas on a tensor
@@ -203,18 +210,18 @@ def row_items(slot: int, numel: int, row_len: int, block: int, vector: int) -> l
     multiple of 4 elements). A longer row is one item, looped over; a row longer than ``SPLIT_ROW`` is cut
     into items of ``SEGMENT`` elements (its norm: ``split_items``)."""
     if row_len > SPLIT_ROW.value:
-        return [(slot, lo + s, min(SEGMENT.value, row_len - s)) for lo in range(0, numel, row_len)
+        return [(slot, lo + s, min(SEGMENT.value, row_len - s), lo // row_len) for lo in range(0, numel, row_len)
                 for s in range(0, row_len, SEGMENT.value)]
     fit = min(block // row_len, block // 8)
     period = vector // math.gcd(row_len, vector)  # rows per item that end on a vector boundary
     per_item = fit - fit % period if fit >= period else min((block - 3) // row_len, block // 8)
     step = max(1, per_item) * row_len
-    return [(slot, start, min(step, numel - start)) for start in range(0, numel, step)]
+    return [(slot, start, min(step, numel - start), start // row_len) for start in range(0, numel, step)]
 
 
-def chunk_items(slot: int, numel: int, block: int) -> list[tuple[int, int, int]]:
-    """Items covering one tensor in consecutive tiles (elementwise ops)."""
-    return [(slot, start, min(block, numel - start)) for start in range(0, numel, block)]
+def chunk_items(slot: int, numel: int, block: int) -> list[tuple[int, int, int, int]]:
+    """Items covering one tensor in consecutive tiles (elementwise ops; no rows: the fourth column is 0)."""
+    return [(slot, start, min(block, numel - start), 0) for start in range(0, numel, block)]
 
 
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
