@@ -106,7 +106,8 @@ struct SgdArgs {
   const float* found_inf;  // nonzero: restore only
 };
 
-// Work-unit sizes. CPU: rows are grouped into cache-sized tiles; CUDA: one block per row.
+// Work-unit sizes. CPU: rows are grouped into cache-sized tiles; CUDA: perturb_ takes a block of rows
+// (cuda_row_threads), restore_ and sgd_step_ a chunk of elements.
 constexpr int64_t kCpuTileElems = 16384;
 constexpr int64_t kCpuChunkElems = 16384;
 constexpr int64_t kCudaChunkElems = 8192;
