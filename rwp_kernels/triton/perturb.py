@@ -170,6 +170,23 @@ def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_ro
 
 
 @triton.jit
+def _add_squares(acc, x, PER: tl.constexpr):
+    """``acc`` (one float64 per thread) plus the squares of the thread's ``PER`` consecutive elements of ``x``
+    (float64), one fma each: x * x is exact in float64, so each step rounds once, as ``acc + x * x`` would."""
+    n: tl.constexpr = x.shape[0] // PER
+    if PER == 4:
+        even, odd = tl.split(tl.reshape(x, [n, 2, 2]))
+        parts = tl.split(even) + tl.split(odd)
+    else:
+        quads = tl.split(tl.reshape(x, [n, 2, 2, 2]))
+        halves = tl.split(quads[0]) + tl.split(quads[1])
+        parts = tl.split(halves[0]) + tl.split(halves[1]) + tl.split(halves[2]) + tl.split(halves[3])
+    for i in tl.static_range(PER):
+        acc = tl.fma(parts[i], parts[i], acc)
+    return acc
+
+
+@triton.jit
 def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
     PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
@@ -183,7 +200,7 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
     for i in range(0, tl.cdiv(end - base, BLOCK)):
         tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
         x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
-        acc += tl.sum(tl.reshape(x * x, [BLOCK // PER, PER]), 1)
+        acc = _add_squares(acc, x, PER)
         if fisher_addr != 0:
             f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
@@ -217,7 +234,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
     facc = tl.zeros([BLOCK // PER], tl.float64)
     for p in tl.static_range(PARTS):
         x = to_float32(kept[p]).to(tl.float64)
-        acc += tl.sum(tl.reshape(x * x, [BLOCK // PER, PER]), 1)
+        acc = _add_squares(acc, x, PER)
         if fisher_addr != 0:
             offsets = p * BLOCK + lanes
             mask = (offsets >= first) & (offsets < end)
