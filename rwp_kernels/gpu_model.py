@@ -787,8 +787,8 @@ def _warp_iterations(vectors: int, threads: int) -> float:
 
 def cuda_row_segments(row_len: int, itemsize: int) -> int:
     """csrc/rwp_api.h cuda_row_segments: segments of a row split across blocks, 0 for a row that is staged."""
-    if (row_len - 1) // (16 // itemsize) + 2 <= CUDA_STAGE_BYTES // 16 // CUDA_THREADS * cuda_row_threads(row_len,
-                                                                                                       itemsize):
+    share = CUDA_STAGE_BYTES // 16 // CUDA_THREADS * cuda_row_threads(row_len, itemsize)  # the row's stage vectors
+    if (row_len - 1) // (16 // itemsize) + 2 <= share:
         return 0
     return -(-row_len // CUDA_SEGMENT)
 
@@ -808,7 +808,7 @@ def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
                 its = _warp_iterations(vectors, CUDA_THREADS) * rows
                 work.iterations[("partials_kernel", "norm")] += its
                 work.iterations[("perturb_kernel_split" + gs, "update")] += its
-            blocks = rows * segments  # each block: its warps run the overhead paths once (the tree once per level)
+            blocks = rows * segments  # each block: its warps run the overhead paths once
             work.iterations[("partials_kernel", "row")] += CUDA_WARPS * blocks
             work.iterations[("perturb_kernel_split" + gs, "block")] += CUDA_WARPS * blocks
             work.dram_bytes += numel * s * (6 if grad_scale else 4) + 16 * rows * segments + 4 * rows
