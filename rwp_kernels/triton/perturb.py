@@ -108,30 +108,35 @@ def _packed_sigmas(squares, f_ptr, mask, lo, count, row_len, has_fisher, gamma, 
 
 
 @triton.jit
-def _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr,
-           DTYPE: tl.constexpr, BLOCK: tl.constexpr, x_kept=None):
-    """The per-element part of the tile at element ``tile``: backup <- w, w <- w + sigma * z (``add_noise``: a
-    product and a sum, two roundings), grad <- grad * grad_scale. Reads what it needs from the parameter's
-    table row and the kernel's arguments here, after the norm, rather than keeping it in registers through it;
-    the weights too, unless the caller kept them (``x_kept``: a resident row's)."""
+def _targets(row, gamma_ptr):
+    """What a tile's update reads from the parameter's table row: whether it draws noise (gamma != 0), the
+    parameter's index in the noise stream, the addresses of the weights, the backup and the gradient (0: none).
+    Read after the norm, rather than kept in registers through it; once per program."""
+    return (tl.load(gamma_ptr) != 0, tl.load(row + PARAM_INDEX).to(tl.uint32), tl.load(row + W), tl.load(row + BACKUP),
+            tl.load(row + GRAD))
+
+
+@triton.jit
+def _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr, step,
+           k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, x_kept=None):
+    """The per-element part of the tile at element ``tile`` (``_targets``: the first five arguments): backup <- w,
+    w <- w + sigma * z (``add_noise``: a product and a sum, two roundings), grad <- grad * grad_scale. The weights
+    are loaded here unless the caller kept them (``x_kept``: a resident row's)."""
     lanes = tl.arange(0, BLOCK)
-    noisy = tl.load(gamma_ptr) != 0
     z = tl.zeros([BLOCK], tl.float32)
     if noisy:  # the normals first: the weights are loaded after them, not kept in registers through them
         key0, key1 = P.key_words(k0, k1)
-        z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True), key0,
-                          key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
-    w_ptr = T.pointer(tl.load(row + W), DTYPE, VEC) + tile + lanes
+        z = P.normal_tile(tile // 4, param_index, step.to(tl.uint32, bitcast=True), key0, key1, BLOCK,
+                          T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+    w_ptr = T.pointer(w_addr, DTYPE, VEC) + tile + lanes
     if x_kept is None:
         x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
     else:
         x_raw = x_kept
-    backup_addr = tl.load(row + BACKUP)
     if backup_addr != 0:
         tl.store(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, x_raw, mask=mask)
     if noisy:
         tl.store(w_ptr, to_dtype(to_float32(x_raw) + sigma * z, DTYPE), mask=mask)
-    grad_addr = tl.load(row + GRAD)
     if grad_addr != 0:
         g_ptr = T.pointer(grad_addr, DTYPE, VEC) + tile + lanes
         g = to_float32(tl.load(g_ptr, mask=mask, other=0.0))
@@ -204,7 +209,10 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
         if fisher_addr != 0:
             f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
-    return tl.sum(acc), tl.sum(facc)
+    fsum = tl.zeros([], tl.float64)
+    if fisher_addr != 0:  # (no second block reduction without a Fisher state)
+        fsum = tl.sum(facc)
+    return tl.sum(acc), fsum
 
 
 @triton.jit
@@ -242,10 +250,12 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
     row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
     tl.store(sigma_ptr + first_row, row_sigma)
+    noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
     for p in tl.static_range(PARTS):
         if p * BLOCK < end:
             offsets = p * BLOCK + lanes
-            _apply(row, gamma_ptr, base + p * BLOCK, (offsets >= first) & (offsets < end),
+            _apply(noisy, param_index, w_addr, backup_addr, grad_addr, base + p * BLOCK,
+                   (offsets >= first) & (offsets < end),
                    tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
                    BLOCK, kept[p])
 
@@ -273,6 +283,7 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_
     lanes = tl.arange(0, BLOCK)
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
     base = start - start % 4
+    noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
     for i in range(0, tl.cdiv(end - base, BLOCK)):
         tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
         sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
@@ -280,7 +291,10 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_
             f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
             sigma = _sigma(tl.zeros([BLOCK], tl.float64) + sumsq, f, gamma, eta, vector, True)
             tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
-        _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
+            # (the float64 sigmas leave no registers to keep these through the loop: read again per tile)
+            noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
+        _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr, step,
+               k0, k1, VEC, DTYPE, BLOCK)
 
 
 @triton.jit
@@ -304,11 +318,15 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
         if vec:
             tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
                                              ELEMENTWISE, gamma, eta, vector, True, DTYPE, BLOCK)
-            _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
+            noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
+            _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
+                   step, k0, k1, True, DTYPE, BLOCK)
         else:
             tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
                                              ELEMENTWISE, gamma, eta, vector, False, DTYPE, BLOCK)
-            _apply(row, gamma_ptr, tile, mask, sigma, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
+            noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
+            _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
+                   step, k0, k1, False, DTYPE, BLOCK)
     elif (PARTS > 1) & (start % 4 + count <= PARTS * BLOCK) & (row_len <= SPLIT_ROW):
         if vec:
             _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
