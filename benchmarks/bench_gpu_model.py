@@ -312,15 +312,15 @@ def main(argv=None) -> int:
 
 
 def quick_tiles(models, dtypes=("fp32", "bf16")) -> list[tuple[int, int]]:
-    """The Triton tiles perturb_ and sgd_step_ choose for the models in ``dtypes`` (the launchers' choose_tile:
-    its menu depends on the element size)."""
-    from rwp_kernels.triton.tables import choose_tile
+    """The Triton tiles perturb_ and sgd_step_ choose for the models in ``dtypes`` (the launchers' perturb_tile and
+    choose_tile: their menu depends on the element size)."""
+    from rwp_kernels.triton.tables import choose_tile, perturb_tile
 
     tiles = set()
     for m in models:
         params = G.param_rows(G.model_shapes(m)[0])
         for s in {G.ITEMSIZE[d] for d in dtypes}:
-            for tile in (choose_tile([(r, n // r) for n, r in params], s), choose_tile([(n, 1) for n, _ in params], s)):
+            for tile in (perturb_tile([(r, n // r) for n, r in params], s), choose_tile([(n, 1) for n, _ in params], s)):
                 tiles.add((tile.block, tile.num_warps))
     return sorted(tiles)
 

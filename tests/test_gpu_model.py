@@ -279,20 +279,20 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
     from rwp_kernels.triton.tables import RESIDENT_PARTS
 
     assert RESIDENT_PARTS == {4: 5}
-    rows = [(4608 * 2, 4608), (1030 * 3, 1030), (6000, 6000), (27 * 16, 27)]  # median 4608: PARTS = 5 tiles of 1024
+    rows = [(2304 * 2, 2304), (1030 * 3, 1030), (6000, 6000), (27 * 16, 27)]  # median 2304: PARTS = 5 tiles of 512
     work = G.op_work("perturb_", "triton", rows, "fp32")
-    assert work.tile == (1024, 8, 5)
-    # 4608: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 2 tiles each; 8 warps per program and tile
+    assert work.tile == (512, 4, 5)
+    # 2304: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 3 tiles each; 4 warps per program and tile
     # a row kept in registers: the program of a one-tile row, then what each further tile adds
-    assert work.iterations[("perturb_kernel_resident", "row")] == 8 * 5
-    assert work.iterations[("perturb_kernel_resident", "tile")] == 8 * (2 * 4 + 3 * 1)
+    assert work.iterations[("perturb_kernel_resident", "row")] == 4 * 5
+    assert work.iterations[("perturb_kernel_resident", "tile")] == 4 * (2 * 4 + 3 * 2)
     assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 48
-    assert work.iterations[("perturb_kernel_long", "row")] == 8  # its program's prologue and epilogue
-    assert work.iterations[("perturb_kernel", "tile")] == 8  # the 16 rows of 27 packed in one tile
-    resident = 12 * (4608 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
+    assert work.iterations[("perturb_kernel_long", "row")] == 4  # its program's prologue and epilogue
+    assert work.iterations[("perturb_kernel", "tile")] == 4  # the 16 rows of 27 packed in one tile
+    resident = 12 * (2304 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
     assert work.dram_bytes == resident + (16 * 6000 + 4) + (12 * 27 * 16 + 4 * 16)
-    small = G.op_work("perturb_", "triton", [(27 * 16, 27), (1000 * 3, 1000)], "fp32")  # median 1000: fits a tile
-    assert small.tile == (1024, 8, 1) and not any("resident" in key for key, _ in small.iterations)
+    small = G.op_work("perturb_", "triton", [(27 * 16, 27), (500 * 3, 500)], "fp32")  # median 500: fits a tile
+    assert small.tile == (512, 4, 1) and not any("resident" in key for key, _ in small.iterations)
     bf16 = G.op_work("perturb_", "triton", rows, "bf16")  # 16-bit rows are not kept (RESIDENT_PARTS)
     assert bf16.tile == (512, 2, 1) and not any("resident" in key for key, _ in bf16.iterations)
 

@@ -313,11 +313,11 @@ def test_split_rows_on_normal_values_within_the_sigma_tolerance(cpp_ext, mode):
     assert_equal_to_cpp(_perturb_all("triton", normal, fisher), _perturb_all("cpu", normal, fisher))
 
 
-# Rows of 2 to 5 float32 tiles, kept in registers (tables.RESIDENT_PARTS): aligned, starting inside a vector (the
-# second rows of (2, 1030) and (2, 5118), the unaligned view), exactly 5 tiles (5118 from element 2), and one row
-# just past them (5121: read twice); packed short rows and a vector beside them; gamma 0 for one kept tensor
+# Rows of 2 to 5 float32 tiles of 512, kept in registers (tables.RESIDENT_PARTS): aligned, starting inside a vector
+# (the second rows of (2, 1030) and (2, 2558), the unaligned view), exactly 5 tiles (2558 from element 2), and one
+# row just past them (2561: read twice); packed short rows and a vector beside them; gamma 0 for one kept tensor
 # (backups and gradient scaling, no noise).
-RESIDENT_SHAPES = [(3, 4608), (2, 1030), (2, 5118), (5121,), (4, 9), (3,), (2, 2000)]
+RESIDENT_SHAPES = [(3, 2304), (2, 1030), (2, 2558), (2561,), (4, 9), (3,), (2, 2000)]
 RESIDENT_GAMMAS = [0.01, 0.0, 0.02, 0.01, 0.01, 0.01, 0.03]
 
 

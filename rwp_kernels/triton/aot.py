@@ -10,10 +10,10 @@ the sigmas given to restore_, the counters and keys of the raw Philox op) are
 ``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
 (16-byte aligned). Alignment of the parameters' own tensors is not a specialization: the kernels branch at run
 time into their vectorized path (``tables.vector_item``). What remains varies: the dtype, the tile
-(``tables.TILE_MENUS``: by the dtype's size; float32 two tiles, 16-bit types one) and, for the kernels
+(``tables.kernel_tiles``: by the dtype's size; float32 two tiles, 16-bit types one, the perturb_ kernels the smallest) and, for the kernels
 that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
 independently (an i64 size only with the menu's largest tile). ``specializations()`` lists all of them (sm_80
-and sm_90: 60); ``compile_inputs`` gives the exact
+and sm_90: 54); ``compile_inputs`` gives the exact
 signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
 same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
 launchers on many argument sets and checks that each launch is one of ``specializations()``.
@@ -112,8 +112,8 @@ def _arg_names(name: str) -> list[str]:
 def specializations(archs=ARCHS) -> list[Spec]:
     """Every specialization the launchers can produce, per target (the tiles of each dtype: ``tables.TILE_MENUS``;
     the noise and Philox kernels, which have none, float32's; perturb_kernel also keeps rows of up to
-    ``tables.RESIDENT_PARTS`` tiles in registers with the largest tile)."""
-    from .tables import tile_menu
+    ``tables.RESIDENT_PARTS`` tiles in registers; the perturb_ kernels have only the smallest tile)."""
+    from .tables import kernel_tiles
 
     specs = []
     for arch in archs:
@@ -121,23 +121,23 @@ def specializations(archs=ARCHS) -> list[Spec]:
             kinds = [t for t in _KERNEL_ARGS[kernel][1] if t in (INDEX, SIZE)]
             dtypes = DTYPES if kernel not in ("philox_kernel", "noise_kernel") else (None,)
             for dtype in dtypes:
-                menu = tile_menu(ITEMSIZE[dtype])
+                menu = kernel_tiles(kernel, ITEMSIZE[dtype])
                 for i, (block, warps) in enumerate(menu):
                     indices = [",".join(c) for c in itertools.product(INDEX_TYPES, repeat=len(kinds))
                                if i == len(menu) - 1 or all(k != SIZE or t == "i32" for k, t in zip(kinds, c))]
                     specs += [Spec(kernel, dtype, block, warps, arch, index or None, parts)
-                              for index in indices for parts in _parts(kernel, dtype, i == len(menu) - 1)]
+                              for index in indices for parts in _parts(kernel, dtype)]
     return specs
 
 
-def _parts(kernel: str, dtype: str | None, largest: bool) -> tuple:
-    """perturb_kernel's PARTS with a tile (1; also ``tables.RESIDENT_PARTS`` with the largest); None elsewhere."""
+def _parts(kernel: str, dtype: str | None) -> tuple:
+    """perturb_kernel's PARTS (1, and ``tables.RESIDENT_PARTS`` where the dtype has it); None elsewhere."""
     from .tables import RESIDENT_PARTS
 
     if kernel != "perturb_kernel":
         return (None,)
     resident = RESIDENT_PARTS.get(ITEMSIZE[dtype])
-    return (1, resident) if largest and resident else (1,)
+    return (1, resident) if resident else (1,)
 
 
 def compile_inputs(spec: Spec):

@@ -81,12 +81,13 @@ MAX_REGISTERS = {
 # half or three quarters empty); perturb_kernel's 64 registers leave 32 warps per SM (2048 / 8 warps: 72, 24).
 TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
+PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "row_partials_kernel")
 
 # perturb_'s rows longer than a tile, by element size: where most elements are in such rows, the launch takes a
 # variant of perturb_kernel that keeps a row of up to this many tiles in registers between its norm and its update
-# (float32, 1024-element tiles: rows of up to 5120 elements, CNN rows of 512 * 3 * 3; 64 registers, 32 warps per
-# SM; 6 tiles spill). Longer rows, and rows of 16-bit types (whose 8 elements per thread spill at 5 tiles), are read
-# twice: the norm, then the update.
+# (float32, 512-element tiles: rows of up to 2560 elements; 64 registers, 32 warps per SM; 6 tiles spill). Longer
+# rows, and rows of 16-bit types (whose 8 elements per thread spill at 5 tiles), are read twice: the norm, then the
+# update.
 RESIDENT_PARTS = {4: 5}
 
 _CACHE_CAPACITY = 16
@@ -172,13 +173,22 @@ def choose_tile(units, itemsize: int = 4) -> Tile:
 
 
 def perturb_tile(units, itemsize: int = 4) -> Tile:
-    """perturb_kernel's tile for rows given as ``(length, how many)`` pairs: ``choose_tile``'s, keeping rows of up to
-    ``RESIDENT_PARTS`` tiles in registers where the median row is longer than a tile."""
-    length = _median_unit(units)
-    tile = _tile_holding(length, itemsize)
-    if length <= tile.block:
-        return tile
-    return Tile(tile.block, tile.num_warps, RESIDENT_PARTS.get(itemsize, 1))
+    """The tile of the perturb_ kernels for rows given as ``(length, how many)`` pairs: the menu's smallest, whatever
+    the rows. Each warp of a program runs the program's overhead (its item and table row, the row's reduction and
+    sigma): fewer warps per row run it fewer times, and a long row's last tile is emptier the larger the tile.
+    Where the median row is longer than the tile, the variant that keeps rows of up to ``RESIDENT_PARTS`` tiles
+    in registers."""
+    block, warps = tile_menu(itemsize)[0]
+    if _median_unit(units) <= block:
+        return Tile(block, warps)
+    return Tile(block, warps, RESIDENT_PARTS.get(itemsize, 1))
+
+
+def kernel_tiles(kernel: str, itemsize: int) -> tuple:
+    """The (BLOCK, warps) pairs a launcher can give ``kernel`` (its name): the perturb_ kernels only the smallest
+    (``perturb_tile``), the others the whole menu (``choose_tile``)."""
+    menu = tile_menu(itemsize)
+    return menu[:1] if kernel in PERTURB_KERNELS else menu
 
 
 def _tile_holding(length: int, itemsize: int) -> Tile:
