@@ -110,8 +110,8 @@ uint32_t word(int64_t v, const char* op, const char* name) {
   return static_cast<uint32_t>(v);
 }
 
-NoiseKey noise_key(int64_t k0, int64_t k1, int64_t step, const char* op) {
-  return {word(k0, op, "key0"), word(k1, op, "key1"), word(step, op, "step")};
+NoiseKey checked_noise_key(int64_t k0, int64_t k1, int64_t step, const char* op) {
+  return noise_key(word(k0, op, "key0"), word(k1, op, "key1"), word(step, op, "step"));
 }
 
 // The parameter table of one call: common fields of every entry; units of kind rows (perturb_) or chunks.
@@ -306,7 +306,7 @@ void noise_op(const Tensor& out, int64_t key0, int64_t key1, int64_t param_index
   const char* op = "noise_";
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), RWP_OPS_PREFIX "noise_: out must be a contiguous float32 tensor");
   TORCH_CHECK(offset >= 0, RWP_OPS_PREFIX "noise_: offset must be >= 0");
-  const NoiseKey key = noise_key(key0, key1, step, op);
+  const NoiseKey key = checked_noise_key(key0, key1, step, op);
   const uint32_t pi = word(param_index, op, "param_index");
   if (out.numel() == 0) return;
   if (on_cuda_kernels(out)) {
@@ -344,7 +344,7 @@ Tensor perturb_op(TensorList params, TensorList backups, TensorList grads, Tenso
   }
   Tensor sigmas = at::empty({sigma_rows}, params[0].options().dtype(at::kFloat));
   Tensor partials = at::empty({2 * t.segments}, params[0].options().dtype(at::kDouble));
-  const PerturbArgs args{noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
+  const PerturbArgs args{checked_noise_key(key0, key1, step, op), scalar_arg(grad_scale_t, grad_scale, params[0], op, "grad_scale"),
                          sigmas.data_ptr<float>(), partials.data_ptr<double>()};
   run(t, params[0], op,
       [&](const ParamEntry* table, int64_t np, int64_t units) { cpu::perturb(table, np, units, args); },
@@ -405,7 +405,7 @@ void restore_op(TensorList params, TensorList backups, TensorList sigmas, Tensor
     e.sigma_offset = (reinterpret_cast<intptr_t>(s.data_ptr<float>()) - reinterpret_cast<intptr_t>(sigma_base)) /
                      static_cast<intptr_t>(sizeof(float));
   }
-  const RestoreArgs args{noise_key(key0, key1, step, op), sigma_base,
+  const RestoreArgs args{checked_noise_key(key0, key1, step, op), sigma_base,
                          mix_args(params[0], op, grad_scale_t, grad_scale, beta, fisher_scale_t, fisher_scale,
                                   clean_scale_t, clean_scale)};
   run(t, params[0], op,

@@ -79,7 +79,11 @@ struct ScalarArg {
 
 struct NoiseKey {
   uint32_t k0, k1, step;
+  PhiloxRoundKeys rounds;  // of (k0, k1): noise_key() fills it
+  RWP_HD PhiloxKey key() const { return {k0, k1}; }
 };
+
+inline NoiseKey noise_key(uint32_t k0, uint32_t k1, uint32_t step) { return {k0, k1, step, philox_round_keys({k0, k1})}; }
 
 struct PerturbArgs {
   NoiseKey key;

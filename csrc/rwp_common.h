@@ -81,26 +81,59 @@ RWP_HD void mulhilo(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
 
 // ---- Philox4x32-10 ---------------------------------------------------------------------------------
 
-// Ten rounds on the counter words c0..c3 (lane type U: uint32_t or a vector of lanes) with the
-// uniform key (k0, k1); the output replaces the counter.
+// The key of round r of Philox4x32-10 is (k0 + r * W0, k1 + r * W1) mod 2^32. PhiloxKey adds it up round by
+// round; PhiloxRoundKeys holds all ten, computed once (NoiseKey::rounds: the CUDA kernels read them from their
+// parameters, so that no round of any block spends an instruction on them).
+struct PhiloxKey {
+  uint32_t k0, k1;
+};
+
+struct PhiloxRoundKeys {
+  uint32_t k0[kPhiloxRounds], k1[kPhiloxRounds];
+};
+
+// One round on the counter words c0..c3 (lane type U: uint32_t or a vector of lanes) with the round's key.
 template <class U>
-RWP_HD void philox4x32_10(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+RWP_HD void philox_round(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
+  U hi0, lo0, hi1, lo1;
+  mulhilo(c0, kPhiloxM0, hi0, lo0);
+  mulhilo(c2, kPhiloxM1, hi1, lo1);
+  const U n0 = hi1 ^ c1 ^ k0;
+  const U n2 = hi0 ^ c3 ^ k1;
+  c0 = n0;
+  c1 = lo1;
+  c2 = n2;
+  c3 = lo0;
+}
+
+// Ten rounds with the uniform key; the output replaces the counter.
+template <class U>
+RWP_HD void philox4x32_10(U& c0, U& c1, U& c2, U& c3, PhiloxKey key) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int r = 0; r < kPhiloxRounds; ++r) {
-    U hi0, lo0, hi1, lo1;
-    mulhilo(c0, kPhiloxM0, hi0, lo0);
-    mulhilo(c2, kPhiloxM1, hi1, lo1);
-    const U n0 = hi1 ^ c1 ^ k0;
-    const U n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
+    philox_round(c0, c1, c2, c3, key.k0, key.k1);
+    key.k0 += kPhiloxW0;
+    key.k1 += kPhiloxW1;
   }
+}
+
+template <class U>
+RWP_HD void philox4x32_10(U& c0, U& c1, U& c2, U& c3, const PhiloxRoundKeys& keys) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < kPhiloxRounds; ++r) philox_round(c0, c1, c2, c3, keys.k0[r], keys.k1[r]);
+}
+
+inline PhiloxRoundKeys philox_round_keys(PhiloxKey key) {
+  PhiloxRoundKeys out;
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    out.k0[r] = key.k0 + static_cast<uint32_t>(r) * kPhiloxW0;
+    out.k1[r] = key.k1 + static_cast<uint32_t>(r) * kPhiloxW1;
+  }
+  return out;
 }
 
 // ---- uniforms and Box-Muller -----------------------------------------------------------------------
@@ -171,12 +204,12 @@ RWP_HD void box_muller(U xa, U xb, F& za, F& zb) {
   zb = r * s;
 }
 
-// The four normals of Philox block q of a parameter's stream.
-template <class U, class F = decltype(to_float(U()))>
-RWP_HD void normal_block(U q_lo, U q_hi, uint32_t param_index, uint32_t step, uint32_t k0, uint32_t k1,
-                         F& z0, F& z1, F& z2, F& z3) {
+// The four normals of Philox block q of a parameter's stream (Keys: PhiloxKey or PhiloxRoundKeys).
+template <class U, class Keys, class F = decltype(to_float(U()))>
+RWP_HD void normal_block(U q_lo, U q_hi, uint32_t param_index, uint32_t step, const Keys& keys, F& z0, F& z1, F& z2,
+                         F& z3) {
   U c0 = q_lo, c1 = q_hi, c2 = U(param_index), c3 = U(step);
-  philox4x32_10(c0, c1, c2, c3, k0, k1);
+  philox4x32_10(c0, c1, c2, c3, keys);
   box_muller(c0, c1, z0, z1);
   box_muller(c2, c3, z2, z3);
 }

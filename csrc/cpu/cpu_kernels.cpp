@@ -39,8 +39,8 @@ struct ParamNoise {
 };
 
 void scalar_block(uint64_t q, const ParamNoise& s, float z[4]) {
-  normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), s.param_index, s.key.step, s.key.k0,
-               s.key.k1, z[0], z[1], z[2], z[3]);
+  normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), s.param_index, s.key.step, s.key.key(), z[0],
+               z[1], z[2], z[3]);
 }
 
 // Spreads prefetches of the bytes [next, end) over the iterations of a compute-bound loop, so that
@@ -62,7 +62,7 @@ void vector_blocks(float* out, uint64_t q, const ParamNoise& s) {
   U lo, hi;
   block_counters(q, lo, hi);
   decltype(to_float(lo)) z0, z1, z2, z3;
-  normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
+  normal_block(lo, hi, s.param_index, s.key.step, s.key.key(), z0, z1, z2, z3);
   store_blocks(out, z0, z1, z2, z3);
 }
 
@@ -74,7 +74,7 @@ void vector_block_pairs(float* out, uint64_t q, const ParamNoise& s) {
   block_counters(q, lo.a, hi.a);
   block_counters(q + kBlocks, lo.b, hi.b);
   Pair<decltype(to_float(lo.a))> z0, z1, z2, z3;
-  normal_block(lo, hi, s.param_index, s.key.step, s.key.k0, s.key.k1, z0, z1, z2, z3);
+  normal_block(lo, hi, s.param_index, s.key.step, s.key.key(), z0, z1, z2, z3);
   store_blocks(out, z0.a, z1.a, z2.a, z3.a);
   store_blocks(out + 4 * kBlocks, z0.b, z1.b, z2.b, z3.b);
 }
@@ -333,7 +333,8 @@ void philox(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n)
     for (int64_t i = begin; i < end; ++i) {
       uint32_t c[4];
       for (int j = 0; j < 4; ++j) c[j] = static_cast<uint32_t>(counter[4 * i + j]);
-      philox4x32_10(c[0], c[1], c[2], c[3], static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
+      philox4x32_10(c[0], c[1], c[2], c[3],
+                    PhiloxKey{static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1])});
       for (int j = 0; j < 4; ++j) out[4 * i + j] = c[j];
     }
   });

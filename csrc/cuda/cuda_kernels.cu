@@ -128,14 +128,20 @@ __device__ __forceinline__ int64_t vector_of(int64_t e) {
   return static_cast<int64_t>(static_cast<uint64_t>(e) / kVecElems<T>);
 }
 
-// The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks.
-template <int N>
+// The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks. kRoundKeys: with the round keys
+// precomputed (NoiseKey::rounds, which the compiler keeps in uniform registers), else added up round by round.
+template <bool kRoundKeys = true, int N>
 __device__ __forceinline__ void normals(int64_t e, uint32_t param_index, const NoiseKey& key, float (&z)[N]) {
 #pragma unroll
   for (int c = 0; c < N / 4; ++c) {
     const uint64_t q = static_cast<uint64_t>(e / 4 + c);
-    normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.k0, key.k1,
-                 z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
+    if constexpr (kRoundKeys) {
+      normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.rounds,
+                   z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
+    } else {
+      normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.key(),
+                   z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
+    }
   }
 }
 
@@ -156,7 +162,7 @@ __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t c0 = counter[4 * i], c1 = counter[4 * i + 1], c2 = counter[4 * i + 2], c3 = counter[4 * i + 3];
-    philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
+    philox4x32_10(c0, c1, c2, c3, PhiloxKey{static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1])});
     out[4 * i] = c0;
     out[4 * i + 1] = c1;
     out[4 * i + 2] = c2;
@@ -288,6 +294,8 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
   const float* const fisher = kPerElement ? p.fisher + s.first : nullptr;  // no offset on a null pointer
   float* const sigmas = a.sigma + p.sigma_offset + s.first;
+  // (the staged 16-bit update keeps no precomputed round keys: with them it spills at 48 registers)
+  constexpr bool kRoundKeys = sizeof(T) == 4 || !kStage || kPerElement;
   for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
@@ -312,7 +320,7 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
 #pragma unroll
       for (int c = 0; c < N / 4; ++c) {
         float z[4];
-        normals(s.first + e + 4 * c, param_index, a.key, z);
+        normals<kRoundKeys>(s.first + e + 4 * c, param_index, a.key, z);
 #pragma unroll
         for (int j = 0; j < 4; ++j) from_f32(add_noise(to_f32(raw.x[4 * c + j]), sg[4 * c + j], z[j]), out.x + 4 * c + j);
       }
