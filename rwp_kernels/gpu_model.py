@@ -975,6 +975,32 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
                     _tile_label(work.tile))
 
 
+@dataclass
+class HotLoop:
+    label: str  # the kernel and path, e.g. "perturb_kernel<bf16,false,false> update"
+    instr_per_elem: float  # thread instructions per element on it
+    share: float  # of the op's issue slots on the model
+
+
+def hot_loop(op: str, backend: str, params, dtype: str, arch: int, index: dict) -> HotLoop:
+    """The path that issues most of ``op``'s instructions on ``params`` (its hot loop), ``index`` from
+    :func:`report_index` with the kernels for ``arch``."""
+    work = op_work(op, backend, params, dtype)
+    block, parts = (work.tile[0], work.tile[2]) if work.tile else (None, None)
+    slots = []  # (issue slots, report, path name)
+    for (key, path_name), its in work.iterations.items():
+        r = index[(backend, key, dtype, arch, block, parts)]
+        slots.append((its * len(r.paths[path_name]), r, path_name))
+    most, r, path_name = max(slots, key=lambda t: t[0])
+    return HotLoop(f"{r.label} {path_name}", len(r.paths[path_name]) / r.facts.elems, most / sum(t[0] for t in slots))
+
+
+def normals_floor(index: dict, arch: int) -> float:
+    """Instructions per element of the normals alone on ``arch``: the fewest that a noise_kernel of either backend
+    spends (Philox and the header's polynomial Box-Muller, which the bits must follow, and one store)."""
+    return min(r.instr_per_elem() for r in index.values() if r.key == "noise_kernel" and r.arch == arch)
+
+
 def _tile_label(tile: tuple | None) -> str:
     """e.g. "1024/8", or "1024/8x5" for perturb_kernel keeping rows of up to 5 tiles in registers."""
     if not tile:

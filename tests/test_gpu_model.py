@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -349,6 +350,21 @@ def test_roofline_arithmetic_by_hand():
     assert both.bound == "latency+latency" and both.launches == 2
 
 
+def test_hot_loop_and_the_normals_floor():
+    index = _index(40)
+    hot = G.hot_loop("sgd_step_", "cuda", [(8192, 8192)], "fp32", 90, index)
+    # 64 iterations of the 11-instruction loop against 8 warps running the block's prologue of 3
+    assert hot.label == "sgd_kernel<fp32> main" and hot.instr_per_elem == 11 / 4
+    assert math.isclose(hot.share, 64 * 11 / (64 * 11 + 8 * 3))
+    (main,) = [r.paths["main"] for r in index.values()]  # an 11-instruction path stands in for the normals' loop
+    noise = [G.KernelReport(backend, "noise_kernel", "noise_kernel", None, arch, 32, 0, 0, 0, 256, 64, "regs",
+                            G.cuda_facts("noise_kernel", None), {"main": main}) for backend, arch in
+             (("cuda", 90), ("triton", 90), ("cuda", 80))]
+    noise[1].facts = G.triton_facts("noise_kernel", None, 1024, 4)  # 8 elements per thread: 11 / 8 per element
+    floors = G.report_index(noise)
+    assert G.normals_floor(floors, 90) == 11 / 8 and G.normals_floor(floors, 80) == 11 / 4
+
+
 def test_models_have_their_published_sizes():
     sizes = {m: sum(n for n, _ in G.param_rows(G.model_shapes(m)[0])) for m in G.MODELS}
     assert sizes["resnet18"] == 11_173_962 and sizes["wrn28_10"] == 36_479_194
@@ -381,6 +397,12 @@ def test_report_script_quick(tmp_path):
                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert G.ESTIMATE_LABEL in run.stdout and "HBM 4.8 TB/s" in run.stdout and "FAILED" not in run.stdout
+    for backend in ("cuda", "triton"):  # a bf16 step under 60 % is checked against the floor (FLOOR_MARGIN)
+        met = re.search(rf"target {backend} bf16 perturb_ \+ sgd_step_ >= 60% .*; (\d+) of (\d+) cases meet it",
+                        run.stdout)
+        assert met, run.stdout[-3000:]
+        under = re.search(rf"target {backend} bf16 under 60%: .*: \d+ of (\d+) cases meet it", run.stdout)
+        assert (under is None) == (met[1] == met[2]) and (under is None or int(under[1]) == int(met[2]) - int(met[1]))
     with open(tmp_path / "bench_gpu_model.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     keys = {(r["gpu"], r["model"], r["dtype"], r["backend"], r["op"]) for r in rows}
