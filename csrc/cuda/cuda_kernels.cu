@@ -16,13 +16,10 @@ namespace rwp::cuda {
 namespace {
 
 constexpr int kThreads = kCudaThreads;
-// Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90; 32 for
-// restore_ and split rows' perturb_ in the 16-bit types (eight elements per thread and access, two Philox
-// blocks: they spill at 48 registers) and 24 for perturb_'s per-element variant, which only 1-D ARWP
-// parameters take.
+// Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90; 24 for
+// perturb_'s per-element variant, which only 1-D ARWP parameters take (its float64 sigma per element spills
+// 28-40 bytes even at 64 registers).
 constexpr int kBlocksPerSm = 5;
-template <class T>
-constexpr int kBlocksPerSm16 = sizeof(T) == 2 ? 4 : kBlocksPerSm;
 using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
@@ -440,7 +437,7 @@ __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t uni
 // One instantiation per dtype, sigma mode and row split (a launch takes the entries of one), for fewer
 // registers.
 template <class T, bool kPerElement, bool kSplit>
-__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kSplit ? kBlocksPerSm16<T> : kBlocksPerSm) perturb_kernel(const ParamEntry* table,
+__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kBlocksPerSm) perturb_kernel(const ParamEntry* table,
                                                                                          int64_t num_params,
                                                                                          int64_t first_unit,
                                                                                          PerturbArgs a) {
@@ -586,7 +583,7 @@ __device__ __forceinline__ void for_block_chunk(const ParamEntry* table, int64_t
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm16<T>) restore_kernel(const ParamEntry* table, int64_t num_params,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) restore_kernel(const ParamEntry* table, int64_t num_params,
                                                            int64_t first_unit, RestoreArgs a) {
   for_block_chunk(table, num_params, first_unit,
                   [&](const ParamEntry& p, int64_t lo, int64_t hi) { restore_chunk<T>(p, lo, hi, a); });
