@@ -280,12 +280,20 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
     grad_note = ", reads and writes the gradient" if grad_scale else ""
     if kernel == "perturb_kernel":
         return KernelFacts(
-            f"rows that fit a tile, aligned, backups, {grad_case}, no Fisher state",
+            f"a row that fits a tile, aligned, backups, {grad_case}, no Fisher state",
             (PathSpec("tile", {f"ld{b}p": 2 * v + g, f"st{b}": 2 * v + g, "philox": 1}, loop=False),), e,
             (5 if grad_scale else 3) * s,
             f"rows of at most BLOCK = {block} elements (BLOCK - 3 off a Philox block boundary): read w once from "
             f"DRAM (the update reads the tile again from L1), write w and the backup{grad_note}; longer rows read w "
             f"twice (4 passes)")
+    if kernel == "perturb_kernel_packed":
+        return KernelFacts(
+            f"several short rows packed in one tile, aligned, backups, {grad_case}, no Fisher state",
+            # their sums: a segmented scan over the tile (SHFL.UP), the path a packed tile takes
+            (PathSpec("tile", {f"ld{b}p": 2 * v + g, f"st{b}": 2 * v + g, "philox": 1, "shfl_up": 1}, loop=False),), e,
+            (5 if grad_scale else 3) * s,
+            f"rows packed in a tile of BLOCK = {block} elements: read w once from DRAM (the update reads the tile again "
+            f"from L1), write w and the backup{grad_note}")
     if kernel == "perturb_kernel_long":
         return KernelFacts(
             "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles"
@@ -479,6 +487,7 @@ class KernelReport:
             text += f" PARTS={self.parts}"
         key = self.key.removesuffix("_gs")
         variant = {"perturb_kernel_long": " [long rows]", "perturb_kernel_split": " [split rows]",
+                   "perturb_kernel_packed": " [packed rows]",
                    "perturb_kernel_ae": " [ARWP 1-D]"}.get(key, "")
         if key == "perturb_kernel_resident":
             variant = " [rows kept in registers]"
@@ -647,7 +656,7 @@ def _triton_reports(spec, compiled: dict) -> list[KernelReport]:
     warps, limiter = resident_warps(compiled["registers"], smem, threads, spec.arch)
     keys = [spec.kernel]
     if spec.kernel == "perturb_kernel":  # the same kernel's other paths and its grad_scale != 1 case
-        keys += ["perturb_kernel_long", *(["perturb_kernel_resident"] if spec.parts > 1 else [])]
+        keys += ["perturb_kernel_packed", "perturb_kernel_long", *(["perturb_kernel_resident"] if spec.parts > 1 else [])]
         keys += [k + "_gs" for k in keys]
     reports = []
     for key in keys:
@@ -846,8 +855,8 @@ def _triton_perturb(params, s: int, block: int, warps: int, parts: int, work: Wo
                 work.iterations[("row_partials_kernel", "norm")] += warps * tiles
                 work.iterations[("row_partials_kernel", "row")] += warps
                 split = True
-            elif tiles == 1:
-                work.iterations[("perturb_kernel" + gs, "tile")] += warps
+            elif tiles == 1:  # one row, or several packed (their sums a segmented scan)
+                work.iterations[("perturb_kernel" + ("_packed" if count > row_len else "") + gs, "tile")] += warps
                 work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
                 continue
             elif tiles <= parts:  # the program of a one-tile row, and what each further tile adds

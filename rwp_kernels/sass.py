@@ -223,7 +223,8 @@ def tags(ins: Instr) -> Counter:
     the same with a ``p`` suffix when predicated (Triton's masked element accesses), ``ld<bits>@<offset>``
     for an unpredicated load at an immediate offset (a column of a table row), ``lds<bits>`` /
     ``sts<bits>`` for shared memory, ``philox`` for a Philox multiply, ``call`` for an unconditional subroutine
-    call (the slow paths of sqrt and division; a guarded ``CALL.REL.NOINC`` is how sm_80 code leaves a loop)."""
+    call (the slow paths of sqrt and division; a guarded ``CALL.REL.NOINC`` is how sm_80 code leaves a loop),
+    ``shfl_up`` for a ``SHFL.UP`` (Triton's scans)."""
     out = Counter()
     acc = memory_access(ins)
     if acc is not None:
@@ -240,6 +241,8 @@ def tags(ins: Instr) -> Counter:
         out["philox"] += 1
     if ins.base == "CALL" and not ins.guarded:  # a guarded CALL.REL.NOINC past the back edge is sm_80's loop exit
         out["call"] += 1
+    if ins.base == "SHFL" and "UP" in ins.modifiers:  # a scan's step (reductions shuffle with BFLY)
+        out["shfl_up"] += 1
     return out
 
 

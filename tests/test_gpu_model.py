@@ -149,6 +149,9 @@ def test_tags_count_accesses_philox_table_columns_and_slow_path_calls():
     assert sass.tags(tri[0x20]) == {"st32": 1, "st32p": 1}
     assert sass.tags(tri[0x50]) == {"lds128": 1}
     assert sass.tags(tri[0x90]) == {} and sass.tags(tri[0xA0]) == {"call": 1}  # guarded: sm_80's loop exit
+    # a scan's shuffle, not a reduction's
+    assert sass.tags(sass.Instr(0x0, "", "SHFL.UP", "PT, R5, R4, 0x1, RZ")) == {"shfl_up": 1}
+    assert sass.tags(sass.Instr(0x0, "", "SHFL.BFLY", "PT, R5, R4, 0x10, 0x1f")) == {}
 
 
 def test_pipes():
@@ -289,7 +292,8 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
     assert work.iterations[("perturb_kernel_resident", "tile")] == 4 * (2 * 4 + 3 * 2)
     assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 48
     assert work.iterations[("perturb_kernel_long", "row")] == 4  # its program's prologue and epilogue
-    assert work.iterations[("perturb_kernel", "tile")] == 4  # the 16 rows of 27 packed in one tile
+    assert work.iterations[("perturb_kernel_packed", "tile")] == 4  # the 16 rows of 27 packed in one tile
+    assert ("perturb_kernel", "tile") not in work.iterations
     resident = 12 * (2304 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
     assert work.dram_bytes == resident + (16 * 6000 + 4) + (12 * 27 * 16 + 4 * 16)
     small = G.op_work("perturb_", "triton", [(27 * 16, 27), (500 * 3, 500)], "fp32")  # median 500: fits a tile
