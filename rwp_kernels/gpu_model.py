@@ -184,14 +184,22 @@ CUDA_SEGMENT = _header_constant("kCudaSegmentElems")  # elements per block of a 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+# The search for a CUDA block's parameter (owner_of: thread 0 bisects the table on ParamEntry::first_unit, at byte
+# 0x48 of an entry, one load per iteration: not the split rows' unrolled sum of partials), one iteration per
+# halving of the table, run by the block's first warp.
+CUDA_SEARCH = PathSpec("search", {"ld64@0x48": 1}, body_without=("philox",), body_at_most={"ld64": 1}, overhead=True)
 # A CUDA perturb_ block's rows: its prologue and epilogue outside the loops (the entry copied to shared memory,
 # the spans, the row's sigma; the cheapest path that writes and reads BlockSum's shared array) and BlockSum's
-# tree, one iteration per halving of the group. Lower bounds: the search for the block's parameter (owner_of,
-# thread 0 alone) and the sigma store (lane 0) are off the cheapest path.
+# tree, one iteration per halving of the group. A lower bound: the sigma store (lane 0) is off the cheapest path.
 CUDA_ROW_OVERHEAD = (PathSpec("row", {"sts64": 1, "lds64": 1}, loop=False, overhead=True),
-                     PathSpec("tree", {"lds64": 2}, body_without=("philox",), overhead=True))
+                     PathSpec("tree", {"lds64": 2}, body_without=("philox",), overhead=True), CUDA_SEARCH)
 # A block's prologue where there is no row to reduce (split rows' update, restore_, sgd_step_).
-CUDA_BLOCK_OVERHEAD = (PathSpec("block", {}, loop=False, overhead=True),)
+CUDA_BLOCK_OVERHEAD = (PathSpec("block", {}, loop=False, overhead=True), CUDA_SEARCH)
+
+
+def search_iterations(num_params: int) -> int:
+    """Iterations of owner_of's bisection over a table of ``num_params`` entries (at most; 0 for one entry)."""
+    return (num_params - 1).bit_length()
 
 
 def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
@@ -228,7 +236,8 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
     if kernel == "partials_kernel":
         return KernelFacts("a segment's float64 sums of squares, no Fisher state",
                            # its block sums 256 threads: BlockSum's tree unrolled, on the row's path
-                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}), CUDA_ROW_OVERHEAD[0]), n, s,
+                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}), CUDA_ROW_OVERHEAD[0],
+                            CUDA_SEARCH), n, s,
                            "reads w once")
     if kernel == "perturb_kernel_ae":  # <T, true, false>: ARWP, one sigma per element of a 0-D/1-D parameter
         vf = 4 * n // 16  # 16-byte vectors of float32 per vector of T
@@ -802,6 +811,12 @@ def cuda_row_segments(row_len: int, itemsize: int) -> int:
     return -(-row_len // CUDA_SEGMENT)
 
 
+def _add_search(work: Work, key: str, blocks: int, num_params: int) -> None:
+    """The owner_of iterations of ``blocks`` blocks of the CUDA kernel ``key`` (its first warp's)."""
+    if search_iterations(num_params):
+        work.iterations[(key, "search")] += blocks * search_iterations(num_params)
+
+
 def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
     n = 16 // s
     gs = "_gs" if grad_scale else ""
@@ -820,6 +835,8 @@ def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
             blocks = rows * segments  # each block: its warps run the overhead paths once
             work.iterations[("partials_kernel", "row")] += CUDA_WARPS * blocks
             work.iterations[("perturb_kernel_split" + gs, "block")] += CUDA_WARPS * blocks
+            for key in ("partials_kernel", "perturb_kernel_split" + gs):
+                _add_search(work, key, blocks, len(params))
             work.dram_bytes += numel * s * (6 if grad_scale else 4) + 16 * rows * segments + 4 * rows
             split = True
             continue
@@ -828,6 +845,7 @@ def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
         blocks = -(-rows // (CUDA_THREADS // group))
         work.iterations[("perturb_kernel" + gs, "row")] += CUDA_WARPS * blocks
         work.iterations[("perturb_kernel" + gs, "tree")] += CUDA_WARPS * blocks * (group.bit_length() - 1)
+        _add_search(work, "perturb_kernel" + gs, blocks, len(params))
         # the vectors a row touches depend on where it starts; rows repeat with period n / gcd(row_len, n)
         period = n // math.gcd(row_len, n)
         for r in range(min(rows, period)):
@@ -890,6 +908,7 @@ def op_work(op: str, backend: str, params, dtype: str, grad_scale: bool = False)
                     work.iterations[("sgd_kernel", "main")] += _warp_iterations(-(-min(CUDA_CHUNK, numel - lo) // n),
                                                                                 CUDA_THREADS)
                     work.iterations[("sgd_kernel", "block")] += CUDA_WARPS
+                    _add_search(work, "sgd_kernel", 1, len(params))
             work.dram_bytes = 5 * s * elements
     elif backend == "triton":
         from .triton.tables import choose_tile, perturb_tile
@@ -1078,9 +1097,10 @@ def assumption_lines(gpus=GPUS) -> list[str]:
         f"{a['issue_efficiency']:.0%} of 4 issues per SM per clock with >= {a['warps_per_scheduler_for_full_issue']} "
         "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; so "
         "does each block's or program's overhead, once per warp: its cheapest path outside the loops (the table "
-        "reads, the row's reduction and sigma) and, in CUDA, BlockSum's tree once per level (lower bounds: the "
-        "search for a block's parameter and the stores of one lane are off the cheapest path); a row kept in "
-        "registers counts the program of a one-tile row, then what each further tile adds",
+        "reads, the row's reduction and sigma) and, in CUDA, BlockSum's tree once per level and the first warp's "
+        "bisection of the table for the block's parameter once per halving (a lower bound: the stores of one lane "
+        "are off the cheapest path); a row kept in registers counts the program of a one-tile row, then what each "
+        "further tile adds; packed short rows, their segmented scan",
         f"  launch overhead {a['launch_s'] * 1e6:.0f} us per kernel launch (one per op and dtype here)",
         "  configuration: exact mode (backups), grad_scale 1 (gradients untouched), SGD with momentum after the first "
         "step and weight decay, no ARWP, contiguous 16-byte aligned tensors; one dtype per call",

@@ -305,19 +305,23 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
 LOOP = """
 		Function : sgd_like
         /*0000*/                   S2R R0, SR_TID.X ;
-        /*0010*/               @P1 BRA 0xd0 ;
-        /*0020*/                   LD.E.128 R4, desc[UR4][R2.64] ;
-        /*0030*/                   LD.E.128 R8, desc[UR4][R2.64+0x10] ;
-        /*0040*/                   LD.E.128 R12, desc[UR4][R2.64+0x20] ;
-        /*0050*/                   IADD3 R0, R0, 0x1, RZ ;
-        /*0060*/                   IADD3 R1, R1, 0x1, RZ ;
-        /*0070*/                   IADD3 R2, R2, 0x1, RZ ;
-        /*0080*/                   IADD3 R3, R3, 0x1, RZ ;
-        /*0090*/                   ST.E.128 desc[UR4][R2.64], R4 ;
-        /*00a0*/                   ST.E.128 desc[UR4][R2.64+0x10], R8 ;
-        /*00b0*/                   ISETP.LT.AND P0, PT, R0, R20, PT ;
-        /*00c0*/               @P0 BRA 0x20 ;
-        /*00d0*/                   EXIT ;
+        /*0010*/               @P3 BRA 0x50 ;
+        /*0020*/                   LDG.E.64 R6, desc[UR4][R2.64+0x48] ;
+        /*0030*/                   ISETP.GT.AND P2, PT, R6, R8, PT ;
+        /*0040*/               @P2 BRA 0x20 ;
+        /*0050*/               @P1 BRA 0x110 ;
+        /*0060*/                   LD.E.128 R4, desc[UR4][R2.64] ;
+        /*0070*/                   LD.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0080*/                   LD.E.128 R12, desc[UR4][R2.64+0x20] ;
+        /*0090*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*00a0*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*00b0*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00c0*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*00d0*/                   ST.E.128 desc[UR4][R2.64], R4 ;
+        /*00e0*/                   ST.E.128 desc[UR4][R2.64+0x10], R8 ;
+        /*00f0*/                   ISETP.LT.AND P0, PT, R0, R20, PT ;
+        /*0100*/               @P0 BRA 0x60 ;
+        /*0110*/                   EXIT ;
 """
 
 
@@ -328,7 +332,8 @@ def _index(warps: int) -> dict:
                             facts, G.analyze(instrs, facts))
     assert len(report.paths["main"]) == 11 and report.instr_per_elem() == 11 / 4
     assert report.warp_cycles() == 20  # five LSU instructions at 32 per SM: 4 cycles each per scheduler
-    assert [i.addr for i in report.paths["block"].instrs] == [0x0, 0x10, 0xD0]  # the prologue, around the loop
+    assert [i.addr for i in report.paths["block"].instrs] == [0x0, 0x10, 0x50, 0x110]  # around the loops
+    assert len(report.paths["search"]) == 3  # one bisection step: the table entry's first_unit, at byte 0x48
     return G.report_index([report])
 
 
@@ -336,7 +341,8 @@ def test_roofline_arithmetic_by_hand():
     gpu = G.GPU("test", 90, 1e12, 1, 1e9, 0)
     e = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(40))
     # 64 warp iterations of 11 instructions; the LSU pipe is the busiest: 5 * 128 / 32 = 20 cycles each; and the
-    # block's 8 warps each run its prologue of 3, with one LSU instruction (S2R): 4 cycles more each
+    # block's 8 warps each run its prologue of 4, with one LSU instruction (S2R): 4 cycles more each (one table
+    # entry: no search for it)
     lsu_cycles = 64 * 20 + 8 * 4
     t_compute = lsu_cycles / (1 * 4 * 1e9 * 0.8)  # 40 warps: 10 per scheduler, full 80 % issue efficiency
     t_memory = 5 * 4 * 8192 / 1e12
@@ -345,7 +351,11 @@ def test_roofline_arithmetic_by_hand():
     assert math.isclose(e.t_latency, t_latency) and e.bound == "latency"
     assert math.isclose(e.time, t_latency + 5e-6) and e.launches == 1
     assert math.isclose(e.pct_hbm_peak, t_memory / (t_latency + 5e-6))
-    assert math.isclose(e.instr_per_elem, (64 * 11 + 8 * 3) * 32 / 8192)
+    assert math.isclose(e.instr_per_elem, (64 * 11 + 8 * 4) * 32 / 8192)
+    # with three table entries, each block's first warp also bisects the table twice (3 instructions, one LSU)
+    assert [G.search_iterations(n) for n in (1, 2, 3, 4, 5, 62, 161)] == [0, 1, 2, 2, 3, 6, 8]
+    three = G.estimate("sgd_step_", "cuda", [(8192, 8192)] * 3, "fp32", gpu, _index(40))
+    assert math.isclose(three.t_compute, 3 * (lsu_cycles + 2 * 4) / (1 * 4 * 1e9 * 0.8))
     few = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(8),
                      assumptions={"dram_latency_s": 0.0, "launch_s": 0.0})
     assert few.bound == "compute" and math.isclose(few.time, lsu_cycles / (4 * 1e9 * 0.8 * 0.5))  # 2 warps/scheduler
@@ -357,9 +367,9 @@ def test_roofline_arithmetic_by_hand():
 def test_hot_loop_and_the_normals_floor():
     index = _index(40)
     hot = G.hot_loop("sgd_step_", "cuda", [(8192, 8192)], "fp32", 90, index)
-    # 64 iterations of the 11-instruction loop against 8 warps running the block's prologue of 3
+    # 64 iterations of the 11-instruction loop against 8 warps running the block's prologue of 4
     assert hot.label == "sgd_kernel<fp32> main" and hot.instr_per_elem == 11 / 4
-    assert math.isclose(hot.share, 64 * 11 / (64 * 11 + 8 * 3))
+    assert math.isclose(hot.share, 64 * 11 / (64 * 11 + 8 * 4))
     (main,) = [r.paths["main"] for r in index.values()]  # an 11-instruction path stands in for the normals' loop
     noise = [G.KernelReport(backend, "noise_kernel", "noise_kernel", None, arch, 32, 0, 0, 0, 256, 64, "regs",
                             G.cuda_facts("noise_kernel", None), {"main": main}) for backend, arch in
