@@ -316,15 +316,16 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             return {f"ld{b}": n * (v + g), f"st{b}": n * (2 * v + g), "philox": n * PHILOX_MULTIPLIES * e // 4}
 
         return KernelFacts(
-            f"a row of up to PARTS = {parts} tiles kept in registers, aligned, backups, {grad_case}, no Fisher state; "
+            f"a row's first PARTS = {parts} tiles kept in registers, aligned, backups, {grad_case}, no Fisher state; "
             f"per tile: what its last tile adds to a row of {parts}; per row: the program of a row of one tile (all "
-            f"{parts} tiles' masked loads and sums, one tile's update)",
+            f"{parts} tiles' masked loads and sums, one tile's update); a longer row's further tiles: as a long "
+            f"row's",
             (PathSpec("tile", tiles(parts), loop=False, minus=tiles(parts - 1)),
              # (all its tiles' loads: not the program of a row that fits a tile, which this kernel also has)
              PathSpec("row", {**tiles(1), f"ld{b}": parts * (v + g)}, loop=False, overhead=True)), e,
             (5 if grad_scale else 3) * s,
-            f"reads w once from DRAM (the row's tiles' loads all issued before its norm), writes w and the "
-            f"backup{grad_note}")
+            f"reads w once from DRAM (the kept tiles' loads all issued before the norm; a longer row's further "
+            f"tiles twice), writes w and the backup{grad_note}")
     if kernel == "row_partials_kernel":
         return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
                            (PathSpec("norm", {f"ld{b}p": v}), TRITON_ROW_OVERHEAD), e, s, "reads w once")
@@ -877,10 +878,14 @@ def _triton_perturb(params, s: int, block: int, warps: int, parts: int, work: Wo
                 work.iterations[("perturb_kernel" + ("_packed" if count > row_len else "") + gs, "tile")] += warps
                 work.dram_bytes += count * (3 * s + extra) + 4 * max(1, count // row_len)
                 continue
-            elif tiles <= parts:  # the program of a one-tile row, and what each further tile adds
+            elif parts > 1:  # the program of a one-tile row, what each further kept tile adds, the rest streamed
                 work.iterations[("perturb_kernel_resident" + gs, "row")] += warps
-                work.iterations[("perturb_kernel_resident" + gs, "tile")] += warps * (tiles - 1)
-                work.dram_bytes += count * (3 * s + extra) + 4
+                work.iterations[("perturb_kernel_resident" + gs, "tile")] += warps * (min(tiles, parts) - 1)
+                if tiles > parts:  # a norm loop and an update loop over the tiles past the kept ones (as a long row's)
+                    work.iterations[("perturb_kernel_long" + gs, "norm")] += warps * (tiles - parts)
+                    work.iterations[("perturb_kernel_long" + gs, "update")] += warps * (tiles - parts)
+                streamed = max(0, start + count - base - parts * block)  # elements read twice
+                work.dram_bytes += count * (3 * s + extra) + streamed * s + 4
                 continue
             else:
                 work.iterations[("perturb_kernel_long" + gs, "norm")] += warps * tiles

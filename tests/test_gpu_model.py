@@ -286,16 +286,18 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
     rows = [(2304 * 2, 2304), (1030 * 3, 1030), (6000, 6000), (27 * 16, 27)]  # median 2304: PARTS = 5 tiles of 512
     work = G.op_work("perturb_", "triton", rows, "fp32")
     assert work.tile == (512, 4, 5)
-    # 2304: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 3 tiles each; 4 warps per program and tile
-    # a row kept in registers: the program of a one-tile row, then what each further tile adds
-    assert work.iterations[("perturb_kernel_resident", "row")] == 4 * 5
-    assert work.iterations[("perturb_kernel_resident", "tile")] == 4 * (2 * 4 + 3 * 2)
-    assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 48
-    assert work.iterations[("perturb_kernel_long", "row")] == 4  # its program's prologue and epilogue
+    # 2304: 5 tiles; 1030 (starting at 0, 2, 0 mod 4): 3 tiles each; 6000: 5 kept, 7 streamed; 4 warps per program
+    # and tile. A kept row: the program of a one-tile row, then what each further kept tile adds; the streamed
+    # tiles as a long row's norm and update loops
+    assert work.iterations[("perturb_kernel_resident", "row")] == 4 * 6
+    assert work.iterations[("perturb_kernel_resident", "tile")] == 4 * (2 * 4 + 3 * 2 + 4)
+    assert work.iterations[("perturb_kernel_long", "norm")] == work.iterations[("perturb_kernel_long", "update")] == 28
+    assert ("perturb_kernel_long", "row") not in work.iterations  # (its program is the kept row's)
     assert work.iterations[("perturb_kernel_packed", "tile")] == 4  # the 16 rows of 27 packed in one tile
     assert ("perturb_kernel", "tile") not in work.iterations
-    resident = 12 * (2304 * 2 + 1030 * 3) + 4 * 5  # read once: w in, w and the backup out; a sigma per row
-    assert work.dram_bytes == resident + (16 * 6000 + 4) + (12 * 27 * 16 + 4 * 16)
+    resident = 12 * (2304 * 2 + 1030 * 3 + 6000) + 4 * (6000 - 5 * 512) + 4 * 6  # w in once (but 6000's streamed
+    # part twice), w and the backup out; a sigma per row
+    assert work.dram_bytes == resident + (12 * 27 * 16 + 4 * 16)
     small = G.op_work("perturb_", "triton", [(27 * 16, 27), (500 * 3, 500)], "fp32")  # median 500: fits a tile
     assert small.tile == (512, 4, 1) and not any("resident" in key for key, _ in small.iterations)
     bf16 = G.op_work("perturb_", "triton", rows, "bf16")  # 16-bit rows are not kept (RESIDENT_PARTS)

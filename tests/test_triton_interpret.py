@@ -314,18 +314,19 @@ def test_split_rows_on_normal_values_within_the_sigma_tolerance(cpp_ext, mode):
 
 
 # Rows of 2 to 5 float32 tiles of 512, kept in registers (tables.RESIDENT_PARTS): aligned, starting inside a vector
-# (the second rows of (2, 1030) and (2, 2558), the unaligned view), exactly 5 tiles (2558 from element 2), and one
-# row just past them (2561: read twice); packed short rows and a vector beside them; gamma 0 for one kept tensor
-# (backups and gradient scaling, no noise).
-RESIDENT_SHAPES = [(3, 2304), (2, 1030), (2, 2558), (2561,), (4, 9), (3,), (2, 2000)]
-RESIDENT_GAMMAS = [0.01, 0.0, 0.02, 0.01, 0.01, 0.01, 0.03]
+# (the second rows of (2, 1030) and (2, 2558), the unaligned view), exactly 5 tiles (2558 from element 2); longer
+# rows, whose first 5 tiles are kept and the rest streamed: one element past them (2561), one tile past them,
+# aligned (3000), and 6 past them, the second row from element 1 of a vector (5121); packed short rows and a
+# vector beside them; gamma 0 for one kept tensor (backups and gradient scaling, no noise).
+RESIDENT_SHAPES = [(3, 2304), (2, 1030), (2, 2558), (2561,), (4, 9), (3,), (2, 2000), (2, 3000), (2, 5121)]
+RESIDENT_GAMMAS = [0.01, 0.0, 0.02, 0.01, 0.01, 0.01, 0.03, 0.02, 0.01]
 
 
 @pytest.mark.parametrize("mode", ["rwp", pytest.param("arwp", marks=pytest.mark.slow)])
 def test_resident_rows_equal_the_cpp_backend(monkeypatch, cpp_ext, mode):
-    """Where most elements are in rows longer than a tile, perturb_kernel keeps a row of up to RESIDENT_PARTS
-    tiles in registers between its norm and its update: on values whose sums of squares are exact in any order,
-    the C++ CPU backend's results bit for bit."""
+    """Where most elements are in rows longer than a tile, perturb_kernel keeps the first RESIDENT_PARTS tiles of a
+    row in registers between its norm and its update (a longer row's further tiles streamed through both): on
+    values whose sums of squares are exact in any order, the C++ CPU backend's results bit for bit."""
     from rwp_kernels.triton import perturb, tables
 
     parts = []

@@ -121,14 +121,14 @@ def fma_per_normal_block() -> int:
 
 # Places where a kernel generates noise (P.normal_tile or P.block_normals calls, counting the vectorized and the
 # scalar copy of each path: a tile that fits and a long row's update loop in perturb_; with PARTS > 1 also each
-# kept tile of a row) and explicit fma per element outside it.
+# kept tile of a row and the update loop of the tiles past them) and explicit fma per element outside it.
 NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 4,
                "row_partials_kernel": 0, "restore_kernel": 2, "sgd_step_kernel": 0}
 
 
 def noise_sites(spec) -> int:
     kernel, parts = spec[0], spec[6]
-    return NOISE_SITES[kernel] + (2 * parts if (parts or 1) > 1 else 0)
+    return NOISE_SITES[kernel] + (2 * (parts + 1) if (parts or 1) > 1 else 0)
 
 
 def expected_fma(spec) -> int:

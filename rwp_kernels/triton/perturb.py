@@ -192,16 +192,15 @@ def _add_squares(acc, x, PER: tl.constexpr):
 
 
 @triton.jit
-def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
+def _loop_acc(w_addr, fisher_addr, base, start, end, acc, facc, VEC: tl.constexpr, DTYPE: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """``acc`` and ``facc`` (one float64 per thread: a thread's elements added up first, fewer registers than one
+    per element) plus the squares and the Fisher state of the elements ``[start, end)`` in the tiles from
+    ``base`` (a multiple of 4) on, tile by tile."""
     PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
     lanes = tl.arange(0, BLOCK)
     w_ptr = T.pointer(w_addr, DTYPE, VEC)
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
-    base = start - start % 4
-    # One float64 accumulator per thread (a thread's elements added up first): fewer registers than one per element.
-    acc = tl.zeros([BLOCK // PER], tl.float64)
-    facc = tl.zeros([BLOCK // PER], tl.float64)
     for i in range(0, tl.cdiv(end - base, BLOCK)):
         tile, mask = T.span(base + i * BLOCK, start, end, VEC, DTYPE, BLOCK)
         x = to_float32(tl.load(w_ptr + tile + lanes, mask=mask, other=0.0)).to(tl.float64)
@@ -209,6 +208,15 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
         if fisher_addr != 0:
             f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
+    return acc, facc
+
+
+@triton.jit
+def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
+    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth
+    zeros = tl.zeros([BLOCK // PER], tl.float64)
+    acc, facc = _loop_acc(w_addr, fisher_addr, start - start % 4, start, end, zeros, zeros, VEC, DTYPE, BLOCK)
     fsum = tl.zeros([], tl.float64)
     if fisher_addr != 0:  # (no second block reduction without a Fisher state)
         fsum = tl.sum(facc)
@@ -219,10 +227,11 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
 def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
               grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
               PARTS: tl.constexpr):
-    """A row of at most PARTS tiles kept in registers: all its tiles loaded at once, the norm, then each tile's
-    update from the kept weights (the row read from DRAM once, its loads all in flight together). Offsets are
-    32-bit from the row's first tile, so that the compiler recomputes each tile's addresses and mask rather than
-    keeping them through the normals."""
+    """A row whose first PARTS tiles are kept in registers: their loads all issued at once, the norm (a longer
+    row's further tiles streamed through it), then each kept tile's update from the kept weights, and the further
+    tiles' update, which reads them again. A row of at most PARTS tiles is read from DRAM once. Offsets in the kept
+    tiles are 32-bit from the row's first tile, so that the compiler recomputes each tile's addresses and mask
+    rather than keeping them through the normals."""
     PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
     lanes = tl.arange(0, BLOCK)
     base = start - start % 4
@@ -248,6 +257,8 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
             mask = (offsets >= first) & (offsets < end)
             f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
+    rest = start - start % 4 + PARTS * BLOCK  # the first tile past the kept ones (none: no iteration below)
+    acc, facc = _loop_acc(w_addr, fisher_addr, rest, start, start + count, acc, facc, VEC, DTYPE, BLOCK)
     row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
     tl.store(sigma_ptr + first_row, row_sigma)
     noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
@@ -258,6 +269,8 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
                    (offsets >= first) & (offsets < end),
                    tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
                    BLOCK, kept[p])
+    _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, gamma, eta,
+                 vector, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
 
 
 @triton.jit
@@ -327,7 +340,7 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
                    step, k0, k1, False, DTYPE, BLOCK)
-    elif (PARTS > 1) & (start % 4 + count <= PARTS * BLOCK) & (row_len <= SPLIT_ROW):
+    elif (PARTS > 1) & (row_len <= SPLIT_ROW):
         if vec:
             _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
                       grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PARTS)
