@@ -2,10 +2,11 @@
 when a row is longer than ``tables.SPLIT_ROW``).
 
 A program takes one item: several whole rows packed into one tile (short rows; their norms are segmented sums,
-their sigmas computed once per row), one row that fits a tile (read again for the update, from L1), one row of
-up to PARTS tiles (the constexpr, ``tables.perturb_tile``: kept in registers between the norm and the update), one
-long row (two passes over it: the norm, then the update, which finds the row in L2), or one segment of a split
-row (its norm from the partial sums that ``row_partials_kernel`` wrote in the first launch). Items
+their sigmas computed once per row), one row that fits a tile (read again for the update, from L1), one longer
+row whose first PARTS tiles are kept in registers between the norm and the update (the constexpr,
+``tables.perturb_tile``; the tiles past them are read twice), one long row where PARTS is 1 (two passes over it:
+the norm, then the update, which finds the row in L2), or one segment of a split row (its norm from the partial
+sums that ``row_partials_kernel`` wrote in the first launch). Items
 whose tensors are 16-byte aligned and whose bounds are whole vectors run a copy of each path with 16-byte
 accesses (``VEC``: ``tables.span``, ``tables.pointer``).
 """
