@@ -814,8 +814,9 @@ def cuda_row_segments(row_len: int, itemsize: int) -> int:
 
 def _add_search(work: Work, key: str, blocks: int, num_params: int) -> None:
     """The owner_of iterations of ``blocks`` blocks of the CUDA kernel ``key`` (its first warp's)."""
-    if search_iterations(num_params):
-        work.iterations[(key, "search")] += blocks * search_iterations(num_params)
+    steps = search_iterations(num_params)
+    if steps:
+        work.iterations[(key, "search")] += blocks * steps
 
 
 def _cuda_perturb(params, s: int, work: Work, grad_scale: bool) -> None:
@@ -968,18 +969,13 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
     ``grad_scale``: perturb_ rescaling the gradients."""
     a = {**ASSUMPTIONS, **(assumptions or {})}
     work = op_work(op, backend, params, dtype, grad_scale)
-    block, parts = (work.tile[0], work.tile[2]) if work.tile else (None, None)
     issue_cycles = 0.0
     pipe_cycles = Counter()
     latency_its = 0.0
     warps_seen = []
     thread_instr = 0.0
     tp = PIPE_THROUGHPUT[_limits_arch(gpu.arch)]
-    for (key, path_name), its in work.iterations.items():
-        r = index.get((backend, key, dtype, gpu.arch, block, parts))
-        if r is None or r.paths.get(path_name) is None:
-            raise KeyError(f"no analysis of {backend} {key} {dtype} sm_{gpu.arch}"
-                           f"{f' BLOCK={block}' if block else ''}{f' PARTS={parts}' if parts else ''} path {path_name}")
+    for r, path_name, its in _path_runs(work, backend, dtype, gpu.arch, index):
         path = r.paths[path_name]
         counts = path.pipes()
         issue_cycles += its * len(path)
@@ -1008,6 +1004,18 @@ def estimate(op: str, backend: str, params, dtype: str, gpu: GPU, index: dict, m
                     _tile_label(work.tile))
 
 
+def _path_runs(work: Work, backend: str, dtype: str, arch: int, index: dict):
+    """(report, path name, warp iterations) for each path of ``work`` (its kernels from ``index``, compiled for
+    ``arch``); a KeyError names a path with no analysis."""
+    block, parts = (work.tile[0], work.tile[2]) if work.tile else (None, None)
+    for (key, path_name), its in work.iterations.items():
+        r = index.get((backend, key, dtype, arch, block, parts))
+        if r is None or r.paths.get(path_name) is None:
+            raise KeyError(f"no analysis of {backend} {key} {dtype} sm_{arch}"
+                           f"{f' BLOCK={block}' if block else ''}{f' PARTS={parts}' if parts else ''} path {path_name}")
+        yield r, path_name, its
+
+
 @dataclass
 class HotLoop:
     label: str  # the kernel and path, e.g. "perturb_kernel<bf16,false,false> update"
@@ -1018,12 +1026,8 @@ class HotLoop:
 def hot_loop(op: str, backend: str, params, dtype: str, arch: int, index: dict) -> HotLoop:
     """The path that issues most of ``op``'s instructions on ``params`` (its hot loop), ``index`` from
     :func:`report_index` with the kernels for ``arch``."""
-    work = op_work(op, backend, params, dtype)
-    block, parts = (work.tile[0], work.tile[2]) if work.tile else (None, None)
-    slots = []  # (issue slots, report, path name)
-    for (key, path_name), its in work.iterations.items():
-        r = index[(backend, key, dtype, arch, block, parts)]
-        slots.append((its * len(r.paths[path_name]), r, path_name))
+    slots = [(its * len(r.paths[path_name]), r, path_name)  # (issue slots, report, path name)
+             for r, path_name, its in _path_runs(op_work(op, backend, params, dtype), backend, dtype, arch, index)]
     most, r, path_name = max(slots, key=lambda t: t[0])
     return HotLoop(f"{r.label} {path_name}", len(r.paths[path_name]) / r.facts.elems, most / sum(t[0] for t in slots))
 

@@ -85,10 +85,10 @@ TILE_MENU = TILE_MENUS[4]
 PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "row_partials_kernel")
 
 # perturb_'s rows longer than a tile, by element size: where most elements are in such rows, the launch takes a
-# variant of perturb_kernel that keeps a row of up to this many tiles in registers between its norm and its update
-# (float32, 512-element tiles: rows of up to 2560 elements; 64 registers, 32 warps per SM; 6 tiles spill). Longer
-# rows, and rows of 16-bit types (whose 8 elements per thread spill at 5 tiles), are read twice: the norm, then the
-# update.
+# variant of perturb_kernel that keeps this many of a row's first tiles in registers between its norm and its update
+# (float32, 512-element tiles: rows of up to 2560 elements read once, a longer row's further tiles twice; 64
+# registers, 32 warps per SM; 6 tiles spill). Rows of 16-bit types (whose 8 elements per thread spill at 5 tiles)
+# are read twice: the norm, then the update.
 RESIDENT_PARTS = {4: 5}
 
 _CACHE_CAPACITY = 16
@@ -177,8 +177,8 @@ def perturb_tile(units, itemsize: int = 4) -> Tile:
     """The tile of the perturb_ kernels for rows given as ``(length, how many)`` pairs: the menu's smallest, whatever
     the rows. Each warp of a program runs the program's overhead (its item and table row, the row's reduction and
     sigma): fewer warps per row run it fewer times, and a long row's last tile is emptier the larger the tile.
-    Where the median row is longer than the tile, the variant that keeps rows of up to ``RESIDENT_PARTS`` tiles
-    in registers."""
+    Where the median row is longer than the tile, the variant that keeps a row's first ``RESIDENT_PARTS`` tiles in
+    registers."""
     block, warps = tile_menu(itemsize)[0]
     if _median_unit(units) <= block:
         return Tile(block, warps)
