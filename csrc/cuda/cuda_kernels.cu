@@ -125,20 +125,25 @@ __device__ __forceinline__ int64_t vector_of(int64_t e) {
   return static_cast<int64_t>(static_cast<uint64_t>(e) / kVecElems<T>);
 }
 
-// The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks. kRoundKeys: with the round keys
-// precomputed (NoiseKey::rounds, which the compiler keeps in uniform registers), else added up round by round.
+// The key of the Philox rounds: the round keys precomputed (NoiseKey::rounds, which the compiler keeps in uniform
+// registers), or the key whose rounds add them up as they go.
+template <bool kRoundKeys>
+__device__ __forceinline__ decltype(auto) philox_keys(const NoiseKey& key) {
+  if constexpr (kRoundKeys) {
+    return (key.rounds);  // (a reference)
+  } else {
+    return key.key();
+  }
+}
+
+// The normals of elements e .. e+N-1 (e a multiple of 4): N / 4 Philox blocks, with philox_keys<kRoundKeys>.
 template <bool kRoundKeys = true, int N>
 __device__ __forceinline__ void normals(int64_t e, uint32_t param_index, const NoiseKey& key, float (&z)[N]) {
 #pragma unroll
   for (int c = 0; c < N / 4; ++c) {
     const uint64_t q = static_cast<uint64_t>(e / 4 + c);
-    if constexpr (kRoundKeys) {
-      normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.rounds,
-                   z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
-    } else {
-      normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step, key.key(),
-                   z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
-    }
+    normal_block(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), param_index, key.step,
+                 philox_keys<kRoundKeys>(key), z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]);
   }
 }
 
