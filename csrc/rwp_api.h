@@ -77,13 +77,14 @@ struct ScalarArg {
   RWP_HD float get() const { return ptr ? *ptr : value; }
 };
 
+// The noise stream's key (its ten Philox round keys, round 0's being the key itself) and step.
 struct NoiseKey {
-  uint32_t k0, k1, step;
-  PhiloxRoundKeys rounds;  // of (k0, k1): noise_key() fills it
-  RWP_HD PhiloxKey key() const { return {k0, k1}; }
+  uint32_t step;
+  PhiloxRoundKeys rounds;
+  RWP_HD PhiloxKey key() const { return {rounds.k0[0], rounds.k1[0]}; }
 };
 
-inline NoiseKey noise_key(uint32_t k0, uint32_t k1, uint32_t step) { return {k0, k1, step, philox_round_keys({k0, k1})}; }
+inline NoiseKey noise_key(uint32_t k0, uint32_t k1, uint32_t step) { return {step, philox_round_keys({k0, k1})}; }
 
 struct PerturbArgs {
   NoiseKey key;
