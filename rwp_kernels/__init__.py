@@ -3,10 +3,23 @@
 The functional ops below act on whole lists of tensors at once; ``rwp_kernels.optim`` builds drop-in
 optimizers on them.
 """
-from . import _source_tree
-from ._version import __version__
-from .backends import BackendUnavailableError, available_backends
-from .ops import noise, perturb_, philox4x32_10, restore_, sgd_step_
+import sys
+
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as err:  # a Python the package was not installed into: say which one, and what to do
+    if err.name != "torch":
+        raise
+    raise ModuleNotFoundError(
+        f"rwp_kernels needs PyTorch, and this Python ({sys.executable}) has none. Install the package into it "
+        "(from the clone's root: pip install \".[train]\", which brings PyTorch), or run the Python of the "
+        "environment it went into (README, Install: python3 -m venv .venv && . .venv/bin/activate).",
+        name="torch") from err
+
+from . import _source_tree  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .backends import BackendUnavailableError, available_backends  # noqa: E402
+from .ops import noise, perturb_, philox4x32_10, restore_, sgd_step_  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -46,6 +46,17 @@ def test_setup_py_does_not_need_torch():
     assert out.stdout.strip().splitlines()[-1] == rwp_kernels.__version__
 
 
+def test_a_python_without_torch_is_told_what_to_install():
+    """From the clone's root a Python without PyTorch (not the environment the package went into) imports the
+    checkout's rwp_kernels: the error names that Python and the install command, not only the missing module."""
+    code = "import sys; sys.modules['torch'] = None; import rwp_kernels.optim, rwp_kernels.train"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: rwp_kernels needs PyTorch"), out.stderr[-2000:]
+    assert sys.executable in last and 'pip install ".[train]"' in last
+
+
 @pytest.mark.slow
 def test_demo_runs_and_matches_the_textbook_update(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rwp_kernels.demo", "--batch", "4"], cwd=tmp_path,
