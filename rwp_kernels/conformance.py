@@ -284,14 +284,14 @@ SWEEP = (
     Case("rows27", (5, 3, 3, 3)),
     Case("rows27_channels_last_small", (4, 3, 3, 3), CHANNELS_LAST),
     Case("rows4608_channels_last", (4, 512, 3, 3), CHANNELS_LAST, fast=False),  # rows longer than a tile
-    Case("rows4608", (3, 4608)),
+    Case("rows4608", (3, 4608), fast=False),
     Case("rows2053", (2, 2053)),  # longer than a Triton tile; the second row starts inside a Philox block
     Case("rows70001", (2, 70001), fast=False),  # longer than 64k; split across blocks / programs
     Case("row100000", (1, 100000), fast=False),  # the longest row the suite promises (10^5 elements)
     Case("rows_of_1", (5, 1)),
     Case("rows_of_1_b", (7, 1)),
     Case("short_rows_40", (33, 40)),  # several rows share a tile
-    Case("short_rows_50", (100, 50)),
+    Case("short_rows_50", (100, 50), fast=False),  # many tiles of packed rows (short_rows_40: three)
     Case("fc", (10, 64)),
     Case("scalar", ()),
     Case("vector37", (37,)),
