@@ -244,9 +244,11 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
         return KernelFacts(
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
-             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2 + vf, "philox": 1}), *CUDA_ROW_OVERHEAD), n,
+             PathSpec("sigmas", {"ld128": vf, "st128": vf}, body_without=("philox",)),
+             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2, "philox": 1}), *CUDA_ROW_OVERHEAD), n,
             3 * s + 8,
-            "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
+            "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element "
+            "(which the update reads back, from L2)")
     if kernel == "restore_kernel":
         return KernelFacts("regenerated noise, no gradient mix",
                            (PathSpec("main", {"ld128": 1, "st128": 1, "philox": 1}), *CUDA_BLOCK_OVERHEAD), n, 2 * s,

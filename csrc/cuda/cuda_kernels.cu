@@ -16,10 +16,14 @@ namespace rwp::cuda {
 namespace {
 
 constexpr int kThreads = kCudaThreads;
-// Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90; 24 for
-// perturb_'s per-element variant, which only 1-D ARWP parameters take (its float64 sigma per element spills
-// 28-40 bytes even at 64 registers).
+// Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90.
 constexpr int kBlocksPerSm = 5;
+// perturb_'s per-element variant, which only 1-D ARWP parameters take: the float64 square root and division of
+// each sigma call subroutines, and values live across the calls spill at 48 registers (4-48 bytes, by dtype and
+// arch). 32 warps for rows (56-64 registers), 24 for split rows (60-72: at 64 the 16-bit ones spill 8 bytes).
+constexpr int perturb_blocks_per_sm(bool per_element, bool split) {
+  return !per_element ? kBlocksPerSm : split ? 3 : 4;
+}
 using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
@@ -278,14 +282,45 @@ __device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, con
   }
 }
 
+// Sigmas of a 0-D/1-D ARWP parameter, one per element of this thread's vectors of the span: the tensor's
+// unscaled sigma over sqrt(1 + eta * its Fisher value), written to the sigma buffer. A loop of its own, before the
+// update and a barrier: the float64 square root and division call subroutines, and what the update would keep live
+// across those calls spills (the callers find it again in the entry in shared memory after the barrier).
+template <class T>
+__device__ __forceinline__ void element_sigmas(const ParamEntry& p, const PerturbArgs& a, const Span& s, unsigned lane,
+                                               unsigned group, bool aligned, double sumsq) {
+  constexpr int N = kVecElems<T>;
+  const float* const fisher = p.fisher + s.first;
+  float* const sigmas = a.sigma + p.sigma_offset + s.first;
+  const double tensor_sig = unscaled_sigma(sumsq, p.gamma, true), eta = p.eta;
+  const bool sigmas_aligned = aligned16(sigmas);  // they start at any offset of the sigma buffer
+  for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
+    constexpr bool vec = decltype(flag)::value;
+#pragma unroll
+    for (int e = N * v; e < N * v + N; e += 4) {  // 16 bytes of float32 at a time: fewer live registers
+      float f[4];
+      load_elems(fisher, e, s.lo, s.hi, vec, f);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f[j] = adaptive_sigma(tensor_sig, f[j], eta);
+      // (store_elems' 16-byte store of a Vec<float> comes out as four 4-byte stores here)
+      if (vec && sigmas_aligned) {
+        __stcg(reinterpret_cast<float4*>(sigmas + e), make_float4(f[0], f[1], f[2], f[3]));
+      } else {
+        store_elems(sigmas, e, s.lo, s.hi, false, f);
+      }
+    }
+  });
+}
+
 // The update of this thread's vectors of the span once the row's sums are known: backup <- w,
-// w <- w + sigma * z with the row's sigma (or, kPerElement, one per element from the Fisher state, also written
-// out), and grad <- grad * grad_scale. kStage: w comes from the stage.
+// w <- w + sigma * z with the row's sigma (or, kPerElement, one per element from the Fisher state: element_sigmas
+// writes them, this loop reads back the thread's own), and grad <- grad * grad_scale. kStage: w comes from the
+// stage.
 template <class T, bool kPerElement, bool kStage>
 __device__ __forceinline__ void update_vectors(const ParamEntry& p, const PerturbArgs& a, const Span& s, unsigned lane,
-                                               unsigned group, bool aligned, const Vec<T>* stage, double sumsq,
-                                               float row_sig) {
+                                               unsigned group, bool aligned, const Vec<T>* stage, float row_sig) {
   constexpr int N = kVecElems<T>;
+  const float* const sigmas = a.sigma + p.sigma_offset + s.first;
   // The entry lives in shared memory: the fields the loop uses are copied to registers once.
   const uint32_t param_index = p.param_index;
   const bool add = p.gamma != 0.0;
@@ -294,37 +329,22 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
   T* grad = p.grad ? static_cast<T*>(p.grad) + s.first : nullptr;
   const float grad_scale = a.grad_scale.get();
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
-  const float* const fisher = kPerElement ? p.fisher + s.first : nullptr;  // no offset on a null pointer
-  float* const sigmas = a.sigma + p.sigma_offset + s.first;
   // (the staged 16-bit update keeps no precomputed round keys: with them it spills at 48 registers)
-  constexpr bool kRoundKeys = sizeof(T) == 4 || !kStage || kPerElement;
+  constexpr bool kRoundKeys = sizeof(T) == 4 || !kStage;
   for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
     const Vec<T> raw = kStage ? stage[v] : load_raw(w, e, s.lo, s.hi, vec);
     if (backup) store_raw(backup, e, s.lo, s.hi, vec, raw);
-    float sg[N];
-#pragma unroll
-    for (int j = 0; j < N; ++j) sg[j] = row_sig;
-    if (kPerElement) {
-      float f[N];
-      load_elems(fisher, e, s.lo, s.hi, vec, f);
-      // gamma and eta read from the entry in shared memory where they are used, not kept in registers (the
-      // bfloat16 variant spills on sm_90 if they are)
-      const double gamma = *static_cast<const volatile double*>(&p.gamma);
-      const double eta = *static_cast<const volatile double*>(&p.eta);
-#pragma unroll
-      for (int j = 0; j < N; ++j) sg[j] = row_sigma(sumsq, gamma, true, true, f[j], eta);
-      store_elems(sigmas, e, s.lo, s.hi, vec && aligned16(sigmas), sg);  // any offset in the sigma array
-    }
     if (add) {
       Vec<T> out;  // one Philox block at a time, each result rounded to T at once: fewer live registers
 #pragma unroll
       for (int c = 0; c < N / 4; ++c) {
-        float z[4];
+        float sg[4] = {row_sig, row_sig, row_sig, row_sig}, z[4];
+        if (kPerElement) load_elems(sigmas, e + 4 * c, s.lo, s.hi, vec && aligned16(sigmas), sg);
         normals<kRoundKeys>(s.first + e + 4 * c, param_index, a.key, z);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) from_f32(add_noise(to_f32(raw.x[4 * c + j]), sg[4 * c + j], z[j]), out.x + 4 * c + j);
+        for (int j = 0; j < 4; ++j) from_f32(add_noise(to_f32(raw.x[4 * c + j]), sg[j], z[j]), out.x + 4 * c + j);
       }
       store_raw(w, e, s.lo, s.hi, vec, out);
     }
@@ -387,9 +407,14 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
   sumsq = RowSum::sum(tmp, sumsq, g.size);
   if (row_fisher()) fsum = RowSum::sum(tmp, fsum, g.size);
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher(), fsum, p.eta);
-  const Span span = row_span<T>(p, row(g));
-  if (!kPerElement && span.vectors > 0 && g.lane == 0) a.sigma[p.sigma_offset + row(g)] = row_sig;
-  update_vectors<T, kPerElement, true>(p, a, span, g.lane, g.size, entry_aligned(p), stage(g), sumsq, row_sig);
+  if (kPerElement) {
+    element_sigmas<T>(p, a, row_span<T>(p, row(g)), g.lane, g.size, entry_aligned(p), sumsq);
+    __syncthreads();
+  }
+  const RowGroup u = row_group(p);
+  const Span span = row_span<T>(p, row(u));
+  if (!kPerElement && span.vectors > 0 && u.lane == 0) a.sigma[p.sigma_offset + row(u)] = row_sig;
+  update_vectors<T, kPerElement, true>(p, a, span, u.lane, u.size, entry_aligned(p), stage(u), row_sig);
 }
 
 // Segment `unit` of a split parameter (its partial sums are entry p.partial_offset + unit of args.partials).
@@ -435,14 +460,18 @@ __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t uni
   const bool row_fisher = p.fisher != nullptr && !kPerElement;
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
   if (!kPerElement && unit == row * p.segments && threadIdx.x == 0) a.sigma[p.sigma_offset + row] = row_sig;
+  if (kPerElement) {
+    element_sigmas<T>(p, a, segment_span<T>(p, unit), threadIdx.x, kThreads, entry_aligned(p), sumsq);
+    __syncthreads();
+  }
   update_vectors<T, kPerElement, false>(p, a, segment_span<T>(p, unit), threadIdx.x, kThreads, entry_aligned(p),
-                                        nullptr, sumsq, row_sig);
+                                        nullptr, row_sig);
 }
 
 // One instantiation per dtype, sigma mode and row split (a launch takes the entries of one), for fewer
 // registers.
 template <class T, bool kPerElement, bool kSplit>
-__global__ void __launch_bounds__(kThreads, kPerElement ? 3 : kBlocksPerSm) perturb_kernel(const ParamEntry* table,
+__global__ void __launch_bounds__(kThreads, perturb_blocks_per_sm(kPerElement, kSplit)) perturb_kernel(const ParamEntry* table,
                                                                                          int64_t num_params,
                                                                                          int64_t first_unit,
                                                                                          PerturbArgs a) {

@@ -47,6 +47,12 @@ struct dim3 {
 
 inline int __ffs(int x) { return __builtin_ffs(x); }  // 1 + the index of the lowest set bit; 0 for 0
 
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline void __stcg(float4* p, float4 v) { *p = v; }  // a store that bypasses L1: a plain store here
+
 template <class T>
 inline T min(T a, T b) {
   return b < a ? b : a;
