@@ -19,6 +19,11 @@ if not torch.cuda.is_available():
 
 from rwp_kernels import backends  # noqa: E402  (after TRITON_INTERPRET is set)
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from _interpreter_speed import install  # noqa: E402
+
+    install()
+
 REQUIRED = {c.strip() for c in os.environ.get("RWP_KERNELS_REQUIRE", "").split(",") if c.strip()}
 
 

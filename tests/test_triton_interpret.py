@@ -154,6 +154,28 @@ def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel):
         assert out[True][4] == 0.0 and out[False][4] == 0.0
 
 
+def test_the_suites_faster_interpreter_gives_the_same_bits(triton_interpreter):
+    """tests/_interpreter_speed.py (installed by conftest.py) skips the interpreter's re-patching of
+    triton.language at each helper call: perturb_ with ARWP, the backups and the gradient scaling over the fast
+    sweep, with and without it, bit for bit."""
+    import _interpreter_speed
+
+    if not _interpreter_speed.install():
+        pytest.skip("this Triton's interpreter lacks the hooks tests/_interpreter_speed.py patches")
+    params = _params(torch.float32)
+    fisher = C.fisher_like(params, seed=4)
+    out = {}
+    for fast in (True, False):
+        _interpreter_speed.enabled = fast
+        try:
+            out[fast] = _perturb_all("triton", params, fisher)
+        finally:
+            _interpreter_speed.enabled = True
+    for what in out[True]:
+        for a, b in zip(out[True][what], out[False][what]):
+            assert torch.equal(a, b), what
+
+
 # --- bit for bit the C++ CPU backend ------------------------------------------------------------------------
 
 NOISE_WINDOWS = [  # (numel, offset, seed, param_index, step, stream)
