@@ -188,11 +188,18 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # 0x48 of an entry, one load per iteration: not the split rows' unrolled sum of partials), one iteration per
 # halving of the table, run by the block's first warp.
 CUDA_SEARCH = PathSpec("search", {"ld64@0x48": 1}, body_without=("philox",), body_at_most={"ld64": 1}, overhead=True)
-# A CUDA perturb_ block's rows: its prologue and epilogue outside the loops (the entry copied to shared memory,
-# the spans, the row's sigma; the cheapest path that writes and reads BlockSum's shared array) and BlockSum's
-# tree, one iteration per halving of the group. A lower bound: the sigma store (lane 0) is off the cheapest path.
-CUDA_ROW_OVERHEAD = (PathSpec("row", {"sts64": 1, "lds64": 1}, loop=False, overhead=True),
-                     PathSpec("tree", {"lds64": 2}, body_without=("philox",), overhead=True), CUDA_SEARCH)
+
+
+def cuda_row_overhead(result: dict) -> tuple:
+    """A CUDA block's rows: its prologue and epilogue outside the loops (the entry copied to shared memory, the
+    spans, the row's sigma; the cheapest path that writes and reads BlockSum's shared array and makes the stores
+    of ``result``, the row's result that its first thread writes: the sigma, a segment's partial sums) and
+    BlockSum's tree, one iteration per halving of the group."""
+    return (PathSpec("row", {"sts64": 1, "lds64": 1, **result}, loop=False, overhead=True),
+            PathSpec("tree", {"lds64": 2}, body_without=("philox",), overhead=True), CUDA_SEARCH)
+
+
+CUDA_ROW_OVERHEAD = cuda_row_overhead({"st32": 1})  # perturb_'s rows: lane 0 stores the row's sigma
 # A block's prologue where there is no row to reduce (split rows' update, restore_, sgd_step_).
 CUDA_BLOCK_OVERHEAD = (PathSpec("block", {}, loop=False, overhead=True), CUDA_SEARCH)
 
@@ -236,8 +243,8 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
     if kernel == "partials_kernel":
         return KernelFacts("a segment's float64 sums of squares, no Fisher state",
                            # its block sums 256 threads: BlockSum's tree unrolled, on the row's path
-                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}), CUDA_ROW_OVERHEAD[0],
-                            CUDA_SEARCH), n, s,
+                           (PathSpec("norm", {"ld128": 1}, body_at_most={"ld128": 1}),
+                            cuda_row_overhead({"st64": 2})[0], CUDA_SEARCH), n, s,
                            "reads w once")
     if kernel == "perturb_kernel_ae":  # <T, true, false>: ARWP, one sigma per element of a 0-D/1-D parameter
         vf = 4 * n // 16  # 16-byte vectors of float32 per vector of T
@@ -245,7 +252,7 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
              PathSpec("sigmas", {"ld128": vf, "st128": vf}, body_without=("philox",)),
-             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2, "philox": 1}), *CUDA_ROW_OVERHEAD), n,
+             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2, "philox": 1}), *cuda_row_overhead({})), n,
             3 * s + 8,
             "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element "
             "(which the update reads back, from L2)")
