@@ -411,7 +411,7 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
     element_sigmas<T>(p, a, row_span<T>(p, row(g)), g.lane, g.size, entry_aligned(p), sumsq);
     __syncthreads();
   }
-  const RowGroup u = row_group(p);
+  const RowGroup u = row_group(p);  // (after element_sigmas, found again rather than kept across its calls)
   const Span span = row_span<T>(p, row(u));
   if (!kPerElement && span.vectors > 0 && u.lane == 0) a.sigma[p.sigma_offset + row(u)] = row_sig;
   update_vectors<T, kPerElement, true>(p, a, span, u.lane, u.size, entry_aligned(p), stage(u), row_sig);
@@ -471,10 +471,8 @@ __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t uni
 // One instantiation per dtype, sigma mode and row split (a launch takes the entries of one), for fewer
 // registers.
 template <class T, bool kPerElement, bool kSplit>
-__global__ void __launch_bounds__(kThreads, perturb_blocks_per_sm(kPerElement, kSplit)) perturb_kernel(const ParamEntry* table,
-                                                                                         int64_t num_params,
-                                                                                         int64_t first_unit,
-                                                                                         PerturbArgs a) {
+__global__ void __launch_bounds__(kThreads, perturb_blocks_per_sm(kPerElement, kSplit))
+    perturb_kernel(const ParamEntry* table, int64_t num_params, int64_t first_unit, PerturbArgs a) {
   __shared__ ParamEntry entry;
   const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
   if constexpr (kSplit) {
