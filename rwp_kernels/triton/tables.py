@@ -61,15 +61,15 @@ SEGMENT: tl.constexpr = tl.constexpr(8192)
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 # Register caps (ptxas .maxnreg), by kernel and the parameters' element size, where ptxas's own choice would cost
-# resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill (it picks 48 and spills 8 bytes for
-# the elementwise kernel on sm_80). 16-bit tiles hold 8 elements per thread, two Philox blocks: perturb_kernel's
-# packed rows need 64 registers (32 warps per SM; at 56 it spills 8-12 bytes); sgd_step_kernel and restore_kernel
-# fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with them and fails on
-# any spill. A key with a third entry is perturb_kernel's variant that keeps rows of up to that many tiles in
-# registers (``RESIDENT_PARTS``).
+# resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill. 16-bit tiles hold 8 elements per
+# thread, two Philox blocks: perturb_kernel's packed rows need 64 registers (32 warps per SM; at 56 it spills 8-12
+# bytes), the elementwise kernel's float64 sigmas 56 (36 warps; at 48 it spills 32-64 bytes); sgd_step_kernel and
+# restore_kernel fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with
+# them and fails on any spill. A key with a third entry is perturb_kernel's variant that keeps rows of up to that
+# many tiles in registers (``RESIDENT_PARTS``).
 MAX_REGISTERS = {
     ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 64, ("perturb_kernel", 4, 5): 64,
-    ("perturb_elementwise_kernel", 4): 64, ("perturb_elementwise_kernel", 2): 64,
+    ("perturb_elementwise_kernel", 4): 48, ("perturb_elementwise_kernel", 2): 56,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 48,
     ("restore_kernel", 2): 48,
 }
