@@ -301,7 +301,7 @@ __device__ __forceinline__ void element_sigmas(const ParamEntry& p, const Pertur
       float f[4];
       load_elems(fisher, e, s.lo, s.hi, vec, f);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) f[j] = adaptive_sigma(tensor_sig, f[j], eta);
+      for (int j = 0; j < 4; ++j) f[j] = static_cast<float>(fisher_scaled(tensor_sig, f[j], eta));
       // (store_elems' 16-byte store of a Vec<float> comes out as four 4-byte stores here)
       if (vec && sigmas_aligned) {
         __stcg(reinterpret_cast<float4*>(sigmas + e), make_float4(f[0], f[1], f[2], f[3]));
