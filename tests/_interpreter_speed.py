@@ -1,9 +1,9 @@
-"""A faster Triton interpreter for the tests: the same results, a third less time.
+"""A faster Triton interpreter for the tests: the same results in about 30 % less time.
 
 At every call of a ``@triton.jit`` helper from inside a kernel, Triton's interpreter patches ``triton.language``
 again (``InterpretedFunction.__call__`` -> ``_patch_lang``: an ``inspect.getmembers`` walk of the language
 modules, about 0.6 ms), although the launch running the kernel has patched the same modules already, with the
-same functions. The kernels here call about 30 helpers per tile, so that walk is about a third of the
+same functions. The kernels here call about 30 helpers per tile, so that walk takes about 30 % of the
 interpreter's time. ``install()`` skips it where the running launch has patched the helper's language modules
 already; everything else runs as before. tests/test_triton_interpret.py checks an op with and without it, bit
 for bit. Where the interpreter lacks the hooks this expects (another Triton version), it installs nothing.
