@@ -361,7 +361,8 @@ def quick_tiles(models, dtypes=("fp32", "bf16")) -> list[tuple[int, int]]:
     for m in models:
         params = G.param_rows(G.model_shapes(m)[0])
         for s in {G.ITEMSIZE[d] for d in dtypes}:
-            for tile in (perturb_tile([(r, n // r) for n, r in params], s), choose_tile([(n, 1) for n, _ in params], s)):
+            for tile in (perturb_tile([(r, n // r) for n, r in params], s),
+                         choose_tile([(n, 1) for n, _ in params], s)):
                 tiles.add((tile.block, tile.num_warps))
     return sorted(tiles)
 

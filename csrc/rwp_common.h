@@ -216,10 +216,8 @@ RWP_HD void normal_block(U q_lo, U q_hi, uint32_t param_index, uint32_t step, co
 
 // ---- per-row noise scale ---------------------------------------------------------------------------
 
-// sigma of one row from its sum of squares (and, with an ARWP Fisher state, the row's Fisher sum),
-// in double and rounded once, as the reference computes it. `whole_tensor`: a 0-D/1-D parameter.
 // unscaled_sigma: gamma times the norm (plus kNormEps for a 0-D/1-D parameter); fisher_scaled divides it by
-// sqrt(1 + eta * fisher_sum).
+// sqrt(1 + eta * fisher_sum), in double.
 RWP_HD double unscaled_sigma(double sumsq, double gamma, bool whole_tensor) {
   const double norm = sqrt(sumsq);
   return whole_tensor ? gamma * (norm + kNormEps) : gamma * norm;
@@ -229,6 +227,8 @@ RWP_HD double fisher_scaled(double sigma, double fisher_sum, double eta) {
   return sigma / sqrt(1.0 + eta * fisher_sum);
 }
 
+// sigma of one row from its sum of squares (and, with an ARWP Fisher state, the row's Fisher sum),
+// in double and rounded once, as the reference computes it. `whole_tensor`: a 0-D/1-D parameter.
 RWP_HD float row_sigma(double sumsq, double gamma, bool whole_tensor, bool adaptive, double fisher_sum,
                        double eta) {
   double sigma = unscaled_sigma(sumsq, gamma, whole_tensor);

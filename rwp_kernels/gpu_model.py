@@ -308,10 +308,11 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
         return KernelFacts(
             f"several short rows packed in one tile, aligned, backups, {grad_case}, no Fisher state",
             # their sums: a segmented scan over the tile (SHFL.UP), the path a packed tile takes
-            (PathSpec("tile", {f"ld{b}p": 2 * v + g, f"st{b}": 2 * v + g, "philox": 1, "shfl_up": 1}, loop=False),), e,
+            (PathSpec("tile", {f"ld{b}p": 2 * v + g, f"st{b}": 2 * v + g, "philox": 1, "shfl_up": 1},
+                      loop=False),), e,
             (5 if grad_scale else 3) * s,
-            f"rows packed in a tile of BLOCK = {block} elements: read w once from DRAM (the update reads the tile again "
-            f"from L1), write w and the backup{grad_note}")
+            f"rows packed in a tile of BLOCK = {block} elements: read w once from DRAM (the update reads the tile "
+            f"again from L1), write w and the backup{grad_note}")
     if kernel == "perturb_kernel_long":
         return KernelFacts(
             "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles"
@@ -675,7 +676,8 @@ def _triton_reports(spec, compiled: dict) -> list[KernelReport]:
     warps, limiter = resident_warps(compiled["registers"], smem, threads, spec.arch)
     keys = [spec.kernel]
     if spec.kernel == "perturb_kernel":  # the same kernel's other paths and its grad_scale != 1 case
-        keys += ["perturb_kernel_packed", "perturb_kernel_long", *(["perturb_kernel_resident"] if spec.parts > 1 else [])]
+        keys += ["perturb_kernel_packed", "perturb_kernel_long",
+                 *(["perturb_kernel_resident"] if spec.parts > 1 else [])]
         keys += [k + "_gs" for k in keys]
     reports = []
     for key in keys:
@@ -1116,8 +1118,9 @@ def assumption_lines(gpus=GPUS) -> list[str]:
         "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; so "
         "does each block's or program's overhead, once per warp: its cheapest path outside the loops (the table "
         "reads, the row's reduction and sigma) and, in CUDA, BlockSum's tree once per level and the first warp's "
-        "bisection of the table for the block's parameter once per halving (a lower bound: the stores of one lane "
-        "are off the cheapest path); a row kept in registers counts the program of a one-tile row, then what each "
+        "bisection of the table for the block's parameter once per halving (a CUDA row's path includes its first "
+        "thread's store of the row's result; a Triton program's may leave out such one-lane stores: a lower bound); "
+        "a row kept in registers counts the program of a one-tile row, then what each "
         "further tile adds; packed short rows, their segmented scan",
         f"  launch overhead {a['launch_s'] * 1e6:.0f} us per kernel launch (one per op and dtype here)",
         "  configuration: exact mode (backups), grad_scale 1 (gradients untouched), SGD with momentum after the first "

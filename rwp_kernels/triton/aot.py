@@ -10,13 +10,13 @@ the sigmas given to restore_, the counters and keys of the raw Philox op) are
 ``do_not_specialize_on_alignment``; every other pointer is a table or buffer the launcher allocates
 (16-byte aligned). Alignment of the parameters' own tensors is not a specialization: the kernels branch at run
 time into their vectorized path (``tables.vector_item``). What remains varies: the dtype, the tile
-(``tables.kernel_tiles``: by the dtype's size; float32 two tiles, 16-bit types one, the perturb_ kernels the smallest) and, for the kernels
-that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64 for each of them
-independently (an i64 size only with the menu's largest tile). ``specializations()`` lists all of them (sm_80
-and sm_90: 54); ``compile_inputs`` gives the exact
-signature, constexprs, attributes and options the JIT would use, and ``jit_compile_inputs`` computes the
-same from a real launch's arguments, with the JIT's own binder: tests/test_triton_aot.py runs the
-launchers on many argument sets and checks that each launch is one of ``specializations()``.
+(``tables.kernel_tiles``: by the dtype's size; float32 two tiles, 16-bit types one, the perturb_ kernels the
+smallest) and, for the kernels that take sizes and offsets as Python ints (``INDEX``, ``SIZE`` below), i32 or i64
+for each of them independently (an i64 size only with the menu's largest tile). ``specializations()`` lists all
+of them (sm_80 and sm_90: 54); ``compile_inputs`` gives the exact signature, constexprs, attributes and options
+the JIT would use, and ``jit_compile_inputs`` computes the same from a real launch's arguments, with the JIT's
+own binder: tests/test_triton_aot.py runs the launchers on many argument sets and checks that each launch is one
+of ``specializations()``.
 
 Each specialization is compiled for each target with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 cc, 32))``. Registers, stack and shared memory are read from the cubin with the ``cuobjdump -res-usage``

@@ -258,7 +258,9 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
             mask = (offsets >= first) & (offsets < end)
             f = tl.load(f_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
             facc += tl.sum(tl.reshape(f, [BLOCK // PER, PER]), 1)
-    rest = start - start % 4 + PARTS * BLOCK  # the first tile past the kept ones (none: no iteration below)
+    # The first tile past the kept ones (none: no iteration below). base + PARTS * BLOCK is the same value, but from
+    # base's vectorized form the kernel spills 4 bytes on sm_80.
+    rest = start - start % 4 + PARTS * BLOCK
     acc, facc = _loop_acc(w_addr, fisher_addr, rest, start, start + count, acc, facc, VEC, DTYPE, BLOCK)
     row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
     tl.store(sigma_ptr + first_row, row_sigma)
