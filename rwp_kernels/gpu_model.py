@@ -267,9 +267,11 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
     raise KeyError(kernel)
 
 
-# A Triton program's prologue and epilogue around its loops (the item and table reads, the row's reduction and
-# sigma): the cheapest path through it that draws no normals (those of a row that fits a tile).
-TRITON_ROW_OVERHEAD = PathSpec("row", {}, loop=False, avoid=("call", "philox"), overhead=True)
+def triton_row_overhead(result: dict) -> PathSpec:
+    """A Triton program's prologue and epilogue around its loops (the item and table reads, the row's reduction
+    and sigma): the cheapest path through it that draws no normals (those of a row that fits a tile) and makes
+    the stores of ``result``, the row's result that one lane writes (the sigma, a segment's partial sums)."""
+    return PathSpec("row", result, loop=False, avoid=("call", "philox"), overhead=True)
 
 
 def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, parts: int = 1) -> KernelFacts:
@@ -318,7 +320,8 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             "a row longer than the tile (or a segment of a split row): a norm loop and an update loop over its tiles"
             + (", gradients rescaled" if grad_scale else ""),
             (PathSpec("norm", {f"ld{b}p": v}, body_without=("philox",)),
-             PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1}), TRITON_ROW_OVERHEAD), e,
+             PathSpec("update", {f"ld{b}p": v + g, f"st{b}": 2 * v + g, "philox": 1}),
+             triton_row_overhead({"st32": 1})), e,
             (6 if grad_scale else 4) * s,
             f"reads w twice (norm pass, update pass; the second may hit L2), writes w and the backup{grad_note}")
     if kernel == "perturb_kernel_resident":
@@ -338,7 +341,8 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             f"tiles twice), writes w and the backup{grad_note}")
     if kernel == "row_partials_kernel":
         return KernelFacts("a segment of a row longer than SPLIT_ROW: its partial sums",
-                           (PathSpec("norm", {f"ld{b}p": v}), TRITON_ROW_OVERHEAD), e, s, "reads w once")
+                           (PathSpec("norm", {f"ld{b}p": v}), triton_row_overhead({"st64": 2})), e, s,
+                           "reads w once")
     if kernel == "perturb_elementwise_kernel":
         return KernelFacts(
             "ARWP 0-D/1-D tensor that fits a tile: per-element sigma from the Fisher state, backups",
@@ -1118,8 +1122,8 @@ def assumption_lines(gpus=GPUS) -> list[str]:
         "resident warps per scheduler (proportionally less below); idle lanes of partial warps and tiles count; so "
         "does each block's or program's overhead, once per warp: its cheapest path outside the loops (the table "
         "reads, the row's reduction and sigma) and, in CUDA, BlockSum's tree once per level and the first warp's "
-        "bisection of the table for the block's parameter once per halving (a CUDA row's path includes its first "
-        "thread's store of the row's result; a Triton program's may leave out such one-lane stores: a lower bound); "
+        "bisection of the table for the block's parameter once per halving (a row's path includes the store of its "
+        "result, the sigma or a segment's partial sums, by one CUDA thread or Triton lane); "
         "a row kept in registers counts the program of a one-tile row, then what each "
         "further tile adds; packed short rows, their segmented scan",
         f"  launch overhead {a['launch_s'] * 1e6:.0f} us per kernel launch (one per op and dtype here)",

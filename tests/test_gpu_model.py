@@ -304,6 +304,23 @@ def test_triton_perturb_keeps_rows_of_up_to_parts_tiles_in_registers():
     assert bf16.tile == (512, 2, 1) and not any("resident" in key for key, _ in bf16.iterations)
 
 
+def test_a_rows_overhead_path_makes_the_store_of_its_result():
+    """A row's sigma (a split row's partial sums) is stored by one thread or lane, often behind a branch that the
+    cheapest path would take around it: every row overhead requires the store."""
+    def row(facts):
+        (path,) = [p for p in facts.paths if p.name == "row"]
+        assert path.overhead and not path.loop
+        return path.require
+
+    assert row(G.cuda_facts("perturb_kernel", "bf16")) == {"sts64": 1, "lds64": 1, "st32": 1}
+    assert row(G.cuda_facts("partials_kernel", "fp32")) == {"sts64": 1, "lds64": 1, "st64": 2}
+    assert row(G.cuda_facts("perturb_kernel_ae", "fp32")) == {"sts64": 1, "lds64": 1}  # (its sigmas: a loop)
+    assert row(G.triton_facts("perturb_kernel_long", "fp32", 512, 4)) == {"st32": 1}
+    assert row(G.triton_facts("row_partials_kernel", "bf16", 512, 2)) == {"st64": 2}
+    resident = row(G.triton_facts("perturb_kernel_resident", "fp32", 512, 4, 5))
+    assert resident["st128"] == 2 and resident["ld128"] == 5  # a tile's stores: the sigma's is unconditional
+
+
 LOOP = """
 		Function : sgd_like
         /*0000*/                   S2R R0, SR_TID.X ;
