@@ -1,6 +1,8 @@
 """The package's version, and the dependency versions it supports and was tested with: setup.py reads the
 floors from here, ``python -m rwp_kernels.report`` prints them, README.md states them (tests/test_package.py
-keeps the three in agreement). This module imports nothing."""
+keeps the three in agreement). This module imports nothing but ``re``."""
+import re
+
 __version__ = "0.1.0"
 
 # The lowest torch on which the test suite passes (TESTED). Below it, measured on a CPU: torch 2.8 to 2.10
@@ -10,13 +12,16 @@ __version__ = "0.1.0"
 # torch.autograd.graph.increment_version takes one tensor, the ops bump a list).
 MIN_TORCH = "2.11"
 
-# The Triton backend's floor (everything else runs without Triton): its kernels use tl.to_tensor, which
-# Triton exports from 3.7 on (torch 2.12 is the first to ship that Triton), and tl.gather (3.3).
-MIN_TRITON = "3.7"
+# The Triton backend's floor (everything else runs without Triton): the Triton that torch 2.11 ships (and the
+# GPU machines lent to this project have). Its kernels use tl.gather (3.3); Triton 3.6's compiler needs higher
+# register caps for three kernels (triton/tables.py), its interpreter numpy < 2.4 (backends.py says so).
+MIN_TRITON = "3.6"
 
 # (torch, triton or None, what passed): on a CPU, the Triton kernels in Triton's interpreter; no GPU.
 TESTED = (
     ("2.11.0", None, "the whole suite but the Triton, extension-build and index-limit tests; no Triton installed"),
+    ("2.13.0", "3.6.0", "the Triton backend's tests with numpy 2.3: interpreter (fast and slow), conformance, "
+                        "ahead-of-time compile, PTX"),
     ("2.12.0", "3.7.0", 'fast tier (pytest -m "not slow"), the slow Triton-interpreter, torch.compile and '
                         "distributed tests"),
     ("2.14.1", "3.8.0", "the whole suite"),
@@ -26,3 +31,8 @@ TESTED = (
 def tested_versions() -> str:
     """TESTED in one line: 'torch 2.11.0, torch 2.12.0 + triton 3.7.0, ...'."""
     return ", ".join(f"torch {t}" + (f" + triton {tr}" if tr else "") for t, tr, _ in TESTED)
+
+
+def release(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "3.8.0", "3.7.0+git1234" or "3.9.0rc1"."""
+    return tuple(int(re.match(r"\d*", piece)[0] or 0) for piece in version.split("+")[0].split(".")[:3])

@@ -6,7 +6,6 @@ A backend is a module that implements ``rwp_kernels.contract.Backend``: the func
 reference backend in the same call.
 """
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -79,19 +78,27 @@ def _require_triton_version() -> None:
     """Triton's version, read without importing it (an older Triton can fail at import in other ways)."""
     from importlib import metadata
 
-    from ._version import MIN_TRITON
+    from ._version import MIN_TRITON, release
 
     try:
         version = metadata.version("triton")
     except metadata.PackageNotFoundError:
         raise BackendUnavailableError('triton is not installed (pip install "rwp-kernels[triton]")') from None
-    if _release(version) < _release(MIN_TRITON):
+    if release(version) < release(MIN_TRITON):
         raise BackendUnavailableError(f"triton {version} is installed; the Triton kernels need triton >= {MIN_TRITON}")
 
 
-def _release(version: str) -> tuple:
-    """(major, minor, patch) of a version string such as "3.8.0", "3.7.0+git1234" or "3.9.0rc1"."""
-    return tuple(int(re.match(r"\d*", piece)[0] or 0) for piece in version.split("+")[0].split(".")[:3])
+def _require_interpreter_numpy() -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into an index with int() of a one-element array, which numpy
+    2.4 refuses (the kernels' loops over a row's tiles)."""
+    from importlib import metadata
+
+    from ._version import release
+
+    triton_version, numpy_version = metadata.version("triton"), metadata.version("numpy")
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+        raise BackendUnavailableError(f"Triton {triton_version}'s interpreter needs numpy < 2.4 (numpy "
+                                      f"{numpy_version} is installed); Triton 3.7 and later work with it")
 
 
 def _load_triton(device_type: str):
@@ -105,6 +112,8 @@ def _load_triton(device_type: str):
     if device_type == "cuda":
         _require_gpu()
     _require_triton_version()
+    if interpret:
+        _require_interpreter_numpy()
     try:
         from . import triton as module
     except ImportError as err:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import rwp_kernels
+from rwp_kernels._version import release
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,10 +83,6 @@ def _setup_kwargs() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _release(version: str) -> tuple:
-    return tuple(int(x) for x in re.match(r"\d+(\.\d+)*", version).group(0).split("."))
-
-
 def test_dependency_floors_are_stated_once_and_tested():
     """setup.py's floors come from rwp_kernels/_version.py; the torch floor is the lowest tested torch; the
     Triton floor is a tested Triton; README states both; this torch is not below the floor."""
@@ -94,17 +91,18 @@ def test_dependency_floors_are_stated_once_and_tested():
     kw = _setup_kwargs()
     assert f"torch>={MIN_TORCH}" in kw["install_requires"]
     assert kw["extras_require"]["triton"] == [f"triton>={MIN_TRITON}"]
-    torches = [_release(t) for t, _, _ in TESTED]
-    assert min(torches)[: len(_release(MIN_TORCH))] == _release(MIN_TORCH), "the floor must be a tested torch"
-    tritons = [_release(tr) for _, tr, _ in TESTED if tr]
-    assert min(tritons)[: len(_release(MIN_TRITON))] == _release(MIN_TRITON), "the floor must be a tested Triton"
+    torches = [release(t) for t, _, _ in TESTED]
+    assert min(torches)[: len(release(MIN_TORCH))] == release(MIN_TORCH), "the floor must be a tested torch"
+    tritons = [release(tr) for _, tr, _ in TESTED if tr]
+    assert min(tritons)[: len(release(MIN_TRITON))] == release(MIN_TRITON), "the floor must be a tested Triton"
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"PyTorch {MIN_TORCH} or newer" in readme and f"Triton {MIN_TRITON} or newer" in readme
     for torch_version, triton_version, _ in TESTED:
         assert torch_version in readme and (triton_version is None or triton_version in readme)
     import torch
 
-    assert _release(torch.__version__) >= _release(MIN_TORCH)
+    assert release(torch.__version__) >= release(MIN_TORCH)
+    assert release("3.7.0+git1234") == (3, 7, 0) and release("3.9.0rc1") == (3, 9, 0) and release("2.11") == (2, 11)
 
 
 def test_report_prints_the_floors_and_the_tested_versions():
@@ -125,5 +123,22 @@ def test_an_old_triton_leaves_the_triton_backend_unavailable_with_the_reason(mon
 
     real = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: "3.3.1" if name == "triton" else real(name))
-    with pytest.raises(backends.BackendUnavailableError, match=r"triton 3\.3\.1 is installed; .* triton >= 3\.7"):
+    with pytest.raises(backends.BackendUnavailableError, match=r"triton 3\.3\.1 is installed; .* triton >= 3\.6"):
         backends._require_triton_version()
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0", "2.5.0", False)])
+def test_triton_3_6s_interpreter_refuses_numpy_2_4_with_the_reason(monkeypatch, triton_version, numpy_version,
+                                                                    refused):
+    from importlib import metadata
+
+    from rwp_kernels import backends
+
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    if refused:
+        with pytest.raises(backends.BackendUnavailableError, match=r"Triton 3\.6\.0's interpreter needs numpy < 2\.4"):
+            backends._require_interpreter_numpy()
+    else:
+        backends._require_interpreter_numpy()

@@ -157,3 +157,18 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{label} spills: {r}"
         assert r["stack_bytes"] == STACK_FRAMES.get(label, 0), f"{label} uses a stack frame: {r}"
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("version, elementwise_16bit, perturb_16bit", [("3.6.0", 112, 72), ("3.7.0", 56, 64),
+                                                                        ("3.8.0", 56, 64)])
+def test_the_register_caps_follow_the_installed_triton(monkeypatch, version, elementwise_16bit, perturb_16bit):
+    """Triton 3.6 compiles three kernels to more registers; the caps that compile without spills under each
+    Triton are the slow test's above (it compiles with the installed one)."""
+    triton = pytest.importorskip("triton")
+    from rwp_kernels.triton import tables
+
+    monkeypatch.setattr(triton, "__version__", version)
+    assert tables.kernel_options("perturb_elementwise_kernel", 2)["maxnreg"] == elementwise_16bit
+    assert tables.kernel_options("perturb_kernel", 2)["maxnreg"] == perturb_16bit
+    assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48  # the same under both
+    assert tables.kernel_options("perturb_kernel", 4, 5) == {**tables.COMPILE_OPTIONS, "maxnreg": 64}

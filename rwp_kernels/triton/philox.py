@@ -173,6 +173,12 @@ def _normals(first_quad, param_index, step, k0, k1, STRIDE: tl.constexpr, Q: tl.
 
 
 @triton.jit
+def _int64(x):
+    """``x`` (an integer scalar tensor, or a Python int in the interpreter's loops) as an int64 scalar tensor."""
+    return tl.zeros([], tl.int64) + x
+
+
+@triton.jit
 def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr, PER_THREAD: tl.constexpr = 4):
     """Normals of elements 4*first_quad .. 4*first_quad + BLOCK - 1 of one parameter's stream, float32 [BLOCK]
     (rwp_common.h ``normal_block`` for BLOCK // 4 consecutive blocks).
@@ -182,7 +188,7 @@ def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr, PER_
     16-byte accesses hold 4 elements) or 8 (two consecutive blocks: 16-bit tensors), so that the normals come
     out in the layout of the loads and stores and no shared-memory shuffle sits between them.
     """
-    first_quad = tl.to_tensor(first_quad).to(tl.int64)  # a Python int in the interpreter's loops
+    first_quad = _int64(first_quad)
     if PER_THREAD == 8:
         # Blocks 2i (x) and 2i + 1 (y) in one lane: [Q, blk, a, b] = (x, y)[blk][2a + b], in element order.
         x0, x1, x2, x3 = _normals(first_quad, param_index, step, k0, k1, 2, BLOCK // 8)
@@ -198,7 +204,7 @@ def normal_tile(first_quad, param_index, step, k0, k1, BLOCK: tl.constexpr, PER_
 def block_normals(first_quad, param_index, step, k0, k1, Q: tl.constexpr):
     """The normals of the blocks first_quad .. first_quad + Q - 1 by lane: float32 [Q] tensors z0, z1, z2, z3
     (element 4 * (first_quad + q) + k is zk[q]); arguments as ``normal_tile``'s."""
-    return _normals(tl.to_tensor(first_quad).to(tl.int64), param_index, step, k0, k1, 1, Q)
+    return _normals(_int64(first_quad), param_index, step, k0, k1, 1, Q)
 
 
 @triton.jit
