@@ -67,3 +67,45 @@ def test_bench_ops_one_round(tmp_path):
                                    "perturb+step / floor (paired)")} <= ops
     assert all(float(r["median_ms"]) > 0 and r["numel"] == "11173962" for r in rows)
     assert (tmp_path / "bench_ops.png").stat().st_size > 0
+
+
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+
+# A stand-in for the GPU machine's Python: it answers the script's GPU probes as an H200's would and prints what
+# each stage asked of it; the self-test fails.
+FAKE_PYTHON = """#!/bin/sh
+case "$*" in
+  *cuda.is_available*) exit 0 ;;
+  *get_device_capability*) echo 9.0 ;;
+  *--selftest*) echo "selftest ran"; exit 3 ;;
+  *) echo "ran: $* (arch list $TORCH_CUDA_ARCH_LIST, extensions in $TORCH_EXTENSIONS_DIR)" ;;
+esac
+"""
+
+
+def _gpu_check(tmp_path, python: str, stages: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "GPU_CHECK_STAGES": stages, "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(GPU_CHECK), str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_gpu_check_says_there_is_no_gpu(tmp_path):
+    run = _gpu_check(tmp_path, sys.executable, "selftest")
+    assert run.returncode == 2 and "no CUDA GPU visible" in run.stderr
+
+
+def test_gpu_check_runs_every_stage_and_sums_them_up(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    run = _gpu_check(tmp_path, str(fake), "build selftest bench_ops")
+    assert run.returncode == 1, run.stdout + run.stderr  # a stage failed; the next one still ran
+    out = tmp_path / "out"
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(" in ")[0] for line in summary] == ["build: exit 0", "selftest: exit 3", "bench_ops: exit 0"]
+    build = (out / "build.log").read_text()  # for the GPU's architecture only, into an ignored folder of the clone
+    assert f"(arch list 9.0, extensions in {BENCHMARKS / 'results' / 'torch_extensions'})" in build
+    assert "selftest ran" in (out / "selftest.log").read_text()
+    assert f"bench_ops.py --device cuda --rounds 2 --out {out}" in (out / "bench_ops.log").read_text()
+    bogus = _gpu_check(tmp_path / "again", sys.executable, "build bogus")  # refused before the GPU probe
+    assert bogus.returncode == 2 and "unknown stage bogus" in bogus.stderr
