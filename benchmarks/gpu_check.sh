@@ -12,7 +12,9 @@
 # (python3). The extension is built for the GPU's architecture alone, into benchmarks/results/torch_extensions
 # (a later run on the same machine reuses it). A failing stage does not stop the next ones; OUT_DIR/summary.txt
 # gives each stage's exit status and seconds; the exit status is 1 if a stage failed, 2 without a GPU (said at
-# once). The device machines lent to this project return at most 8 files: pack OUT_DIR (tar) to bring it back.
+# once). The limits add up to 20 minutes, most of it spare (on 2 CPU cores without a GPU the stages take under a
+# minute); where one command may run 10 minutes, split the stages over two. The device machines lent to this
+# project return at most 8 files: pack OUT_DIR (tar) to bring it back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +35,9 @@ fi
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/benchmarks/results/torch_extensions}
-export TORCH_CUDA_ARCH_LIST TORCH_EXTENSIONS_DIR PYTHONUNBUFFERED=1
+# The checkout, also for the scripts and the tests' subprocesses (the package need not be installed).
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export TORCH_CUDA_ARCH_LIST TORCH_EXTENSIONS_DIR PYTHONPATH PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
 stage_env() {

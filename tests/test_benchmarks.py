@@ -78,7 +78,7 @@ case "$*" in
   *cuda.is_available*) exit 0 ;;
   *get_device_capability*) echo 9.0 ;;
   *--selftest*) echo "selftest ran"; exit 3 ;;
-  *) echo "ran: $* (arch list $TORCH_CUDA_ARCH_LIST, extensions in $TORCH_EXTENSIONS_DIR)" ;;
+  *) echo "ran: $* (arch list $TORCH_CUDA_ARCH_LIST, extensions in $TORCH_EXTENSIONS_DIR, path $PYTHONPATH)" ;;
 esac
 """
 
@@ -104,7 +104,8 @@ def test_gpu_check_runs_every_stage_and_sums_them_up(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split(" in ")[0] for line in summary] == ["build: exit 0", "selftest: exit 3", "bench_ops: exit 0"]
     build = (out / "build.log").read_text()  # for the GPU's architecture only, into an ignored folder of the clone
-    assert f"(arch list 9.0, extensions in {BENCHMARKS / 'results' / 'torch_extensions'})" in build
+    assert f"(arch list 9.0, extensions in {BENCHMARKS / 'results' / 'torch_extensions'}, path {BENCHMARKS.parent})" \
+        in build  # the checkout on the path: the package need not be installed
     assert "selftest ran" in (out / "selftest.log").read_text()
     assert f"bench_ops.py --device cuda --rounds 2 --out {out}" in (out / "bench_ops.log").read_text()
     bogus = _gpu_check(tmp_path / "again", sys.executable, "build bogus")  # refused before the GPU probe
