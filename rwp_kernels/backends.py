@@ -95,8 +95,14 @@ def _require_interpreter_numpy() -> None:
 
     from ._version import release
 
-    triton_version, numpy_version = metadata.version("triton"), metadata.version("numpy")
-    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+    triton_version = metadata.version("triton")
+    if release(triton_version) >= (3, 7):
+        return
+    try:
+        numpy_version = metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return  # (the interpreter's own import of numpy says so)
+    if release(numpy_version) >= (2, 4):
         raise BackendUnavailableError(f"Triton {triton_version}'s interpreter needs numpy < 2.4 (numpy "
                                       f"{numpy_version} is installed); Triton 3.7 and later work with it")
 

@@ -128,15 +128,20 @@ def test_an_old_triton_leaves_the_triton_backend_unavailable_with_the_reason(mon
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
-    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.8.0", "2.5.0", False)])
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.6.0", None, False), ("3.7.0", "2.4.6", False),
+    ("3.8.0", "2.5.0", False)])
 def test_triton_3_6s_interpreter_refuses_numpy_2_4_with_the_reason(monkeypatch, triton_version, numpy_version,
                                                                     refused):
     from importlib import metadata
 
     from rwp_kernels import backends
 
-    versions = {"triton": triton_version, "numpy": numpy_version}
-    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    def version(name):
+        if name == "numpy" and numpy_version is None:  # (no numpy: the interpreter's import says so)
+            raise metadata.PackageNotFoundError(name)
+        return {"triton": triton_version, "numpy": numpy_version}[name]
+
+    monkeypatch.setattr(metadata, "version", version)
     if refused:
         with pytest.raises(backends.BackendUnavailableError, match=r"Triton 3\.6\.0's interpreter needs numpy < 2\.4"):
             backends._require_interpreter_numpy()
