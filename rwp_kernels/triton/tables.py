@@ -13,9 +13,9 @@ Items whose tensors are 16-byte aligned (the ``ALIGNED`` column, from the addres
 16-byte vectors run the kernels' vectorized path (``vector_item``, ``pointer``, ``span``); the others the same
 code with element-wise masks.
 """
+import functools
 import math
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +75,12 @@ MAX_REGISTERS = {
     ("restore_kernel", 2): 48,
 }
 # Triton 3.6 (torch 2.11's) compiles three of them to more registers: without spills, 16-bit perturb_kernel needs 70
-# on sm_80, perturb_elementwise_kernel 72 in float32 and 110 in 16-bit (at 64 it spills 500 bytes). Its caps.
+# on sm_80 (64 on sm_90), perturb_elementwise_kernel 72 in float32 and 110 in 16-bit (at 64 it spills 500 bytes).
+# Its caps; a dict holds them by compute capability (the largest for another GPU).
 MAX_REGISTERS_TRITON_3_6 = {
     **MAX_REGISTERS,
-    ("perturb_kernel", 2): 72, ("perturb_elementwise_kernel", 4): 72, ("perturb_elementwise_kernel", 2): 112,
+    ("perturb_kernel", 2): {80: 72, 90: 64}, ("perturb_elementwise_kernel", 4): 72,
+    ("perturb_elementwise_kernel", 2): 112,
 }
 
 # (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
@@ -355,26 +357,41 @@ def clear_caches() -> None:
     _constants.clear()
 
 
-def kernel_options(name: str, itemsize: int = 4, parts: int = 1) -> dict:
+def kernel_options(name: str, itemsize: int = 4, parts: int = 1, arch: int | None = None) -> dict:
     """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes (and perturb_kernel's
-    ``parts``): ``COMPILE_OPTIONS`` and its register cap (``MAX_REGISTERS``, or the installed Triton's), if any."""
+    ``parts``) on a GPU of compute capability ``arch`` (90: sm_90): ``COMPILE_OPTIONS`` and its register cap
+    (``MAX_REGISTERS``, or the installed Triton's), if any."""
     caps = MAX_REGISTERS_TRITON_3_6 if release(triton.__version__) < (3, 7) else MAX_REGISTERS
     cap = caps.get((name, itemsize, parts) if parts > 1 else (name, itemsize))
+    if isinstance(cap, dict):
+        cap = cap.get(arch, max(cap.values()))
     return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
 
 
-def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
-    """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
+@functools.lru_cache(maxsize=None)
+def cuda_arch(index: int) -> int:
+    """The compute capability of CUDA device ``index`` as one number (90: sm_90)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def launch_kwargs(kernel, tile: Tile, constexprs: dict, arch: int | None = None) -> dict:
+    """The keyword arguments of a launch of ``kernel`` on a GPU of compute capability ``arch``: constexprs, the
+    tile's BLOCK and warps, its options."""
     dtype = constexprs.get("DTYPE")
     itemsize = dtype.primitive_bitwidth // 8 if dtype is not None else 4
-    options = kernel_options(kernel.fn.__name__, itemsize, constexprs.get("PARTS", 1))
+    options = kernel_options(kernel.fn.__name__, itemsize, constexprs.get("PARTS", 1), arch)
     return dict(BLOCK=tile.block, num_warps=tile.num_warps, **options, **constexprs)
 
 
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """One launch of ``kernel`` on ``device``'s current stream."""
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    if device.type != "cuda":  # (Triton's interpreter)
         kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs))
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs, cuda_arch(index)))
 
 
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
