@@ -176,3 +176,39 @@ def test_the_register_caps_follow_the_installed_triton_and_gpu(monkeypatch, vers
         assert tables.kernel_options("perturb_kernel", 2, 1, arch)["maxnreg"] == cap
     assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48  # the same under both
     assert tables.kernel_options("perturb_kernel", 4, 5) == {**tables.COMPILE_OPTIONS, "maxnreg": 64}
+
+
+@pytest.mark.parametrize("capability, cap", [((8, 0), 72), ((9, 0), 64), ((12, 0), 72)])
+def test_a_cuda_launch_compiles_for_the_gpus_compute_capability(monkeypatch, capability, cap):
+    """launch() gives the kernel the cap of the GPU it runs on (here Triton 3.6's 16-bit perturb_kernel, whose
+    caps differ by GPU); torch's CUDA calls are stood in for, the kernel records its launch."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import torch
+
+    triton = pytest.importorskip("triton")
+    from rwp_kernels.triton import tables
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="perturb_kernel")
+
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    tables.cuda_arch.cache_clear()
+    try:
+        kernel = Kernel()
+        tables.launch(kernel, 3, tables.Tile(512, 2), torch.device("cuda"), "table", DTYPE=triton.language.bfloat16)
+    finally:
+        tables.cuda_arch.cache_clear()
+    ((grid, args, kwargs),) = kernel.launches
+    assert grid == (3,) and args == ("table",) and kwargs["maxnreg"] == cap
+    assert kwargs["BLOCK"] == 512 and kwargs["num_warps"] == 2 and kwargs["enable_fp_fusion"] is False
