@@ -67,8 +67,20 @@ def _u32(value):
 
 
 @triton.jit
-def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 (Random123) on uint32 counter words and key words; returns the four output words."""
+def _mulhilo(a, b, WIDE: tl.constexpr):
+    """The high and low words of the uint32 product a * b: ``tl.umulhi`` and the low product, or (``WIDE``) the
+    words of one 64-bit product, which Triton 3.6 compiles to one multiply (IMAD.WIDE.U32) instead of two."""
+    if WIDE:
+        product = a.to(tl.uint64) * b.to(tl.uint64)
+        return (product >> 32).to(tl.uint32), product.to(tl.uint32)
+    else:
+        return tl.umulhi(a, b), a * b
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1, WIDE: tl.constexpr = False):
+    """Philox4x32-10 (Random123) on uint32 counter words and key words; returns the four output words. ``WIDE``:
+    each round's two products as 64-bit ones (``_mulhilo``)."""
     m0 = _u32(M0)
     m1 = _u32(M1)
     w0 = _u32(W0)
@@ -77,10 +89,8 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
         if r > 0:
             k0 = k0 + w0
             k1 = k1 + w1
-        hi0 = tl.umulhi(m0, c0)
-        lo0 = m0 * c0
-        hi1 = tl.umulhi(m1, c2)
-        lo1 = m1 * c2
+        hi0, lo0 = _mulhilo(m0, c0, WIDE)
+        hi1, lo1 = _mulhilo(m1, c2, WIDE)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
 
@@ -163,10 +173,12 @@ def _quads(first_quad, step_q, Q: tl.constexpr):
 
 @triton.jit
 def _normals(first_quad, param_index, step, k0, k1, STRIDE: tl.constexpr, Q: tl.constexpr):
-    """The four normals of the blocks ``first_quad + STRIDE * i`` for i < Q (``normal_block``), float32 [Q] each."""
+    """The four normals of the blocks ``first_quad + STRIDE * i`` for i < Q (``normal_block``), float32 [Q] each.
+    STRIDE 2 (a 16-bit tile's two blocks per thread) takes the 64-bit products: fewer instructions under Triton
+    3.6, the same code under 3.8 (in float32's kept-row kernel they spill)."""
     q_lo, q_hi = _quads(first_quad, STRIDE, Q)
     zero = tl.zeros([Q], tl.uint32)
-    x0, x1, x2, x3 = philox4x32_10(q_lo, q_hi, zero + param_index, zero + step, k0, k1)
+    x0, x1, x2, x3 = philox4x32_10(q_lo, q_hi, zero + param_index, zero + step, k0, k1, STRIDE == 2)
     z0, z1 = box_muller(x0, x1)
     z2, z3 = box_muller(x2, x3)
     return z0, z1, z2, z3
