@@ -16,10 +16,12 @@
 # minute); where one command may run 10 minutes, split the stages over two. The device machines lent to this
 # project return at most 8 files: pack OUT_DIR (tar) to bring it back.
 set -uo pipefail
+OUT=${1:-}
+[[ -z $OUT || $OUT == /* ]] || OUT=$PWD/$OUT  # (relative to where it was called from)
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-OUT=${1:-benchmarks/results/gpu_check}
+OUT=${OUT:-benchmarks/results/gpu_check}
 STAGES=${GPU_CHECK_STAGES:-env build selftest tests bench_ops bench_triton}
 declare -A LIMIT=([env]=60 [build]=300 [selftest]=180 [tests]=300 [bench_ops]=240 [bench_triton]=120)
 for stage in $STAGES; do
