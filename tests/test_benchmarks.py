@@ -84,8 +84,10 @@ esac
 
 
 def _gpu_check(tmp_path, python: str, stages: str) -> subprocess.CompletedProcess:
-    """The script run from ``tmp_path`` (outside the clone), its output folder given relative to it."""
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "GPU_CHECK_STAGES": stages, "HOME": str(tmp_path)}
+    """The script run from ``tmp_path`` (outside the clone), its output folder given relative to it; no GPU visible
+    to a real Python, also on a machine with one."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "GPU_CHECK_STAGES": stages, "HOME": str(tmp_path),
+           "CUDA_VISIBLE_DEVICES": ""}
     tmp_path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["bash", str(GPU_CHECK), "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
