@@ -34,3 +34,9 @@ def tested_versions() -> str:
 def release(version: str) -> tuple:
     """(major, minor, patch) of a version string such as "3.8.0", "3.7.0+git1234" or "3.9.0rc1"."""
     return tuple(int(re.match(r"\d*", piece)[0] or 0) for piece in version.split("+")[0].split(".")[:3])
+
+
+def triton_3_6(version: str) -> bool:
+    """A Triton below 3.7 (3.6, the floor): its compiler takes other register caps (triton/tables.py), its
+    interpreter needs numpy < 2.4 (backends.py)."""
+    return release(version) < (3, 7)

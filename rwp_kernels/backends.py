@@ -74,7 +74,7 @@ def _load_cuda_emu(device_type: str):
     return extension.backend(emulated=True)[0]
 
 
-def _require_triton_version() -> None:
+def _require_triton_version() -> str:
     """Triton's version, read without importing it (an older Triton can fail at import in other ways)."""
     from importlib import metadata
 
@@ -86,17 +86,17 @@ def _require_triton_version() -> None:
         raise BackendUnavailableError('triton is not installed (pip install "rwp-kernels[triton]")') from None
     if release(version) < release(MIN_TRITON):
         raise BackendUnavailableError(f"triton {version} is installed; the Triton kernels need triton >= {MIN_TRITON}")
+    return version
 
 
-def _require_interpreter_numpy() -> None:
+def _require_interpreter_numpy(triton_version: str) -> None:
     """Triton 3.6's interpreter turns a scalar tensor into an index with int() of a one-element array, which numpy
     2.4 refuses (the kernels' loops over a row's tiles)."""
     from importlib import metadata
 
-    from ._version import release
+    from ._version import release, triton_3_6
 
-    triton_version = metadata.version("triton")
-    if release(triton_version) >= (3, 7):
+    if not triton_3_6(triton_version):
         return
     try:
         numpy_version = metadata.version("numpy")
@@ -117,9 +117,9 @@ def _load_triton(device_type: str):
         raise BackendUnavailableError(f"it runs on CUDA tensors, not {device_type} tensors")
     if device_type == "cuda":
         _require_gpu()
-    _require_triton_version()
+    triton_version = _require_triton_version()
     if interpret:
-        _require_interpreter_numpy()
+        _require_interpreter_numpy(triton_version)
     try:
         from . import triton as module
     except ImportError as err:

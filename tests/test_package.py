@@ -137,13 +137,13 @@ def test_triton_3_6s_interpreter_refuses_numpy_2_4_with_the_reason(monkeypatch, 
     from rwp_kernels import backends
 
     def version(name):
-        if name == "numpy" and numpy_version is None:  # (no numpy: the interpreter's import says so)
+        if numpy_version is None:  # (no numpy: the interpreter's import says so)
             raise metadata.PackageNotFoundError(name)
-        return {"triton": triton_version, "numpy": numpy_version}[name]
+        return {"numpy": numpy_version}[name]
 
     monkeypatch.setattr(metadata, "version", version)
     if refused:
         with pytest.raises(backends.BackendUnavailableError, match=r"Triton 3\.6\.0's interpreter needs numpy < 2\.4"):
-            backends._require_interpreter_numpy()
+            backends._require_interpreter_numpy(triton_version)
     else:
-        backends._require_interpreter_numpy()
+        backends._require_interpreter_numpy(triton_version)

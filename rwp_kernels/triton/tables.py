@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._version import release
+from .._version import triton_3_6
 from ..layout import ParamPlan
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -357,11 +357,17 @@ def clear_caches() -> None:
     _constants.clear()
 
 
+@functools.lru_cache(maxsize=None)
+def _caps(triton_version: str) -> dict:
+    """The register caps of a Triton version (read once per version, not at every launch)."""
+    return MAX_REGISTERS_TRITON_3_6 if triton_3_6(triton_version) else MAX_REGISTERS
+
+
 def kernel_options(name: str, itemsize: int = 4, parts: int = 1, arch: int | None = None) -> dict:
     """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes (and perturb_kernel's
     ``parts``) on a GPU of compute capability ``arch`` (90: sm_90): ``COMPILE_OPTIONS`` and its register cap
     (``MAX_REGISTERS``, or the installed Triton's), if any."""
-    caps = MAX_REGISTERS_TRITON_3_6 if release(triton.__version__) < (3, 7) else MAX_REGISTERS
+    caps = _caps(triton.__version__)
     cap = caps.get((name, itemsize, parts) if parts > 1 else (name, itemsize))
     if isinstance(cap, dict):
         cap = cap.get(arch, max(cap.values()))
