@@ -131,7 +131,8 @@ class PathSpec:
     instructions of that path that are not on the cheapest path carrying ``minus``, what one more unrolled
     iteration adds (a loop body's counterpart), and a warp running it waits for DRAM as one running a loop body
     with a load does (``waits``). ``overhead``: the path runs once per block or program (its prologue and
-    epilogue: the table reads, a row's reduction and sigma), not once per element."""
+    epilogue: the table reads, a row's reduction and sigma), not once per element. ``elems``: elements per thread
+    and iteration of this path where they are not the kernel's (a loop over single elements)."""
     name: str
     require: dict
     loop: bool = True
@@ -140,6 +141,7 @@ class PathSpec:
     body_at_most: dict = field(default_factory=dict)
     minus: dict | None = None
     overhead: bool = False
+    elems: int | None = None
 
     @property
     def waits(self) -> bool | None:
@@ -251,8 +253,10 @@ def cuda_facts(kernel: str, dtype: str | None) -> KernelFacts:
         return KernelFacts(
             "ARWP 1-D parameter: per-element sigma from the Fisher state, backups",
             (PathSpec("norm", {"ld128": 1, "sts128": 1}, body_without=("philox",), body_at_most={"ld128": 1}),
-             PathSpec("sigmas", {"ld128": vf, "st128": vf}, body_without=("philox",)),
-             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2, "philox": 1}), *cuda_row_overhead({})), n,
+             PathSpec("sigmas", {"ld32": 1, "st32": 1}, body_without=("philox",), elems=1),
+             PathSpec("update", {"lds128": 1, "ld128": vf, "st128": 2, "philox": 1}),
+             # the whole block takes the parameter's one row: BlockSum's tree unrolled, on the row's path
+             cuda_row_overhead({})[0], CUDA_SEARCH), n,
             3 * s + 8,
             "reads w once (staged) and the float32 Fisher state, writes w, the backup and a float32 sigma per element "
             "(which the update reads back, from L2)")
@@ -526,28 +530,34 @@ class KernelReport:
         """The paths that run per element (not the per-block or per-program overhead)."""
         return {s.name: self.paths[s.name] for s in self.facts.paths if not s.overhead}
 
-    def path_instrs(self) -> int:
-        return sum(len(p) for p in self.hot.values() if p is not None)
+    def runs(self, path: str) -> float:
+        """Iterations of ``path`` per iteration of the kernel (its ``facts.elems`` elements): 1, or more for a path
+        that takes fewer elements per iteration."""
+        spec = next(s for s in self.facts.paths if s.name == path)
+        return self.facts.elems / (spec.elems or self.facts.elems)
+
+    def path_instrs(self) -> float:
+        """Instructions per thread on the per-element paths for ``facts.elems`` elements."""
+        return sum(len(p) * self.runs(name) for name, p in self.hot.items() if p is not None)
 
     def instr_per_elem(self) -> float:
         return self.path_instrs() / self.facts.elems if self.complete else float("nan")
 
     def pipes(self) -> Counter:
         total = Counter()
-        for p in self.hot.values():
+        for name, p in self.hot.items():
             if p is not None:
-                total.update(p.pipes())
+                total.update({k: n * self.runs(name) for k, n in p.pipes().items()})
         return total
 
     def warp_cycles(self, path: str | None = None) -> float:
-        """Scheduler cycles per warp iteration of one path (all paths: None): the issue slots, or the
-        busiest pipe's cycles if more (uniform and branch instructions take an issue slot only)."""
+        """Scheduler cycles per warp iteration of one path (all paths, per iteration of the kernel: None): the
+        issue slots, or the busiest pipe's cycles if more (uniform and branch instructions take an issue slot
+        only)."""
         paths = [self.paths[path]] if path else list(self.hot.values())
         if any(p is None for p in paths):
             return float("nan")
-        counts = Counter()
-        for p in paths:
-            counts.update(p.pipes())
+        counts = self.paths[path].pipes() if path else self.pipes()
         issue = sum(counts.values())
         tp = PIPE_THROUGHPUT[_limits_arch(self.arch)]
         busiest = max((n * 128 / tp[k] for k, n in counts.items() if k in tp), default=0)
@@ -1044,7 +1054,8 @@ def hot_loop(op: str, backend: str, params, dtype: str, arch: int, index: dict) 
     slots = [(its * len(r.paths[path_name]), r, path_name)  # (issue slots, report, path name)
              for r, path_name, its in _path_runs(op_work(op, backend, params, dtype), backend, dtype, arch, index)]
     most, r, path_name = max(slots, key=lambda t: t[0])
-    return HotLoop(f"{r.label} {path_name}", len(r.paths[path_name]) / r.facts.elems, most / sum(t[0] for t in slots))
+    return HotLoop(f"{r.label} {path_name}", len(r.paths[path_name]) * r.runs(path_name) / r.facts.elems,
+                   most / sum(t[0] for t in slots))
 
 
 def normals_floor(index: dict, arch: int) -> float:

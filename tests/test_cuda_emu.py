@@ -103,10 +103,11 @@ def test_every_op_bit_for_bit_as_cpu_backend(emu, dtype):
 @pytest.mark.parametrize("dtype", C.DTYPES, ids=str)
 def test_rows_around_the_stage_limit_and_split_rows_bit_for_bit_as_cpu_backend(emu, dtype):
     """Rows that just fit a block's shared-memory stage, rows one element longer (split into segments: partial
-    sums in one launch, the update in a second), a 1-D tensor of a million elements (split, with ARWP's
-    per-element sigmas too) and an unaligned view, on exactly summable values (any sum order gives the same)."""
+    sums in one launch, the update in a second), 1-D tensors at the limit, one element past it and of a million
+    elements (with ARWP's per-element sigmas too: a whole block per tensor, or split) and an unaligned view, with
+    the gradients rescaled, on exactly summable values (any sum order gives the same)."""
     fits = 6140 if dtype == torch.float32 else 12280  # (n - 1) // vector + 2 <= 1536 vectors of 16 bytes
-    shapes = [(2, fits), (2, fits + 1), (3, 20001), (1_000_003,), (5, 27)]
+    shapes = [(2, fits), (2, fits + 1), (3, 20001), (fits,), (fits + 1,), (1_000_003,), (5, 27)]
     params = _dyadic([torch.empty(s, dtype=dtype) for s in shapes], 1) + [_dyadic([torch.empty(40003, dtype=dtype)],
                                                                                   1)[0][1:]]
     grads = _dyadic(params, 2)

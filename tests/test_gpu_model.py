@@ -356,6 +356,20 @@ def _index(warps: int) -> dict:
     return G.report_index([report])
 
 
+def test_a_path_over_single_elements_runs_once_per_element():
+    # the canned loop (11 instructions, five LSU) as the 1-element loop of a 4-element kernel: 4 runs per iteration
+    facts = G.KernelFacts("test", (G.PathSpec("vectors", {"ld128": 1}), G.PathSpec("elements", {"ld128": 1}, elems=1)),
+                          4, 8, "test")
+    (name, instrs), = sass.parse_sass(LOOP).items()
+    report = G.KernelReport("cuda", "sgd_kernel<fp32>", "sgd_kernel", "fp32", 90, 43, 0, 0, 1144, 256, 40, "regs",
+                            facts, G.analyze(instrs, facts))
+    assert (report.runs("vectors"), report.runs("elements")) == (1, 4)
+    assert report.path_instrs() == 11 + 4 * 11 and report.instr_per_elem() == 55 / 4
+    assert report.pipes()["lsu"] == 5 * 5 and report.warp_cycles() == 5 * 20
+    assert report.warp_cycles("elements") == 20  # one run of the path
+    assert G.cuda_facts("perturb_kernel_ae", "fp32").paths[1].elems == 1  # its sigmas: a loop over elements
+
+
 def test_roofline_arithmetic_by_hand():
     gpu = G.GPU("test", 90, 1e12, 1, 1e9, 0)
     e = G.estimate("sgd_step_", "cuda", [(8192, 8192)], "fp32", gpu, _index(40))

@@ -18,12 +18,6 @@ namespace {
 constexpr int kThreads = kCudaThreads;
 // Resident blocks per SM that the table kernels' registers must allow: 40 warps on sm_80 and sm_90.
 constexpr int kBlocksPerSm = 5;
-// perturb_'s per-element variant, which only 1-D ARWP parameters take: the float64 square root and division of
-// each sigma call subroutines, and values live across the calls spill at 48 registers (4-48 bytes, by dtype and
-// arch). 32 warps for rows (56-64 registers), 24 for split rows (60-72: at 64 the 16-bit ones spill 8 bytes).
-constexpr int perturb_blocks_per_sm(bool per_element, bool split) {
-  return !per_element ? kBlocksPerSm : split ? 3 : 4;
-}
 using RowSum = BlockSum<kThreads>;
 
 // ---- element types ---------------------------------------------------------------------------------
@@ -282,34 +276,19 @@ __device__ __forceinline__ void sum_vectors(const T* w, const float* fisher, con
   }
 }
 
-// Sigmas of a 0-D/1-D ARWP parameter, one per element of this thread's vectors of the span: the tensor's
-// unscaled sigma over sqrt(1 + eta * its Fisher value), written to the sigma buffer. A loop of its own, before the
-// update and a barrier: the float64 square root and division call subroutines, and what the update would keep live
-// across those calls spills (the callers find it again in the entry in shared memory after the barrier).
-template <class T>
+// Sigmas of a 0-D/1-D ARWP parameter, one per element of the span: the tensor's unscaled sigma over
+// sqrt(1 + eta * its Fisher value), written to the sigma buffer. A loop of its own, before the update and a
+// barrier, one element per iteration (lane, lane + group, ...: a warp's accesses are still 128 contiguous bytes):
+// the float64 square root and division call slow-path subroutines that need about 28 registers, so at 48 the
+// loop keeps little else live across them (a 16-byte vector's four values spilled).
 __device__ __forceinline__ void element_sigmas(const ParamEntry& p, const PerturbArgs& a, const Span& s, unsigned lane,
-                                               unsigned group, bool aligned, double sumsq) {
-  constexpr int N = kVecElems<T>;
+                                               unsigned group, double sumsq) {
   const float* const fisher = p.fisher + s.first;
   float* const sigmas = a.sigma + p.sigma_offset + s.first;
   const double tensor_sig = unscaled_sigma(sumsq, p.gamma, true), eta = p.eta;
-  const bool sigmas_aligned = aligned16(sigmas);  // they start at any offset of the sigma buffer
-  for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
-    constexpr bool vec = decltype(flag)::value;
-#pragma unroll
-    for (int e = N * v; e < N * v + N; e += 4) {  // 16 bytes of float32 at a time: fewer live registers
-      float f[4];
-      load_elems(fisher, e, s.lo, s.hi, vec, f);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) f[j] = static_cast<float>(fisher_scaled(tensor_sig, f[j], eta));
-      // (store_elems' 16-byte store of a Vec<float> comes out as four 4-byte stores here)
-      if (vec && sigmas_aligned) {
-        __stcg(reinterpret_cast<float4*>(sigmas + e), make_float4(f[0], f[1], f[2], f[3]));
-      } else {
-        store_elems(sigmas, e, s.lo, s.hi, false, f);
-      }
-    }
-  });
+#pragma unroll 1
+  for (int e = s.lo + static_cast<int>(lane); e < s.hi; e += static_cast<int>(group))
+    sigmas[e] = static_cast<float>(fisher_scaled(tensor_sig, fisher[e], eta));
 }
 
 // The update of this thread's vectors of the span once the row's sums are known: backup <- w,
@@ -331,6 +310,18 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
   // (the staged 16-bit update keeps no precomputed round keys: with them it spills at 48 registers)
   constexpr bool kRoundKeys = sizeof(T) == 4 || !kStage;
+  auto scale_grad_vector = [&](int v, auto flag) {
+    constexpr bool vec = decltype(flag)::value;
+    const int e = N * v;
+    float g[N];
+    load_elems(grad, e, s.lo, s.hi, vec, g);
+#pragma unroll
+    for (int j = 0; j < N; ++j) g[j] *= grad_scale;
+    store_elems(grad, e, s.lo, s.hi, vec, g);
+  };
+  // A split row's per-element update scales the gradient in a loop of its own (it reads the gradient once either
+  // way): in the update, the 16-bit ones spill 4-12 bytes at 48 registers.
+  constexpr bool kGradLoop = kPerElement && !kStage;
   for_span_cases(s, aligned, lane, group, [&](int v, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
@@ -348,14 +339,9 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
       }
       store_raw(w, e, s.lo, s.hi, vec, out);
     }
-    if (scale_grad) {
-      float g[N];
-      load_elems(grad, e, s.lo, s.hi, vec, g);
-#pragma unroll
-      for (int j = 0; j < N; ++j) g[j] *= grad_scale;
-      store_elems(grad, e, s.lo, s.hi, vec, g);
-    }
+    if (!kGradLoop && scale_grad) scale_grad_vector(v, flag);
   });
+  if (kGradLoop && scale_grad) for_span_cases(s, aligned, lane, group, scale_grad_vector);
 }
 
 __device__ __forceinline__ bool entry_aligned(const ParamEntry& p) {
@@ -377,7 +363,11 @@ struct RowGroup {
   unsigned size, lane, index;
 };
 
+// kPerElement: a 0-D/1-D parameter, one row and so a unit of its own, which the whole block takes (fewer
+// registers than finding the row's group: at 48, the 16-bit types spilled 20-44 bytes).
+template <bool kPerElement>
 __device__ __forceinline__ RowGroup row_group(const ParamEntry& p) {
+  if (kPerElement) return {kThreads, threadIdx.x, 0};
   const unsigned size = static_cast<unsigned>(p.row_threads);
   return {size, threadIdx.x & (size - 1), threadIdx.x >> (__ffs(size) - 1)};
 }
@@ -389,7 +379,9 @@ __device__ __forceinline__ RowGroup row_group(const ParamEntry& p) {
 template <class T, bool kPerElement>
 __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_unit, const PerturbArgs& a,
                                              RowSum::TempStorage& tmp, unsigned char* stage_bytes) {
-  auto row = [&](const RowGroup& g) { return (block_unit(first_unit) - p.first_unit) * p.unit_size + g.index; };
+  auto row = [&](const RowGroup& g) -> int64_t {
+    return kPerElement ? 0 : (block_unit(first_unit) - p.first_unit) * p.unit_size + g.index;
+  };
   auto row_fisher = [&] { return p.fisher != nullptr && !kPerElement; };
   // Each group stages its row in its share of the stage (the row fits: cuda_row_segments).
   auto stage = [&](const RowGroup& g) {
@@ -398,29 +390,31 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
 
   double sumsq = 0.0, fsum = 0.0;
   {
-    const RowGroup g = row_group(p);
+    const RowGroup g = row_group<kPerElement>(p);
     const Span span = row_span<T>(p, row(g));
     sum_vectors<T, true>(static_cast<const T*>(p.w) + span.first, row_fisher() ? p.fisher + span.first : nullptr,
                          span, g.lane, g.size, entry_aligned(p), stage(g), sumsq, fsum);
   }
-  const RowGroup g = row_group(p);
+  const RowGroup g = row_group<kPerElement>(p);
   sumsq = RowSum::sum(tmp, sumsq, g.size);
   if (row_fisher()) fsum = RowSum::sum(tmp, fsum, g.size);
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher(), fsum, p.eta);
   if (kPerElement) {
-    element_sigmas<T>(p, a, row_span<T>(p, row(g)), g.lane, g.size, entry_aligned(p), sumsq);
+    element_sigmas(p, a, row_span<T>(p, row(g)), g.lane, g.size, sumsq);
     __syncthreads();
   }
-  const RowGroup u = row_group(p);  // (after element_sigmas, found again rather than kept across its calls)
+  const RowGroup u = row_group<kPerElement>(p);  // (after element_sigmas, found again rather than kept across its calls)
   const Span span = row_span<T>(p, row(u));
   if (!kPerElement && span.vectors > 0 && u.lane == 0) a.sigma[p.sigma_offset + row(u)] = row_sig;
   update_vectors<T, kPerElement, true>(p, a, span, u.lane, u.size, entry_aligned(p), stage(u), row_sig);
 }
 
 // Segment `unit` of a split parameter (its partial sums are entry p.partial_offset + unit of args.partials).
-template <class T>
+// kOneRow: the parameter is one row (0-D/1-D), which spares the 64-bit division (and, at 48 registers, 36-64
+// bytes of spills in the 16-bit per-element kernels).
+template <class T, bool kOneRow = false>
 __device__ __forceinline__ Span segment_span(const ParamEntry& p, int64_t unit) {
-  const int64_t row = unit / p.segments;
+  const int64_t row = kOneRow ? 0 : unit / p.segments;
   const int64_t lo = row * p.row_len + (unit - row * p.segments) * kCudaSegmentElems;
   return span_of<T>(lo, min(lo + kCudaSegmentElems, (row + 1) * p.row_len));
 }
@@ -450,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) partials_kernel(const 
 // row gets the same sigma) and updates its segment, reading w again.
 template <class T, bool kPerElement>
 __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t unit, const PerturbArgs& a) {
-  const int64_t row = unit / p.segments;
+  const int64_t row = kPerElement ? 0 : unit / p.segments;
   const double* partials = a.partials + 2 * (p.partial_offset + row * p.segments);
   double sumsq = 0.0, fsum = 0.0;
   for (int64_t s = 0; s < p.segments; ++s) {
@@ -461,17 +455,17 @@ __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t uni
   const float row_sig = row_sigma(sumsq, p.gamma, p.whole_tensor, row_fisher, fsum, p.eta);
   if (!kPerElement && unit == row * p.segments && threadIdx.x == 0) a.sigma[p.sigma_offset + row] = row_sig;
   if (kPerElement) {
-    element_sigmas<T>(p, a, segment_span<T>(p, unit), threadIdx.x, kThreads, entry_aligned(p), sumsq);
+    element_sigmas(p, a, segment_span<T, kPerElement>(p, unit), threadIdx.x, kThreads, sumsq);
     __syncthreads();
   }
-  update_vectors<T, kPerElement, false>(p, a, segment_span<T>(p, unit), threadIdx.x, kThreads, entry_aligned(p),
-                                        nullptr, row_sig);
+  update_vectors<T, kPerElement, false>(p, a, segment_span<T, kPerElement>(p, unit), threadIdx.x, kThreads,
+                                        entry_aligned(p), nullptr, row_sig);
 }
 
 // One instantiation per dtype, sigma mode and row split (a launch takes the entries of one), for fewer
 // registers.
 template <class T, bool kPerElement, bool kSplit>
-__global__ void __launch_bounds__(kThreads, perturb_blocks_per_sm(kPerElement, kSplit))
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     perturb_kernel(const ParamEntry* table, int64_t num_params, int64_t first_unit, PerturbArgs a) {
   __shared__ ParamEntry entry;
   const ParamEntry& p = block_entry(table, num_params, first_unit, entry);
