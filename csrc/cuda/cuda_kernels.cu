@@ -403,7 +403,7 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
     element_sigmas(p, a, row_span<T>(p, row(g)), g.lane, g.size, sumsq);
     __syncthreads();
   }
-  const RowGroup u = row_group<kPerElement>(p);  // (after element_sigmas, found again rather than kept across its calls)
+  const RowGroup u = row_group<kPerElement>(p);  // (found again rather than kept across element_sigmas' calls)
   const Span span = row_span<T>(p, row(u));
   if (!kPerElement && span.vectors > 0 && u.lane == 0) a.sigma[p.sigma_offset + row(u)] = row_sig;
   update_vectors<T, kPerElement, true>(p, a, span, u.lane, u.size, entry_aligned(p), stage(u), row_sig);
