@@ -409,12 +409,17 @@ __device__ __forceinline__ void perturb_rows(const ParamEntry& p, int64_t first_
   update_vectors<T, kPerElement, true>(p, a, span, u.lane, u.size, entry_aligned(p), stage(u), row_sig);
 }
 
+// The row of segment `unit` of a split parameter. kOneRow: the parameter is one row (0-D/1-D), which spares the
+// 64-bit division (and, at 48 registers, 36-64 bytes of spills in the 16-bit per-element kernels).
+template <bool kOneRow>
+__device__ __forceinline__ int64_t segment_row(const ParamEntry& p, int64_t unit) {
+  return kOneRow ? 0 : unit / p.segments;
+}
+
 // Segment `unit` of a split parameter (its partial sums are entry p.partial_offset + unit of args.partials).
-// kOneRow: the parameter is one row (0-D/1-D), which spares the 64-bit division (and, at 48 registers, 36-64
-// bytes of spills in the 16-bit per-element kernels).
 template <class T, bool kOneRow = false>
 __device__ __forceinline__ Span segment_span(const ParamEntry& p, int64_t unit) {
-  const int64_t row = kOneRow ? 0 : unit / p.segments;
+  const int64_t row = segment_row<kOneRow>(p, unit);
   const int64_t lo = row * p.row_len + (unit - row * p.segments) * kCudaSegmentElems;
   return span_of<T>(lo, min(lo + kCudaSegmentElems, (row + 1) * p.row_len));
 }
@@ -444,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) partials_kernel(const 
 // row gets the same sigma) and updates its segment, reading w again.
 template <class T, bool kPerElement>
 __device__ __forceinline__ void perturb_segment(const ParamEntry& p, int64_t unit, const PerturbArgs& a) {
-  const int64_t row = kPerElement ? 0 : unit / p.segments;
+  const int64_t row = segment_row<kPerElement>(p, unit);
   const double* partials = a.partials + 2 * (p.partial_offset + row * p.segments);
   double sumsq = 0.0, fsum = 0.0;
   for (int64_t s = 0; s < p.segments; ++s) {
