@@ -60,14 +60,27 @@ def _row_sums(values, segment, rows, last):
 
 
 @triton.jit
-def _sigma(sumsq, fisher_sum, gamma, eta, vector, has_fisher):
-    """csrc/rwp_common.h ``row_sigma``: gamma * ||row|| (+ NORM_EPS for vectors), / sqrt(1 + eta * fisher_sum)
-    with ARWP, all in float64 (IEEE sqrt and division), rounded once to float32."""
+def _row_scale(sumsq, gamma, vector):
+    """gamma * ||row|| (+ NORM_EPS for vectors) in float64: the sigma before ARWP's division."""
     norm = tl.sqrt(sumsq)  # float64: sqrt.rn.f64
-    sigma = tl.where(vector != 0, gamma * (norm + NORM_EPS), gamma * norm)
+    return tl.where(vector != 0, gamma * (norm + NORM_EPS), gamma * norm)
+
+
+@triton.jit
+def _scaled_sigma(scale, fisher_sum, eta, has_fisher):
+    """``scale`` (``_row_scale``) / sqrt(1 + eta * fisher_sum) with ARWP, in float64 (IEEE sqrt and division),
+    rounded once to float32."""
+    sigma = scale
     if has_fisher:
         sigma = sigma / tl.sqrt(1.0 + eta * fisher_sum)  # float64: div.rn.f64
     return sigma.to(tl.float32)
+
+
+@triton.jit
+def _sigma(sumsq, fisher_sum, gamma, eta, vector, has_fisher):
+    """csrc/rwp_common.h ``row_sigma``: gamma * ||row|| (+ NORM_EPS for vectors), / sqrt(1 + eta * fisher_sum)
+    with ARWP, all in float64, rounded once to float32."""
+    return _scaled_sigma(_row_scale(sumsq, gamma, vector), fisher_sum, eta, has_fisher)
 
 
 @triton.jit
@@ -272,8 +285,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
                    (offsets >= first) & (offsets < end),
                    tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
                    BLOCK, kept[p])
-    _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, gamma, eta,
-                 vector, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
+    _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, eta, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
 
 
 @triton.jit
@@ -292,8 +304,8 @@ def _partial_sums(partials_ptr, first, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE: tl.constexpr,
-                 gamma, eta, vector, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr,
+def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE: tl.constexpr,
+                 eta, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr,
                  BLOCK: tl.constexpr):
     """The update of a long row's elements ``[start, end)``, tile by tile (the row read again, mostly from L2)."""
     lanes = tl.arange(0, BLOCK)
@@ -305,7 +317,7 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_
         sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
         if ELEMENTWISE:
             f = tl.load(f_ptr + tile + lanes, mask=mask, other=0.0).to(tl.float64)
-            sigma = _sigma(tl.zeros([BLOCK], tl.float64) + sumsq, f, gamma, eta, vector, True)
+            sigma = _scaled_sigma(tl.zeros([BLOCK], tl.float64) + scale, f, eta, True)
             tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
             # (the float64 sigmas leave no registers to keep these through the loop: read again per tile)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
@@ -360,16 +372,17 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
             sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, True, DTYPE, BLOCK)
         else:
             sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, False, DTYPE, BLOCK)
-        row_sigma = _sigma(sumsq, fsum, gamma, eta, vector, fisher_addr != 0)
+        scale = _row_scale(sumsq, gamma, vector)  # (the elementwise update loop's: gamma, vector and sumsq in one)
+        row_sigma = _scaled_sigma(scale, fsum, eta, fisher_addr != 0)
         if not ELEMENTWISE:
             if start == first_row * row_len:  # the row's first program
                 tl.store(sigma_ptr + first_row, row_sigma)
         if vec:
-            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE, gamma, eta,
-                         vector, grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
+            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE, eta,
+                         grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
         else:
-            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, sumsq, row_sigma, ELEMENTWISE, gamma, eta,
-                         vector, grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
+            _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE, eta,
+                         grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
