@@ -291,6 +291,7 @@ SWEEP = (
     Case("rows_of_1", (5, 1)),
     Case("rows_of_1_b", (7, 1)),
     Case("short_rows_40", (33, 40)),  # several rows share a tile
+    Case("rows201", (5, 201)),  # two rows per Triton item, the second item from element 2 of a Philox block
     Case("short_rows_50", (100, 50), fast=False),  # many tiles of packed rows (short_rows_40: three)
     Case("fc", (10, 64)),
     Case("scalar", ()),
