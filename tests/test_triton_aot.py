@@ -55,7 +55,7 @@ import rwp_kernels as rk
 
 seen = set()
 tables.launch = lambda kernel, programs, tile, device, *args, **constexprs: seen.add(
-    aot.jit_compile_inputs(kernel, *args, **tables.launch_kwargs(kernel, tile, constexprs, 90)))
+    aot.jit_compile_inputs(kernel, *args, **tables.launch_kwargs(kernel, tile, constexprs)))
 
 
 def unaligned(value):
@@ -121,9 +121,10 @@ def test_launchers_produce_only_listed_specializations():
     assert len(out["listed"]) == out["all"] == 27, out["listed"]
 
 
-# Stack frames allowed, by specialization label, with why (none today: the 8 bytes that the float64 division's
-# slow path kept on sm_80 in the kept-row variant went with the int64 division of an item's first row).
-STACK_FRAMES = {}
+# Stack frames allowed, by specialization label, with why. The kept-row variant on sm_80: the float64 division's
+# slow path (a subroutine, run only for operands its inline path cannot divide) saves one register pair there
+# since the row's hyperparameters are read after its norm (perturb._read_sigma); no spill.
+STACK_FRAMES = {"perturb_kernel fp32 PARTS=5 BLOCK=512 warps=4 sm_80": 8}
 
 
 @pytest.mark.slow  # compiles 54 specializations: about 100 s on 2 cores without Triton's cache
@@ -155,60 +156,21 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
         assert not r["error"], f"{label}: {r['error']}"
         assert r["registers"] > 0 and r["sass_instructions"] > 0, f"{label}: nothing read from the cubin"
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{label} spills: {r}"
-        assert r["stack_bytes"] == STACK_FRAMES.get(label, 0), f"{label} uses a stack frame: {r}"
+        assert r["stack_bytes"] <= STACK_FRAMES.get(label, 0), f"{label} uses a stack frame: {r}"
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("version, elementwise_16bit, perturb_16bit", [
-    ("3.6.0", 112, {80: 72, 90: 64, 89: 72, None: 72}), ("3.7.0", 56, {80: 64, 90: 64, None: 64}),
-    ("3.8.0", 56, {80: 64, 90: 64, None: 64})])
-def test_the_register_caps_follow_the_installed_triton_and_gpu(monkeypatch, version, elementwise_16bit,
-                                                               perturb_16bit):
-    """Triton 3.6 compiles three kernels to more registers, 16-bit perturb_kernel only on sm_80 (another GPU: the
-    larger cap); the caps that compile without spills under each Triton are the slow test's above (it compiles
-    with the installed one, for sm_80 and sm_90)."""
+@pytest.mark.parametrize("version, elementwise", [("3.6.0", {4: 72, 2: 112}), ("3.7.0", {4: 48, 2: 56}),
+                                                  ("3.8.0", {4: 48, 2: 56})])
+def test_the_register_caps_follow_the_installed_triton(monkeypatch, version, elementwise):
+    """Triton 3.6 compiles the elementwise kernel to more registers; the caps that compile without spills under
+    each Triton are the slow test's above (it compiles with the installed one, for sm_80 and sm_90)."""
     triton = pytest.importorskip("triton")
     from rwp_kernels.triton import tables
 
     monkeypatch.setattr(triton, "__version__", version)
-    assert tables.kernel_options("perturb_elementwise_kernel", 2)["maxnreg"] == elementwise_16bit
-    for arch, cap in perturb_16bit.items():
-        assert tables.kernel_options("perturb_kernel", 2, 1, arch)["maxnreg"] == cap
-    assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48  # the same under both
+    for itemsize, cap in elementwise.items():
+        assert tables.kernel_options("perturb_elementwise_kernel", itemsize)["maxnreg"] == cap
+    assert tables.kernel_options("perturb_kernel", 2)["maxnreg"] == 48  # the same under each
+    assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48
     assert tables.kernel_options("perturb_kernel", 4, 5) == {**tables.COMPILE_OPTIONS, "maxnreg": 64}
-
-
-@pytest.mark.parametrize("capability, cap", [((8, 0), 72), ((9, 0), 64), ((12, 0), 72)])
-def test_a_cuda_launch_compiles_for_the_gpus_compute_capability(monkeypatch, capability, cap):
-    """launch() gives the kernel the cap of the GPU it runs on (here Triton 3.6's 16-bit perturb_kernel, whose
-    caps differ by GPU); torch's CUDA calls are stood in for, the kernel records its launch."""
-    from contextlib import nullcontext
-    from types import SimpleNamespace
-
-    import torch
-
-    triton = pytest.importorskip("triton")
-    from rwp_kernels.triton import tables
-
-    class Kernel:
-        fn = SimpleNamespace(__name__="perturb_kernel")
-
-        def __init__(self):
-            self.launches = []
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
-
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
-    monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    tables.cuda_arch.cache_clear()
-    try:
-        kernel = Kernel()
-        tables.launch(kernel, 3, tables.Tile(512, 2), torch.device("cuda"), "table", DTYPE=triton.language.bfloat16)
-    finally:
-        tables.cuda_arch.cache_clear()
-    ((grid, args, kwargs),) = kernel.launches
-    assert grid == (3,) and args == ("table",) and kwargs["maxnreg"] == cap
-    assert kwargs["BLOCK"] == 512 and kwargs["num_warps"] == 2 and kwargs["enable_fp_fusion"] is False

@@ -125,24 +125,28 @@ def row_sums_kernel():
     return kernel
 
 
-def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel):
+@pytest.mark.parametrize("before", [[0, 0, 0], [-3, -2, -1]], ids=["row0", "negative"])
+def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel, before):
     """The segmented scan the compiled kernel uses and the masked sum the interpreter uses give every row its
-    sum (to float64 rounding; exactly 0 for a row of zeros) for rows of lengths 1 to 9 with padding lanes
-    (segments -1 and BLOCK) around them, as perturb_kernel lays out a packed tile."""
+    sum (to float64 rounding; exactly 0 for a row of zeros) for rows of lengths 1 to 9 with padding lanes around
+    them, as perturb_kernel lays out a packed tile (``_lane_rows``): zeros (its masked loads) in rows past the
+    item's, and in front of it in row 0 or in rows below 0 (rows of one element)."""
     block, n_rows = 128, 32
     gen = torch.Generator().manual_seed(0)
     lengths = [1, 3, 9, 2, 5, 4, 7, 1, 6, 8, 3, 9, 2, 7, 5, 3, 6, 8, 4, 9, 1, 2]
-    segment = torch.full((block,), block, dtype=torch.int32)
-    segment[:3] = -1
+    segment = torch.zeros(block, dtype=torch.int32)
+    segment[:3] = torch.tensor(before)
     start = 3
     for r, n in enumerate(lengths):
         segment[start:start + n] = r
         start += n
+    segment[start:] = len(lengths) + torch.arange(block - start) // 4  # nondecreasing, past the item's rows
     last = torch.full((n_rows,), block - 1, dtype=torch.int32)  # rows past the item: any lane
     for r in range(len(lengths)):
         last[r] = (segment == r).nonzero().max().int()
     values = torch.randn(block, generator=gen, dtype=torch.float64) ** 2
     values[segment == 4] = 0.0
+    values[:3] = values[start:] = 0.0
     out = {}
     for scan in (True, False):
         out[scan] = torch.empty(n_rows, dtype=torch.float64)

@@ -169,7 +169,7 @@ def compile_inputs(spec: Spec):
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
     options = {"num_warps": spec.num_warps,
-               **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.parts or 1, spec.arch)}
+               **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.parts or 1)}
     return kernel, signature, constexprs, attrs, options
 
 

@@ -77,48 +77,85 @@ def _scaled_sigma(scale, fisher_sum, eta, has_fisher):
 
 
 @triton.jit
-def _sigma(sumsq, fisher_sum, gamma, eta, vector, has_fisher):
+def _hyper(gamma_ptr, row):
+    """(gamma, eta, whether the parameter is a vector): gamma and eta float64, as the C++ kernels take them."""
+    return tl.load(gamma_ptr), tl.load(gamma_ptr + 1), tl.load(row + VECTOR)
+
+
+@triton.jit
+def _sigma(sumsq, fisher_sum, hyper, has_fisher):
     """csrc/rwp_common.h ``row_sigma``: gamma * ||row|| (+ NORM_EPS for vectors), / sqrt(1 + eta * fisher_sum)
-    with ARWP, all in float64, rounded once to float32."""
+    with ARWP, all in float64, rounded once to float32 (``hyper``: ``_hyper``'s three)."""
+    gamma, eta, vector = hyper
     return _scaled_sigma(_row_scale(sumsq, gamma, vector), fisher_sum, eta, has_fisher)
 
 
 @triton.jit
+def _read_sigma(sumsq, fisher_sum, gamma_ptr, row, has_fisher):
+    """``_sigma``, each hyperparameter read where the arithmetic first needs it (eta after the square root): a
+    row's sigma after its norm, with nothing kept in registers through the norm for it."""
+    scale = _row_scale(sumsq, tl.load(gamma_ptr), tl.load(row + VECTOR))
+    return _scaled_sigma(scale, fisher_sum, tl.load(gamma_ptr + 1), has_fisher)
+
+
+@triton.jit
 def _reciprocal(row_len):
-    """ceil(2**32 / row_len) as uint32 (0 for row_len 1), for ``_row_of``: one int64 division per program."""
-    two16 = row_len * 0 + 65536  # 2**32 is no int32 literal (the interpreter rejects those)
-    return ((two16 * two16 + row_len - 1) // row_len).to(tl.uint32)
+    """ceil(2**32 / row_len) as uint32 (0 for row_len 1), for ``_row_of``: (2**32 - 1) // row_len + 1, one 32-bit
+    division per program (a 64-bit one is a subroutine call)."""
+    all_ones = (row_len * 0 - 1).to(tl.uint32)  # 2**32 - 1 is no int32 literal (the interpreter rejects those)
+    return all_ones // row_len.to(tl.uint32) + 1
 
 
 @triton.jit
 def _row_of(d, length, magic):
-    """d // length for int32 tensors 0 <= d, length < 2**16 (negative d: some value, masked by the caller), as a
+    """d // length for int32 tensors 0 <= d, length < 2**16 (negative d: 0, or d itself where length is 1), as a
     multiply-high by ``magic = _reciprocal(length)``: exact there, as d * (magic * length - 2**32) < 2**32."""
     q = tl.umulhi(tl.maximum(d, 0).to(tl.uint32), magic).to(tl.int32)
     return tl.where(length == 1, d, q)
 
 
 @triton.jit
-def _packed_sigmas(squares, f_ptr, mask, lo, count, row_len, has_fisher, gamma, eta, vector, sigma_ptr,
+def _item_rows(items_ptr, tile, row):
+    """The first lane of this program's item in its tile and the item's row length (int32), read from the item and
+    the parameter's table row."""
+    return (T.load_start(items_ptr) - tile).to(tl.int32), tl.load(row + ROW_LEN).to(tl.int32)
+
+
+@triton.jit
+def _lane_rows(lo, length, BLOCK: tl.constexpr):
+    """Each lane's row in the item that starts at lane ``lo`` (nondecreasing: lanes before the item get row 0, or
+    rows below 0; lanes past it rows past the item's, so that only a row's own lanes share its number)."""
+    return _row_of(tl.arange(0, BLOCK) - lo, length, _reciprocal(length))
+
+
+@triton.jit
+def _item_row_sums(values, items_ptr, tile, row, BLOCK: tl.constexpr):
+    """``_row_sums`` of ``values`` over the rows packed in the tile, the lanes' rows computed here from the item's
+    first lane and row length read again (``_item_rows``)."""
+    rows = tl.arange(0, BLOCK // 8)
+    lo, length = _item_rows(items_ptr, tile, row)
+    return _row_sums(values, _lane_rows(lo, length, BLOCK), rows, tl.minimum(lo + (rows + 1) * length - 1, BLOCK - 1))
+
+
+@triton.jit
+def _packed_sigmas(items_ptr, row, tile, squares, f_ptr, mask, count, has_fisher, gamma_ptr, sigma_ptr,
                    BLOCK: tl.constexpr):
-    """The sigmas of the rows packed in a tile (the item: lanes ``lo .. lo + count``, rows of ``row_len``, at
-    most BLOCK // 8 of them): row sums, one sigma per row (stored at ``sigma_ptr + row``), and each lane's. The
-    Fisher state (``f_ptr``: the tile's lanes) is loaded after the squares' sums, so that both are not live at
-    once."""
-    ROWS: tl.constexpr = BLOCK // 8
-    length = row_len.to(tl.int32)
-    lanes = tl.arange(0, BLOCK)
-    magic = _reciprocal(row_len)
-    segment = tl.where(lanes < lo, -1, tl.where(mask, _row_of(lanes - lo, length, magic), BLOCK))  # nondecreasing
-    rows = tl.arange(0, ROWS)
-    last = tl.minimum(lo + (rows + 1) * length - 1, BLOCK - 1)
-    sumsq = _row_sums(squares, segment, rows, last)
-    fsum = tl.zeros([ROWS], tl.float64)
+    """The sigmas of the rows packed in a tile (the item: at most BLOCK // 8 whole rows): row sums, one sigma per
+    row (stored at ``sigma_ptr + row``), and each lane's, read back from there. The Fisher state (``f_ptr``: the
+    tile's lanes) is loaded after the squares' sums, so that both are not live at once. The lanes' rows are
+    computed for each use from the item read again: kept, they (8 registers per thread in a 16-bit tile) would be
+    live through the scans and the float64 sigma's subroutine calls, and 16-bit tiles spilled at 48 registers."""
+    rows = tl.arange(0, BLOCK // 8)
+    sumsq = _item_row_sums(squares, items_ptr, tile, row, BLOCK)
+    fsum = tl.zeros([BLOCK // 8], tl.float64)
     if has_fisher:
-        fsum = _row_sums(tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64), segment, rows, last)
-    sigma = _sigma(sumsq, fsum, gamma, eta, vector, has_fisher)
-    tl.store(sigma_ptr + rows, sigma, mask=rows < count.to(tl.int32) // length)
-    return tl.gather(sigma, tl.where(mask, segment, 0), 0)  # each lane's row in the item
+        fsum = _item_row_sums(tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64), items_ptr, tile, row, BLOCK)
+    sigma = _read_sigma(sumsq, fsum, gamma_ptr, row, has_fisher)
+    tl.store(sigma_ptr + rows, sigma, mask=rows < count.to(tl.int32) // tl.load(row + ROW_LEN).to(tl.int32))
+    tl.debug_barrier()  # (each sigma is read back by the lanes of its row, in other threads)
+    lo, length = _item_rows(items_ptr, tile, row)
+    lane_rows = tl.minimum(tl.maximum(_lane_rows(lo, length, BLOCK), 0), BLOCK // 8 - 1)
+    return tl.load(sigma_ptr + lane_rows, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -158,10 +195,10 @@ def _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma
 
 
 @triton.jit
-def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row, ELEMENTWISE: tl.constexpr, gamma,
-                 eta, vector, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row, ELEMENTWISE: tl.constexpr,
+                 gamma_ptr, row, hyper, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The sigmas of an item in one tile (one row, several rows, or a 0-D/1-D ARWP tensor with a sigma per
-    element), stored, and per lane; the tile and its mask."""
+    element), stored, and per lane; the tile and its mask. ``hyper``: the per-element sigmas' (``_hyper``)."""
     lanes = tl.arange(0, BLOCK)
     tile, mask = T.span(start - start % 4, start, start + count, VEC, DTYPE, BLOCK)  # Philox block boundary
     has_fisher = fisher_addr != 0
@@ -172,17 +209,17 @@ def _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_ro
         f = tl.zeros([BLOCK], tl.float64)
         if has_fisher:
             f = tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64)
-        sigma = _sigma(tl.zeros([BLOCK], tl.float64) + tl.sum(squares), f, gamma, eta, vector, has_fisher)
+        sigma = _sigma(tl.zeros([BLOCK], tl.float64) + tl.sum(squares), f, hyper, has_fisher)
         tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
     elif count > row_len:
-        sigma = _packed_sigmas(squares, f_ptr, mask, (start - tile).to(tl.int32), count, row_len, has_fisher, gamma,
-                               eta, vector, sigma_ptr + first_row, BLOCK)
+        sigma = _packed_sigmas(items_ptr, row, tile, squares, f_ptr, mask, count, has_fisher, gamma_ptr,
+                               sigma_ptr + first_row, BLOCK)
     else:
         sumsq = tl.sum(squares)
         fsum = tl.zeros([], tl.float64)
         if has_fisher:
             fsum = tl.sum(tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64))
-        row_sigma = _sigma(sumsq, fsum, gamma, eta, vector, has_fisher)
+        row_sigma = _read_sigma(sumsq, fsum, gamma_ptr, row, has_fisher)
         tl.store(sigma_ptr + first_row, row_sigma)
         sigma = tl.zeros([BLOCK], tl.float32) + row_sigma
     return tile, mask, sigma
@@ -238,9 +275,8 @@ def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.con
 
 
 @triton.jit
-def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
-              grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-              PARTS: tl.constexpr):
+def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, grad_scale, grad_scale_ptr,
+              step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     """A row whose first PARTS tiles are kept in registers: their loads all issued at once, the norm (a longer
     row's further tiles streamed through it), then each kept tile's update from the kept weights, and the further
     tiles' update, which reads them again. A row of at most PARTS tiles is read from DRAM once. Offsets in the kept
@@ -275,7 +311,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
     # base's vectorized form the kernel spills 4 bytes on sm_80.
     rest = start - start % 4 + PARTS * BLOCK
     acc, facc = _loop_acc(w_addr, fisher_addr, rest, start, start + count, acc, facc, VEC, DTYPE, BLOCK)
-    row_sigma = _sigma(tl.sum(acc), tl.sum(facc), gamma, eta, vector, fisher_addr != 0)
+    row_sigma = _read_sigma(tl.sum(acc), tl.sum(facc), gamma_ptr, row, fisher_addr != 0)
     tl.store(sigma_ptr + first_row, row_sigma)
     noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
     for p in tl.static_range(PARTS):
@@ -285,7 +321,8 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
                    (offsets >= first) & (offsets < end),
                    tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
                    BLOCK, kept[p])
-    _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, eta, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
+    _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, 0.0,
+                 grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
 
 
 @triton.jit
@@ -336,32 +373,33 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
     fisher_addr = tl.load(row + FISHER)
     row_len = tl.load(row + ROW_LEN)
     sigma_ptr += tl.load(row + SIGMA_OFF)
-    vector = tl.load(row + VECTOR)
     gamma_ptr = hyper_ptr + 2 * slot
-    gamma = tl.load(gamma_ptr)  # float64, as the C++ kernels take gamma and eta
-    eta = tl.load(gamma_ptr + 1)
     vec = T.vector_item(row, start, count, DTYPE)
     end = start + count
+    # The per-element sigmas' and the long rows' hyperparameters. A row in one tile or kept in registers reads its
+    # own after its norm (_read_sigma): kept through the packed rows' scans, they made 16-bit tiles spill at 48
+    # registers; read late for the per-element sigmas, Triton 3.6 spills the per-element kernel's update loop.
+    hyper = _hyper(gamma_ptr, row)
     if (start % 4 + count <= BLOCK) & (row_len <= SPLIT_ROW):  # (a split row's last segment may be short)
         if vec:
-            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
-                                             ELEMENTWISE, gamma, eta, vector, True, DTYPE, BLOCK)
+            tile, mask, sigma = _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len,
+                                             first_row, ELEMENTWISE, gamma_ptr, row, hyper, True, DTYPE, BLOCK)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
                    step, k0, k1, True, DTYPE, BLOCK)
         else:
-            tile, mask, sigma = _tile_sigmas(w_addr, fisher_addr, sigma_ptr, start, count, row_len, first_row,
-                                             ELEMENTWISE, gamma, eta, vector, False, DTYPE, BLOCK)
+            tile, mask, sigma = _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len,
+                                             first_row, ELEMENTWISE, gamma_ptr, row, hyper, False, DTYPE, BLOCK)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
                    step, k0, k1, False, DTYPE, BLOCK)
     elif (PARTS > 1) & (row_len <= SPLIT_ROW):
         if vec:
-            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
-                      grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PARTS)
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, grad_scale,
+                      grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PARTS)
         else:
-            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, gamma, eta, vector,
-                      grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PARTS)
+            _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, grad_scale,
+                      grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PARTS)
     else:
         # A long row, or a segment of a split row: its norm first, then the update.
         if row_len > SPLIT_ROW:
@@ -372,7 +410,8 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
             sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, True, DTYPE, BLOCK)
         else:
             sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, False, DTYPE, BLOCK)
-        scale = _row_scale(sumsq, gamma, vector)  # (the elementwise update loop's: gamma, vector and sumsq in one)
+        gamma, eta, vector = hyper
+        scale = _row_scale(sumsq, gamma, vector)  # (the elementwise update loop's)
         row_sigma = _scaled_sigma(scale, fsum, eta, fisher_addr != 0)
         if not ELEMENTWISE:
             if start == first_row * row_len:  # the row's first program

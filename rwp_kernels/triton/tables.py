@@ -16,6 +16,7 @@ code with element-wise masks.
 import functools
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -63,24 +64,23 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 # Register caps (ptxas .maxnreg), by kernel and the parameters' element size, where ptxas's own choice would cost
 # resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill. 16-bit tiles hold 8 elements per
-# thread, two Philox blocks: perturb_kernel's packed rows need 64 registers (32 warps per SM; at 56 it spills 8-12
-# bytes), the elementwise kernel's float64 sigmas 56 (36 warps; at 48 it spills 32-64 bytes); sgd_step_kernel and
-# restore_kernel fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with
-# them and fails on any spill. A key with a third entry is perturb_kernel's variant that keeps rows of up to that
-# many tiles in registers (``RESIDENT_PARTS``).
+# thread, two Philox blocks: perturb_kernel fits in 48 because its packed rows' lane rows and hyperparameters are
+# not kept through the scans and the float64 sigmas (perturb._packed_sigmas; kept, they needed 64, 32 warps), the
+# elementwise kernel's float64 sigmas need 56 (36 warps; at 48 its unaligned update loop spills 32 bytes);
+# sgd_step_kernel and restore_kernel fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile).
+# aot.py compiles with them and fails on any spill. A key with a third entry is perturb_kernel's variant that keeps
+# rows of up to that many tiles in registers (``RESIDENT_PARTS``).
 MAX_REGISTERS = {
-    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 64, ("perturb_kernel", 4, 5): 64,
+    ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 48, ("perturb_kernel", 4, 5): 64,
     ("perturb_elementwise_kernel", 4): 48, ("perturb_elementwise_kernel", 2): 56,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 48,
     ("restore_kernel", 2): 48,
 }
-# Triton 3.6 (torch 2.11's) compiles three of them to more registers: without spills, 16-bit perturb_kernel needs 70
-# on sm_80 (64 on sm_90), perturb_elementwise_kernel 72 in float32 and 110 in 16-bit (at 64 it spills 500 bytes).
-# Its caps; a dict holds them by compute capability (the largest for another GPU).
+# Triton 3.6 (torch 2.11's) compiles the elementwise kernel to more registers: without spills, 72 in float32 and 110
+# in 16-bit (at 64 it spills 500 bytes). Its caps.
 MAX_REGISTERS_TRITON_3_6 = {
     **MAX_REGISTERS,
-    ("perturb_kernel", 2): {80: 72, 90: 64}, ("perturb_elementwise_kernel", 4): 72,
-    ("perturb_elementwise_kernel", 2): 112,
+    ("perturb_elementwise_kernel", 4): 72, ("perturb_elementwise_kernel", 2): 112,
 }
 
 # (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
@@ -88,7 +88,8 @@ MAX_REGISTERS_TRITON_3_6 = {
 # float32's (the noise and Philox ops, which have no parameter dtype). 16-bit parameters have one tile, 512
 # elements on 2 warps: the same elements per program as float32's small tile, so a long row wastes as few lanes in
 # its last tile (CNN rows of 2304 / 4608 elements: 4.5 / 9 tiles; with 1024- or 2048-element tiles the last one is
-# half or three quarters empty); perturb_kernel's 64 registers leave 32 warps per SM (2048 / 8 warps: 72, 24).
+# half or three quarters empty); perturb_kernel's 2-warp programs fit in 48 registers, 42 warps per SM (2048 / 8
+# warps needed 72: 24).
 TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
 PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "row_partials_kernel")
@@ -117,6 +118,12 @@ def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
     start = tl.load(item + 1)
     count = tl.load(item + 2)
     return slot, start, count, params_ptr + slot * COLUMNS
+
+
+@triton.jit
+def load_start(items_ptr):
+    """The first element of this program's item (``load_item``'s ``start``), read again."""
+    return tl.load(items_ptr + ITEM_COLUMNS * tl.program_id(0) + 1)
 
 
 @triton.jit
@@ -363,41 +370,26 @@ def _caps(triton_version: str) -> dict:
     return MAX_REGISTERS_TRITON_3_6 if triton_3_6(triton_version) else MAX_REGISTERS
 
 
-def kernel_options(name: str, itemsize: int = 4, parts: int = 1, arch: int | None = None) -> dict:
+def kernel_options(name: str, itemsize: int = 4, parts: int = 1) -> dict:
     """The compile options of the kernel ``name`` for parameters of ``itemsize`` bytes (and perturb_kernel's
-    ``parts``) on a GPU of compute capability ``arch`` (90: sm_90): ``COMPILE_OPTIONS`` and its register cap
-    (``MAX_REGISTERS``, or the installed Triton's), if any."""
+    ``parts``): ``COMPILE_OPTIONS`` and its register cap (``MAX_REGISTERS``, or the installed Triton's), if any."""
     caps = _caps(triton.__version__)
     cap = caps.get((name, itemsize, parts) if parts > 1 else (name, itemsize))
-    if isinstance(cap, dict):
-        cap = cap.get(arch, max(cap.values()))
     return {**COMPILE_OPTIONS, **({"maxnreg": cap} if cap else {})}
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_arch(index: int) -> int:
-    """The compute capability of CUDA device ``index`` as one number (90: sm_90)."""
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
-def launch_kwargs(kernel, tile: Tile, constexprs: dict, arch: int | None = None) -> dict:
-    """The keyword arguments of a launch of ``kernel`` on a GPU of compute capability ``arch``: constexprs, the
-    tile's BLOCK and warps, its options."""
+def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
+    """The keyword arguments of a launch of ``kernel``: constexprs, the tile's BLOCK and warps, its options."""
     dtype = constexprs.get("DTYPE")
     itemsize = dtype.primitive_bitwidth // 8 if dtype is not None else 4
-    options = kernel_options(kernel.fn.__name__, itemsize, constexprs.get("PARTS", 1), arch)
+    options = kernel_options(kernel.fn.__name__, itemsize, constexprs.get("PARTS", 1))
     return dict(BLOCK=tile.block, num_warps=tile.num_warps, **options, **constexprs)
 
 
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """One launch of ``kernel`` on ``device``'s current stream."""
-    if device.type != "cuda":  # (Triton's interpreter)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs))
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index):
-        kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs, cuda_arch(index)))
 
 
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
