@@ -168,8 +168,7 @@ def compile_inputs(spec: Spec):
     # are (torch's allocator), the caller's tensors are not specialized on it (do_not_specialize_on_alignment).
     attrs = {(kernel.arg_names.index(p.name),): [["tt.divisibility", 16]] for p in params
              if signature[p.name].startswith("*") and not p.do_not_specialize_on_alignment}
-    options = {"num_warps": spec.num_warps,
-               **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.parts or 1)}
+    options = {"num_warps": spec.num_warps, **kernel_options(spec.kernel, ITEMSIZE[spec.dtype], spec.parts or 1)}
     return kernel, signature, constexprs, attrs, options
 
 

@@ -110,10 +110,16 @@ def vector_elems(dtype: torch.dtype) -> int:
 
 
 @triton.jit
+def _item(items_ptr):
+    """This program's row of the item table."""
+    return items_ptr + ITEM_COLUMNS * tl.program_id(0)
+
+
+@triton.jit
 def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
     """This program's work item: its parameter's slot, the first element and element count, and the start
     of the parameter's row in the address table (``COLUMNS`` words per parameter)."""
-    item = items_ptr + ITEM_COLUMNS * tl.program_id(0)
+    item = _item(items_ptr)
     slot = tl.load(item)
     start = tl.load(item + 1)
     count = tl.load(item + 2)
@@ -123,13 +129,13 @@ def load_item(params_ptr, items_ptr, COLUMNS: tl.constexpr):
 @triton.jit
 def load_start(items_ptr):
     """The first element of this program's item (``load_item``'s ``start``), read again."""
-    return tl.load(items_ptr + ITEM_COLUMNS * tl.program_id(0) + 1)
+    return tl.load(_item(items_ptr) + 1)
 
 
 @triton.jit
 def load_first_row(items_ptr):
     """The row of this program's first element (``start // row_len``, found on the host: perturb_ items)."""
-    return tl.load(items_ptr + ITEM_COLUMNS * tl.program_id(0) + 3)
+    return tl.load(_item(items_ptr) + 3)
 
 
 @triton.jit
