@@ -8,7 +8,8 @@ its SASS, and a roofline ESTIMATE of perturb_ and sgd_step_ on A100 / H100 / H20
    NVCC_FLAGS, the SASS gencode of gencode_flags, torch's COMMON_NVCC_FLAGS) to a cubin per architecture
    (-Xptxas -v for registers and spills), and every Triton specialization the launchers use with
    rwp_kernels.triton.aot.compile_kernel (the same signature, constexprs and alignment as the run time);
-   results are cached in a folder of the temp dir (rwp_kernels.gpu_model.cache_dir()).
+   results are cached in a folder of the temp dir (rwp_kernels.gpu_model.cache_dir(); RWP_GPU_MODEL_CACHE
+   moves it), the CACHE_KEEP most recently used builds of each kernel.
 2. Per kernel: registers, spill bytes, shared memory, resident warps per SM and what limits them, the hot
    path (rwp_kernels.sass: the cheapest path through the chosen loop body, or through the program, that
    does the configured work) with its instructions, elements per iteration, instructions per element, the

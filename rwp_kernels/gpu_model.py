@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -370,11 +371,38 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
 
 # ---- compiling and reading the kernels ---------------------------------------------------------------------
 
+# Entries kept per compiled variant: each change to the kernels' sources makes new ones, and the cache would
+# otherwise grow by the whole set (about 100 MB) with every edit.
+CACHE_KEEP = 3
+
+
 def cache_dir() -> Path:
     """Where compiled kernels and their listings are kept between runs (a folder of the temp dir)."""
     path = Path(os.environ.get("RWP_GPU_MODEL_CACHE") or Path(tempfile.gettempdir()) / "rwp_kernels_gpu_model")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _cached(variant: str, key: str, build) -> dict:
+    """``build(folder)``'s result for ``variant`` compiled from sources and flags hashed to ``key``, kept in
+    cache_dir() with a "cached" entry added. A new entry drops all but the CACHE_KEEP most recently used of its
+    variant."""
+    root = cache_dir()
+    done = root / f"{variant}_{key}" / "done.json"
+    if done.is_file():
+        try:
+            os.utime(done)  # (recently used; a read-only cache is only read)
+        except OSError:
+            pass
+        return {**json.loads(done.read_text()), "cached": True}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    out = build(done.parent)
+    done.write_text(json.dumps(out))
+    pattern = re.compile(re.escape(variant) + "_[0-9a-f]{16}")
+    entries = [p / "done.json" for p in root.iterdir() if pattern.fullmatch(p.name) and (p / "done.json").is_file()]
+    for old in sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+        shutil.rmtree(old.parent, ignore_errors=True)
+    return {**out, "cached": False}
 
 
 def cuobjdump() -> str | None:
@@ -433,20 +461,18 @@ def compile_cuda(arch: int) -> dict:
     for path in sorted(p for p in src.rglob("*") if p.suffix in C.SOURCE_SUFFIXES):
         h.update(str(path.relative_to(src)).encode() + b"\0" + path.read_bytes())
     h.update(repr((flags, C.nvcc_version(nvcc))).encode())
-    folder = cache_dir() / f"cuda_sm{arch}_{h.hexdigest()[:16]}"
-    done = folder / "done.json"
-    if done.is_file():
-        return {**json.loads(done.read_text()), "cached": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    cubin = folder / "cuda_kernels.cubin"
-    cmd = [nvcc, "-cubin", *flags, "-Xptxas", "-v", f"-I{src}", str(src / "cuda" / "cuda_kernels.cu"), "-o", str(cubin)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"nvcc failed for sm_{arch}:\n{run.stderr[-3000:]}")
-    listing, usage = _dump(cubin)
-    out = {"sass": listing, "res_usage": usage, "ptxas": run.stderr, "flags": flags}
-    done.write_text(json.dumps(out))
-    return {**out, "cached": False}
+
+    def build(folder: Path) -> dict:
+        cubin = folder / "cuda_kernels.cubin"
+        cmd = [nvcc, "-cubin", *flags, "-Xptxas", "-v", f"-I{src}", str(src / "cuda" / "cuda_kernels.cu"), "-o",
+               str(cubin)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"nvcc failed for sm_{arch}:\n{run.stderr[-3000:]}")
+        listing, usage = _dump(cubin)
+        return {"sass": listing, "res_usage": usage, "ptxas": run.stderr, "flags": flags}
+
+    return _cached(f"cuda_sm{arch}", h.hexdigest()[:16], build)
 
 
 def _triton_key(spec) -> str:
@@ -465,24 +491,19 @@ def compile_triton(spec) -> dict:
     Runs in a worker process; cached under cache_dir()."""
     from .triton import aot
 
-    variant = f"{spec.kernel}_{spec.dtype or spec.index}_{spec.block}_{spec.arch}"
-    folder = cache_dir() / f"triton_{variant}_{_triton_key(spec)}"
-    done = folder / "done.json"
-    if done.is_file():
-        return {**json.loads(done.read_text()), "cached": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    compiled = aot.compile_kernel(spec)
-    result = aot.compile_spec(spec)  # registers and spills: the same ptxas run Triton makes
-    if result.error:
-        raise RuntimeError(result.error)
-    cubin = folder / "kernel.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    listing, usage = _dump(cubin)
-    out = {"sass": listing, "res_usage": usage, "registers": result.registers,
-           "spill_stores": result.spill_store_bytes, "spill_loads": result.spill_load_bytes,
-           "dynamic_smem": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
-    done.write_text(json.dumps(out))
-    return {**out, "cached": False}
+    def build(folder: Path) -> dict:
+        compiled = aot.compile_kernel(spec)
+        result = aot.compile_spec(spec)  # registers and spills: the same ptxas run Triton makes
+        if result.error:
+            raise RuntimeError(result.error)
+        cubin = folder / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        listing, usage = _dump(cubin)
+        return {"sass": listing, "res_usage": usage, "registers": result.registers,
+                "spill_stores": result.spill_store_bytes, "spill_loads": result.spill_load_bytes,
+                "dynamic_smem": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
+
+    return _cached("triton_" + re.sub(r"[^A-Za-z0-9]+", "_", spec.label), _triton_key(spec), build)
 
 
 @dataclass

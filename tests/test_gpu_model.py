@@ -419,6 +419,30 @@ def test_models_have_their_published_sizes():
     assert sum(math.prod(s) for s in G._resnet50_shapes()) == 25_557_032
 
 
+def test_the_cache_keeps_the_most_recently_used_entries_of_each_variant(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWP_GPU_MODEL_CACHE", str(tmp_path))
+    builds = []
+
+    def build(folder):
+        builds.append(folder.name)
+        (folder / "kernel.cubin").write_bytes(b"x")
+        return {"n": len(builds)}
+
+    keys = [f"{i:016x}" for i in range(G.CACHE_KEEP + 2)]
+    for age, key in enumerate(keys):
+        assert G._cached("triton_k_sm_90", key, build) == {"n": age + 1, "cached": False}
+        os.utime(tmp_path / f"triton_k_sm_90_{key}" / "done.json", (age, age))
+    G._cached("triton_k_sm_80", keys[0], build)  # another variant's entry is never dropped for this one's
+    # Used again, the oldest kept entry becomes the newest: the next new entry drops the one after it.
+    oldest_kept = keys[-G.CACHE_KEEP]
+    assert G._cached("triton_k_sm_90", oldest_kept, build) == {"n": G.CACHE_KEEP, "cached": True}
+    G._cached("triton_k_sm_90", "f" * 16, build)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"triton_k_sm_80_{keys[0]}", f"triton_k_sm_90_{oldest_kept}",
+                           f"triton_k_sm_90_{keys[-1]}", f"triton_k_sm_90_{'f' * 16}"])
+    assert len(builds) == len(keys) + 2  # nothing cached was built again
+
+
 # ---- end to end -------------------------------------------------------------------------------------------------
 
 def _tools() -> str | None:
