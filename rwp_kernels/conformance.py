@@ -298,10 +298,12 @@ SWEEP = (
     Case("vector37", (37,)),
     Case("vector10", (10,)),
     Case("vector3000", (3000,)),  # a 1-D tensor longer than a tile
+    Case("vector3001", (3001,)),  # longer than a tile, no whole number of vectors: Triton's unaligned ARWP kernel
     Case("zero_vector", (9,), zero="all"),  # zero-norm 1-D tensor
     Case("offset_rows27", (1, 27), OFFSET),  # views at an odd element offset: unaligned, scalar paths
     Case("offset_rows1001", (3, 1001), OFFSET),
     Case("offset_vector", (5,), OFFSET),
+    Case("offset_vector1001", (1001,), OFFSET),  # misaligned and longer than a tile
 )
 FAST_SWEEP = tuple(c for c in SWEEP if c.fast)
 

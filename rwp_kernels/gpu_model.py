@@ -353,6 +353,12 @@ def triton_facts(kernel: str, dtype: str | None, block: int, num_warps: int, par
             "ARWP 0-D/1-D tensor that fits a tile: per-element sigma from the Fisher state, backups",
             (PathSpec("tile", {f"ld{b}p": 2 * v, f"st{b}": 2 * v, "philox": 1}, loop=False),), e, 3 * s + 8,
             "reads w once and the float32 Fisher state, writes w, the backup and a float32 sigma per element")
+    if kernel == "perturb_elementwise_unaligned_kernel":
+        return KernelFacts(
+            "ARWP 1-D tensor longer than a tile, misaligned or no whole number of vectors: scalar loops",
+            (PathSpec("update", {"philox": 1}),), e, 4 * s + 8,
+            "reads w twice (norm pass, update pass) and the float32 Fisher state, writes w, the backup and a float32 "
+            "sigma per element, in scalar accesses")
     if kernel == "restore_kernel":
         return KernelFacts("regenerated noise, no gradient mix",
                            (PathSpec("main", {f"ld{b}p": v, f"st{b}": v, "philox": 1}, loop=False),), e, 2 * s,

@@ -8,7 +8,7 @@ address are ``do_not_specialize_on_alignment``, so the JIT makes no divisibility
 it runs the public ops on many argument sets (sizes around 2**31, offsets past 2**32, one-element scale and
 found_inf tensors and sigma buffers at unaligned addresses, every dtype and tile) with the launch replaced
 by Triton's own binder, and requires every launch to be one of ``aot.specializations()``. The full
-compilation (54 specializations, about 100 s on 2 cores without Triton's cache) is ``slow``.
+compilation (60 specializations, about 110 s on 2 cores without Triton's cache) is ``slow``.
 
 Both run in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled, and
 tests/conftest.py switches the interpreter on in this process where there is no GPU).
@@ -77,8 +77,9 @@ RT.philox4x32_10(torch.zeros(2**31 + 1, 4, dtype=torch.int64, device="meta"),
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     # float32's 512- and 1024-element tiles of the elementwise ops (16-bit: its one tile), perturb_'s one tile
     # without and with a row split for the two-stage norm (float32 perturb_kernel with PARTS = 5 where rows of 1000
-    # or the split row's 40000 elements are the median).
-    for shapes in ([(16, 3, 3, 3), (10,)], [(4, 1000), (7,)], [(200, 500), (40000,)], [(4, 1000), (7,), (40000,)]):
+    # or the split row's 40000 elements are the median), ARWP's 1-D tensors with a scalar loop (1001 elements).
+    for shapes in ([(16, 3, 3, 3), (10,)], [(4, 1000), (7,)], [(200, 500), (40000,)],
+                   [(4, 1000), (7,), (40000,), (1001,)]):
         params = [torch.randn(s, dtype=dtype) for s in shapes]
         grads = [torch.randn_like(p) for p in params]
         fisher = [torch.rand(p.shape) for p in params]
@@ -117,8 +118,8 @@ def test_launchers_produce_only_listed_specializations():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert not out["unlisted"], "launches that rwp_kernels.triton.aot does not compile:\n" + "\n".join(out["unlisted"])
-    # Every listed specialization is reached by some argument set above (sm_90: 27).
-    assert len(out["listed"]) == out["all"] == 27, out["listed"]
+    # Every listed specialization is reached by some argument set above (sm_90: 30).
+    assert len(out["listed"]) == out["all"] == 30, out["listed"]
 
 
 # Stack frames allowed, by specialization label, with why. The kept-row variant on sm_80: the float64 division's
@@ -127,7 +128,7 @@ def test_launchers_produce_only_listed_specializations():
 STACK_FRAMES = {"perturb_kernel fp32 PARTS=5 BLOCK=512 warps=4 sm_80": 8}
 
 
-@pytest.mark.slow  # compiles 54 specializations: about 100 s on 2 cores without Triton's cache
+@pytest.mark.slow  # compiles 60 specializations: about 110 s on 2 cores without Triton's cache
 def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     missing = _tools_missing()
     requires(missing is None, f"ahead-of-time compilation: {missing}", "triton-aot")
@@ -143,10 +144,10 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     compiled = {tuple(r["spec"][k] for k in key) for r in results}
     expected = {tuple(getattr(s, k) for k in key) for s in aot.specializations((80, 90))}
     assert compiled == expected, f"specializations compiled vs. expected differ; stderr:\n{proc.stderr[-3000:]}"
-    assert len(expected) == 54
+    assert len(expected) == 60
     assert {r["spec"]["kernel"] for r in results} == {
-        "philox_kernel", "noise_kernel", "perturb_kernel", "perturb_elementwise_kernel", "row_partials_kernel",
-        "restore_kernel", "sgd_step_kernel"}
+        "philox_kernel", "noise_kernel", "perturb_kernel", "perturb_elementwise_kernel",
+        "perturb_elementwise_unaligned_kernel", "row_partials_kernel", "restore_kernel", "sgd_step_kernel"}
     # i32 and i64 for each Python-int size or offset, independently (the noise op's offset and numel).
     assert {r["spec"]["index"] for r in results if r["spec"]["kernel"] == "noise_kernel"} == {
         "i32,i32", "i32,i64", "i64,i32", "i64,i64"}
@@ -160,17 +161,19 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("version, elementwise", [("3.6.0", {4: 72, 2: 112}), ("3.7.0", {4: 48, 2: 56}),
-                                                  ("3.8.0", {4: 48, 2: 56})])
-def test_the_register_caps_follow_the_installed_triton(monkeypatch, version, elementwise):
-    """Triton 3.6 compiles the elementwise kernel to more registers; the caps that compile without spills under
+@pytest.mark.parametrize("version, elementwise, unaligned", [("3.6.0", {4: 80, 2: 64}, {4: 96, 2: 104}),
+                                                             ("3.7.0", {4: 48, 2: 48}, {4: 48, 2: 56}),
+                                                             ("3.8.0", {4: 48, 2: 48}, {4: 48, 2: 56})])
+def test_the_register_caps_follow_the_installed_triton(monkeypatch, version, elementwise, unaligned):
+    """Triton 3.6 compiles the per-element kernels to more registers; the caps that compile without spills under
     each Triton are the slow test's above (it compiles with the installed one, for sm_80 and sm_90)."""
     triton = pytest.importorskip("triton")
     from rwp_kernels.triton import tables
 
     monkeypatch.setattr(triton, "__version__", version)
-    for itemsize, cap in elementwise.items():
-        assert tables.kernel_options("perturb_elementwise_kernel", itemsize)["maxnreg"] == cap
+    for itemsize in (4, 2):
+        assert tables.kernel_options("perturb_elementwise_kernel", itemsize)["maxnreg"] == elementwise[itemsize]
+        assert tables.kernel_options("perturb_elementwise_unaligned_kernel", itemsize)["maxnreg"] == unaligned[itemsize]
     assert tables.kernel_options("perturb_kernel", 2)["maxnreg"] == 48  # the same under each
     assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48
     assert tables.kernel_options("perturb_kernel", 4, 5) == {**tables.COMPILE_OPTIONS, "maxnreg": 64}

@@ -458,6 +458,26 @@ def test_one_launch_per_dtype_and_float64_to_reference(launches, cpp_ext):
     assert_equal_to_cpp(dict(sigmas=sigmas, perturbed=p), dict(sigmas=sigmas_cpp, perturbed=p_cpp))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_arwp_vectors_that_need_a_scalar_loop_get_a_launch_of_their_own(launches, cpp_ext, dtype):
+    """ARWP's 1-D tensors that fit a tile or are whole aligned vectors run perturb_elementwise_kernel, which has no
+    scalar loop over a long row (perturb.vectorized_row); the others perturb_elementwise_unaligned_kernel."""
+    def run(cases, backend):
+        params = [C.place(torch.randn(n, generator=torch.Generator().manual_seed(n)), layout, dtype)
+                  for n, layout in cases]
+        fisher = C.fisher_like(params, seed=5)
+        before = len(launches)
+        sigmas = rk.perturb_(params, gamma=0.1, seed=1, step=2, fisher=fisher, eta=0.5, backend=backend)
+        return [k.fn.__name__ for k in launches[before:]], dict(sigmas=sigmas, perturbed=params)
+
+    short_or_whole = [(10, C.CONTIGUOUS), (7, C.OFFSET), (1024, C.CONTIGUOUS)]
+    others = [(1025, C.CONTIGUOUS), (1024, C.OFFSET)]
+    assert run(short_or_whole, "triton")[0] == ["perturb_elementwise_kernel"]
+    kernels, ours = run(short_or_whole + others + [(64, C.CONTIGUOUS)], "triton")
+    assert kernels == ["perturb_elementwise_kernel", "perturb_elementwise_unaligned_kernel"]
+    assert_equal_to_cpp(ours, run(short_or_whole + others + [(64, C.CONTIGUOUS)], "cpu")[1])
+
+
 def test_tables_are_cached_and_follow_new_tensors(monkeypatch, cpp_ext):
     from rwp_kernels.triton import tables
 

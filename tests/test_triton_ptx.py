@@ -54,7 +54,8 @@ SPECS = ([("philox_kernel", None, 512, 4, a, "i32", None) for a in (80, 90)]
          + [(k, d, *SMALL[d], a, None, _parts(k)) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
             for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
          + [("noise_kernel", None, 1024, 8, 90, "i32,i64", None), ("perturb_kernel", "fp32", 512, 4, 90, None, 5)]
-         + [(k, d, *SMALL[d], 90, None, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
+         + [(k, d, *SMALL[d], 90, None, None) for k in ("perturb_elementwise_kernel",
+                                                         "perturb_elementwise_unaligned_kernel", "row_partials_kernel")
             for d in ("fp32", "bf16")])
 FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32", None)  # compiled with enable_fp_fusion=True: the checks must fail
 
@@ -121,9 +122,11 @@ def fma_per_normal_block() -> int:
 
 # Places where a kernel generates noise (P.normal_tile or P.block_normals calls, counting the vectorized and the
 # scalar copy of each path: a tile that fits and a long row's update loop in perturb_; with PARTS > 1 also each
-# kept tile of a row and the update loop of the tiles past them) and explicit fma per element outside it.
-NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 4,
-               "row_partials_kernel": 0, "restore_kernel": 2, "sgd_step_kernel": 0}
+# kept tile of a row and the update loop of the tiles past them; the elementwise kernel's long rows only vectorized,
+# the unaligned one's only long rows) and explicit fma per element outside it.
+NOISE_SITES = {"philox_kernel": 0, "noise_kernel": 1, "perturb_kernel": 4, "perturb_elementwise_kernel": 3,
+               "perturb_elementwise_unaligned_kernel": 2, "row_partials_kernel": 0, "restore_kernel": 2,
+               "sgd_step_kernel": 0}
 
 
 def noise_sites(spec) -> int:
@@ -144,7 +147,8 @@ def expected_fma(spec) -> int:
 
 # The kernels that add a tile's squares into float64 accumulators with _add_squares (a long row's norm loop, a kept
 # row's tiles), at least at this many places (vectorized and scalar copies).
-SQUARE_SITES = {"perturb_kernel": 2, "perturb_elementwise_kernel": 2, "row_partials_kernel": 2}
+SQUARE_SITES = {"perturb_kernel": 2, "perturb_elementwise_kernel": 1, "perturb_elementwise_unaligned_kernel": 2,
+                "row_partials_kernel": 2}
 
 
 def fma64_problem(spec, count: int) -> str | None:
@@ -209,7 +213,7 @@ def test_ptx_rounds_as_the_header(compiled, spec):
     ops = instructions(ptx)
     if NOISE_SITES[spec[0]]:  # the Box-Muller radius and the sigma: IEEE square roots
         assert "sqrt.rn.f32" in ops
-    if spec[0] in ("perturb_kernel", "perturb_elementwise_kernel"):  # row_sigma in float64, rounded once
+    if spec[0].startswith("perturb_"):  # row_sigma in float64, rounded once
         assert {"sqrt.rn.f64", "div.rn.f64", "cvt.rn.f32.f64"} <= set(ops)
     if spec[1] == "bf16" and spec[0] != "row_partials_kernel":  # results rounded to nearest even by the hardware
         narrowing = {op for op in ops if re.fullmatch(r"cvt(\.[a-z]+)?\.bf16(x2)?\.f32", op)}

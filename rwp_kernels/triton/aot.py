@@ -54,6 +54,8 @@ _KERNEL_ARGS = {
     "perturb_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "*fp64", "fp32", "*fp32", "i32", "i32", "i32"]),
     "perturb_elementwise_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "*fp64", "fp32", "*fp32", "i32", "i32",
                                                "i32"]),
+    "perturb_elementwise_unaligned_kernel": ("perturb", ["*i64", "*i64", "*fp64", "*fp32", "*fp64", "fp32", "*fp32",
+                                                         "i32", "i32", "i32"]),
     "row_partials_kernel": ("perturb", ["*i64", "*i64", "*fp64"]),
     "restore_kernel": ("restore", ["*i64", "*i64", "*fp32", "i32", "i32", "i32", "fp32", "fp32", "*fp32", "fp32",
                                    "*fp32", "fp32", "*fp32"]),

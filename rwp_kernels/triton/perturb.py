@@ -77,23 +77,37 @@ def _scaled_sigma(scale, fisher_sum, eta, has_fisher):
 
 
 @triton.jit
+def _element_sigmas(scale, eta, fisher_addr, sigma_ptr, tile, mask, start, count, VEC: tl.constexpr,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The sigmas of a 0-D/1-D ARWP tensor in one tile (``_scaled_sigma`` of each element's Fisher value, which is
+    read here, after the norm), stored, then read back per lane (``mask``: the item's). Computed on each half of
+    the tile in turn: a 16-bit tile's eight float64 square roots and divisions per thread at once, each with a
+    subroutine call on its slow path, kept too many values live for 48 registers."""
+    HALF: tl.constexpr = BLOCK // 2
+    for h in tl.static_range(2):
+        part, in_item = T.span(tile + h * HALF, start, start + count, VEC, DTYPE, HALF)
+        at = part + tl.arange(0, HALF)
+        f = tl.zeros([HALF], tl.float64)
+        if fisher_addr != 0:
+            f = tl.load(T.pointer(fisher_addr, tl.float32, VEC) + at, mask=in_item, other=0.0).to(tl.float64)
+        sigma = _scaled_sigma(tl.zeros([HALF], tl.float64) + scale, f, eta, fisher_addr != 0)
+        tl.store(sigma_ptr + at, sigma, mask=in_item)
+    tl.debug_barrier()  # (each lane reads sigmas that other threads stored)
+    return tl.load(sigma_ptr + tile + tl.arange(0, BLOCK), mask=mask, other=0.0)
+
+
+@triton.jit
 def _hyper(gamma_ptr, row):
     """(gamma, eta, whether the parameter is a vector): gamma and eta float64, as the C++ kernels take them."""
     return tl.load(gamma_ptr), tl.load(gamma_ptr + 1), tl.load(row + VECTOR)
 
 
 @triton.jit
-def _sigma(sumsq, fisher_sum, hyper, has_fisher):
-    """csrc/rwp_common.h ``row_sigma``: gamma * ||row|| (+ NORM_EPS for vectors), / sqrt(1 + eta * fisher_sum)
-    with ARWP, all in float64, rounded once to float32 (``hyper``: ``_hyper``'s three)."""
-    gamma, eta, vector = hyper
-    return _scaled_sigma(_row_scale(sumsq, gamma, vector), fisher_sum, eta, has_fisher)
-
-
-@triton.jit
 def _read_sigma(sumsq, fisher_sum, gamma_ptr, row, has_fisher):
-    """``_sigma``, each hyperparameter read where the arithmetic first needs it (eta after the square root): a
-    row's sigma after its norm, with nothing kept in registers through the norm for it."""
+    """csrc/rwp_common.h ``row_sigma``: gamma * ||row|| (+ NORM_EPS for vectors), / sqrt(1 + eta * fisher_sum)
+    with ARWP, all in float64, rounded once to float32; each hyperparameter read where the arithmetic first needs
+    it (eta after the square root): a row's sigma after its norm, with nothing kept in registers through the norm
+    for it."""
     scale = _row_scale(sumsq, tl.load(gamma_ptr), tl.load(row + VECTOR))
     return _scaled_sigma(scale, fisher_sum, tl.load(gamma_ptr + 1), has_fisher)
 
@@ -206,11 +220,9 @@ def _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_le
     squares = x * x  # exact in float64
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC) + tile + lanes
     if ELEMENTWISE:
-        f = tl.zeros([BLOCK], tl.float64)
-        if has_fisher:
-            f = tl.load(f_ptr, mask=mask, other=0.0).to(tl.float64)
-        sigma = _sigma(tl.zeros([BLOCK], tl.float64) + tl.sum(squares), f, hyper, has_fisher)
-        tl.store(sigma_ptr + tile + lanes, sigma, mask=mask)
+        gamma, eta, vector = hyper
+        sigma = _element_sigmas(_row_scale(tl.sum(squares), gamma, vector), eta, fisher_addr, sigma_ptr, tile, mask,
+                                start, count, VEC, DTYPE, BLOCK)
     elif count > row_len:
         sigma = _packed_sigmas(items_ptr, row, tile, squares, f_ptr, mask, count, has_fisher, gamma_ptr,
                                sigma_ptr + first_row, BLOCK)
@@ -364,9 +376,12 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_
 
 @triton.jit
 def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
-    """The body of both perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
-    element (float64 per element: their own kernel, so that the others' needs fewer registers)."""
+             ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
+             SHORT_ROWS: tl.constexpr, UNALIGNED_LOOPS: tl.constexpr):
+    """The body of the perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
+    element (float64 per element: their own kernel, so that the others' needs fewer registers). Without
+    ``UNALIGNED_LOOPS`` every row longer than a tile is vectorized (``vectorized_row``): the loops over a long
+    row have no scalar variant."""
     slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     first_row = T.load_first_row(items_ptr)
     w_addr = tl.load(row + W)
@@ -380,7 +395,10 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
     # own after its norm (_read_sigma): kept through the packed rows' scans, they made 16-bit tiles spill at 48
     # registers; read late for the per-element sigmas, Triton 3.6 spills the per-element kernel's update loop.
     hyper = _hyper(gamma_ptr, row)
-    if (start % 4 + count <= BLOCK) & (row_len <= SPLIT_ROW):  # (a split row's last segment may be short)
+    fits = (start % 4 + count <= BLOCK) & (row_len <= SPLIT_ROW)  # (a split row's last segment may be short)
+    if not SHORT_ROWS:
+        fits = False
+    if fits:
         if vec:
             tile, mask, sigma = _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len,
                                              first_row, ELEMENTWISE, gamma_ptr, row, hyper, True, DTYPE, BLOCK)
@@ -402,6 +420,8 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
                       grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PARTS)
     else:
         # A long row, or a segment of a split row: its norm first, then the update.
+        if not UNALIGNED_LOOPS:
+            vec = True
         if row_len > SPLIT_ROW:
             segments = tl.cdiv(row_len, SEGMENT)
             sumsq, fsum = _partial_sums(partials_ptr, tl.program_id(0) - (start - first_row * row_len) // SEGMENT,
@@ -428,14 +448,25 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
 def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0,
                    k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             False, DTYPE, BLOCK, PARTS)
+             False, DTYPE, BLOCK, PARTS, True, True)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
 def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr,
                                step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """ARWP's 0-D/1-D tensors whose rows fit a tile or are vectorized (``vectorized_row``)."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             True, DTYPE, BLOCK, 1)
+             True, DTYPE, BLOCK, 1, True, False)
+
+
+@triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
+def perturb_elementwise_unaligned_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale,
+                                         grad_scale_ptr, step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """ARWP's other 1-D tensors: longer than a tile, and misaligned or of a length that is no whole number of
+    vectors. Kept apart because the scalar loop over such a row needs more registers than the rest (tables.py,
+    MAX_REGISTERS): with it, the per-element kernel would run fewer warps for every model."""
+    _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
+             True, DTYPE, BLOCK, 1, False, True)
 
 
 @triton.jit
@@ -467,9 +498,16 @@ def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale:
     T.launch_items(kernel, tables, device, hyper, sigma_buffer, partials, *scale, *words, DTYPE=DTYPE, **constexprs)
 
 
+def vectorized_row(row: tuple, block: int, vector: int) -> bool:
+    """Whether every item of the one-row parameter at table row ``row`` (``tables.param_row``) takes the kernels'
+    vectorized path or fits a tile (``vector`` elements per 16-byte vector)."""
+    return row[T.ROW_LEN.value] <= block or (row[T.ALIGNED.value] != 0 and row[T.ROW_LEN.value] % vector == 0)
+
+
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     """One launch for the parameters with a sigma per row, one for those with a sigma per element (0-D/1-D
-    tensors with ARWP), each preceded by a launch of ``row_partials_kernel`` if it has split rows."""
+    tensors with ARWP; a second one for such tensors that ``vectorized_row`` rejects), each preceded by a launch
+    of ``row_partials_kernel`` if it has split rows."""
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
@@ -479,13 +517,21 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
     scale = T.scale_args(grad_scale, device)
     k0, k1, step = key.words()
     words = (P.as_int32(step), P.as_int32(k0), P.as_int32(k1))
-    for kernel, elementwise in ((perturb_kernel, False), (perturb_elementwise_kernel, True)):
-        group = [i for i, e in enumerate(plan) if (e.sigma_len == 1 and e.row_len > 1) == elementwise]
+    groups = {perturb_kernel: [], perturb_elementwise_kernel: [], perturb_elementwise_unaligned_kernel: []}
+    for i, e in enumerate(plan):
+        row = T.param_row(params[i], e, offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
+                          fisher=T.entry(fisher, i))
+        if e.sigma_len != 1 or e.row_len == 1:
+            kernel = perturb_kernel
+        elif vectorized_row(row, tile.block, T.vector_elems(dtype)):
+            kernel = perturb_elementwise_kernel
+        else:
+            kernel = perturb_elementwise_unaligned_kernel
+        groups[kernel].append((i, row))
+    for kernel, group in groups.items():
         if not group:
             continue
-        rows = [T.param_row(params[i], plan[i], offsets[i], backup=T.entry(backups, i), grad=T.entry(grads, i),
-                            fisher=T.entry(fisher, i)) for i in group]
-        hyper = T.float_table(device, tuple(v for i in group for v in (gammas[i], etas[i])), torch.float64)
-        parts = {} if elementwise else {"PARTS": tile.parts}
-        _launch(kernel, device, dtype, rows, tile, hyper, sigma_buffer, scale, words, **parts)
+        hyper = T.float_table(device, tuple(v for i, _ in group for v in (gammas[i], etas[i])), torch.float64)
+        parts = {"PARTS": tile.parts} if kernel is perturb_kernel else {}
+        _launch(kernel, device, dtype, [row for _, row in group], tile, hyper, sigma_buffer, scale, words, **parts)
     return list(sigma_buffer.split([e.sigma_count for e in plan]))

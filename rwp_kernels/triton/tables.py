@@ -66,21 +66,27 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 # resident warps (48 registers leave 40 warps per SM on sm_80 / sm_90) or spill. 16-bit tiles hold 8 elements per
 # thread, two Philox blocks: perturb_kernel fits in 48 because its packed rows' lane rows and hyperparameters are
 # not kept through the scans and the float64 sigmas (perturb._packed_sigmas; kept, they needed 64, 32 warps), the
-# elementwise kernel's float64 sigmas need 56 (36 warps; at 48 its unaligned update loop spills 32 bytes);
-# sgd_step_kernel and restore_kernel fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile).
-# aot.py compiles with them and fails on any spill. A key with a third entry is perturb_kernel's variant that keeps
-# rows of up to that many tiles in registers (``RESIDENT_PARTS``).
+# elementwise kernel because it computes its per-element float64 sigmas half a tile at a time
+# (perturb._element_sigmas) and has no scalar loop over a long row: the 1-D tensors that need one (misaligned, or
+# of a length that is no whole number of vectors: rare) run perturb_elementwise_unaligned_kernel, whose loop needs
+# 56 in 16-bit (36 warps; at 48 it spills 24 bytes). sgd_step_kernel and restore_kernel fit in 48
+# (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with them and fails on any spill.
+# A key with a third entry is perturb_kernel's variant that keeps rows of up to that many tiles in registers
+# (``RESIDENT_PARTS``).
 MAX_REGISTERS = {
     ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 48, ("perturb_kernel", 4, 5): 64,
-    ("perturb_elementwise_kernel", 4): 48, ("perturb_elementwise_kernel", 2): 56,
+    ("perturb_elementwise_kernel", 4): 48, ("perturb_elementwise_kernel", 2): 48,
+    ("perturb_elementwise_unaligned_kernel", 4): 48, ("perturb_elementwise_unaligned_kernel", 2): 56,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 48,
     ("restore_kernel", 2): 48,
 }
-# Triton 3.6 (torch 2.11's) compiles the elementwise kernel to more registers: without spills, 72 in float32 and 110
-# in 16-bit (at 64 it spills 500 bytes). Its caps.
+# Triton 3.6 (torch 2.11's) compiles the per-element kernels to more registers. Its caps, the fewest (in steps of
+# 8) that compile without spills for sm_80 and sm_90: the elementwise kernel 80 in float32 (72 spills 8 bytes on
+# sm_90) and 64 in 16-bit, the unaligned one 96 and 104.
 MAX_REGISTERS_TRITON_3_6 = {
     **MAX_REGISTERS,
-    ("perturb_elementwise_kernel", 4): 72, ("perturb_elementwise_kernel", 2): 112,
+    ("perturb_elementwise_kernel", 4): 80, ("perturb_elementwise_kernel", 2): 64,
+    ("perturb_elementwise_unaligned_kernel", 4): 96, ("perturb_elementwise_unaligned_kernel", 2): 104,
 }
 
 # (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
@@ -92,7 +98,8 @@ MAX_REGISTERS_TRITON_3_6 = {
 # warps needed 72: 24).
 TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
-PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "row_partials_kernel")
+PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "perturb_elementwise_unaligned_kernel",
+                   "row_partials_kernel")
 
 # perturb_'s rows longer than a tile, by element size: where most elements are in such rows, the launch takes a
 # variant of perturb_kernel that keeps this many of a row's first tiles in registers between its norm and its update
