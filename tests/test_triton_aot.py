@@ -39,8 +39,8 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-# Runs the ops on CPU tensors with the compiled (not interpreted) kernels and records, for each launch, what the
-# JIT would compile (aot.jit_compile_inputs) instead of launching. The sizes of 2**31 and more use meta tensors.
+# Runs the ops on CPU tensors with the compiled (not interpreted) kernels and records, for each launch (and each
+# compilation ahead of a launch: tables.warmup), what the JIT would compile (aot.jit_compile_inputs) instead. The sizes of 2**31 and more use meta tensors.
 _LAUNCHES = r"""
 import json, os
 import torch
@@ -54,7 +54,7 @@ RT.INTERPRETED = True
 import rwp_kernels as rk
 
 seen = set()
-tables.launch = lambda kernel, programs, tile, device, *args, **constexprs: seen.add(
+tables.launch = tables.warmup = lambda kernel, programs, tile, device, *args, **constexprs: seen.add(
     aot.jit_compile_inputs(kernel, *args, **tables.launch_kwargs(kernel, tile, constexprs)))
 
 

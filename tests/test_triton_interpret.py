@@ -478,6 +478,37 @@ def test_arwp_vectors_that_need_a_scalar_loop_get_a_launch_of_their_own(launches
     assert_equal_to_cpp(ours, run(short_or_whole + others + [(64, C.CONTIGUOUS)], "cpu")[1])
 
 
+@pytest.mark.parametrize("failing", ["tables", "warmup"])
+def test_perturb_that_cannot_start_a_later_launch_changes_nothing(launches, monkeypatch, failing):
+    """A perturb_ of several launches (ARWP: rows, 1-D tensors, a 1-D tensor with a scalar loop) whose last launch
+    cannot start (its table upload runs out of memory; its kernel does not compile): raised before any kernel ran,
+    weights and gradients as they were."""
+    from rwp_kernels.triton import tables
+
+    params = [torch.randn(6, 3, 3, 3), torch.randn(3000), torch.randn(1001)]
+    grads, fisher = C.like(params, seed=1), C.fisher_like(params, seed=2)
+    weights, grad_values = C.clone_all(params), C.clone_all(grads)
+    real = getattr(tables, failing)
+
+    def fails_last(*args, **kwargs):
+        if failing == "tables":
+            last = args[1][0][tables.ROW_LEN.value] == 1001
+        else:
+            last = args[0].fn.__name__ == "perturb_elementwise_unaligned_kernel"
+        if last:
+            raise RuntimeError("CUDA out of memory" if failing == "tables" else "ptxas failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tables, failing, fails_last)
+    tables.clear_caches()
+    with pytest.raises(RuntimeError, match="out of memory|ptxas"):
+        rk.perturb_(params, gamma=0.1, seed=1, step=2, backups=[torch.empty_like(p) for p in params], grads=grads,
+                    grad_scale=0.5, fisher=fisher, eta=0.5, backend="triton")
+    assert launches == []
+    assert_bitwise(params, weights, "weights")
+    assert_bitwise(grads, grad_values, "gradients")
+
+
 def test_tables_are_cached_and_follow_new_tensors(monkeypatch, cpp_ext):
     from rwp_kernels.triton import tables
 

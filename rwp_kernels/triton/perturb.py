@@ -485,17 +485,22 @@ def row_partials_kernel(params_ptr, items_ptr, partials_ptr, DTYPE: tl.constexpr
     tl.store(out + 1, fsum)
 
 
-def _launch(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple,
-            **constexprs) -> None:
-    """One launch of ``kernel`` for the parameter table ``rows``, after the partial sums of its split rows."""
+def _launches(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple,
+              **constexprs) -> list[tuple]:
+    """The launches of ``kernel`` for the parameter table ``rows``, its tables uploaded and its buffers allocated:
+    the partial sums of its split rows (if any), then the kernel; each as ``(kernel, programs, tile, device, args,
+    constexprs)``, what ``tables.launch`` takes."""
     tables = T.tables(device, rows, tile, by_rows=True, vector=T.vector_elems(dtype))
     DTYPE = T.TL_DTYPES[dtype]
+    launches = []
     if tables.n_split:
         partials = torch.empty(2 * tables.n_split, dtype=torch.float64, device=device)
-        T.launch(row_partials_kernel, tables.n_split, tile, device, tables.params, tables.items, partials, DTYPE=DTYPE)
+        launches.append((row_partials_kernel, tables.n_split, tile, device, (tables.params, tables.items, partials),
+                         {"DTYPE": DTYPE}))
     else:
         partials = T.float_table(device, (0.0, 0.0), torch.float64)  # not read
-    T.launch_items(kernel, tables, device, hyper, sigma_buffer, partials, *scale, *words, DTYPE=DTYPE, **constexprs)
+    args = (tables.params, tables.items, hyper, sigma_buffer, partials, *scale, *words)
+    return launches + [(kernel, tables.n_items, tile, device, args, {"DTYPE": DTYPE, **constexprs})]
 
 
 def vectorized_row(row: tuple, block: int, vector: int) -> bool:
@@ -528,10 +533,18 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
         else:
             kernel = perturb_elementwise_unaligned_kernel
         groups[kernel].append((i, row))
+    launches = []
     for kernel, group in groups.items():
-        if not group:
-            continue
-        hyper = T.float_table(device, tuple(v for i, _ in group for v in (gammas[i], etas[i])), torch.float64)
-        parts = {"PARTS": tile.parts} if kernel is perturb_kernel else {}
-        _launch(kernel, device, dtype, [row for _, row in group], tile, hyper, sigma_buffer, scale, words, **parts)
+        if group:
+            hyper = T.float_table(device, tuple(v for i, _ in group for v in (gammas[i], etas[i])), torch.float64)
+            parts = {"PARTS": tile.parts} if kernel is perturb_kernel else {}
+            launches += _launches(kernel, device, dtype, [row for _, row in group], tile, hyper, sigma_buffer, scale,
+                                  words, **parts)
+    # What may fail before a kernel runs (the tables' uploads, the partial sums' buffers, compiling a kernel at
+    # its first use) is done for every launch before the first one changes a weight: a perturb_ that raises has
+    # changed nothing.
+    for kernel, programs, launch_tile, on, args, constexprs in launches[1:]:
+        T.warmup(kernel, programs, launch_tile, on, *args, **constexprs)
+    for kernel, programs, launch_tile, on, args, constexprs in launches:
+        T.launch(kernel, programs, launch_tile, on, *args, **constexprs)
     return list(sigma_buffer.split([e.sigma_count for e in plan]))

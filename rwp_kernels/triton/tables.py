@@ -405,6 +405,12 @@ def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **con
         kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs))
 
 
+def warmup(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
+    """What ``launch`` compiles for these arguments, compiled without running it (interpreted: nothing)."""
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        kernel.warmup(*args, grid=(programs,), **launch_kwargs(kernel, tile, constexprs))
+
+
 def launch_items(kernel, tables: Tables, device: torch.device, *args, **constexprs) -> None:
     """One launch of a table-driven ``kernel(params, items, *args)``, one program per item."""
     launch(kernel, tables.n_items, tables.tile, device, tables.params, tables.items, *args, **constexprs)
