@@ -1,5 +1,7 @@
-"""perturb_: per-row norms, noise and the optional backup / gradient scaling, one launch for all tensors (two
-when a row is longer than ``tables.SPLIT_ROW``).
+"""perturb_: per-row norms, noise and the optional backup / gradient scaling, one launch for all tensors with a
+sigma per row, one for ARWP's 1-D tensors (a sigma per element) and one for those of them that need a scalar loop
+(``vectorized_row``), each preceded by a launch of the partial sums where a row is longer than
+``tables.SPLIT_ROW``. All of them are made ready before the first one runs.
 
 A program takes one item: several whole rows packed into one tile (short rows; their norms are segmented sums,
 their sigmas computed once per row), one row that fits a tile (read again for the update, from L1), one longer
@@ -510,9 +512,9 @@ def vectorized_row(row: tuple, block: int, vector: int) -> bool:
 
 
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
-    """One launch for the parameters with a sigma per row, one for those with a sigma per element (0-D/1-D
-    tensors with ARWP; a second one for such tensors that ``vectorized_row`` rejects), each preceded by a launch
-    of ``row_partials_kernel`` if it has split rows."""
+    """The launches of the module's docstring: one for the parameters with a sigma per row, one for those with a
+    sigma per element (1-D tensors with ARWP) that ``vectorized_row`` accepts, one for the others, each preceded by
+    a launch of ``row_partials_kernel`` if it has split rows."""
     device, dtype = params[0].device, params[0].dtype
     if grads is not None and not isinstance(grad_scale, torch.Tensor) and grad_scale == 1.0:
         grads = None  # scaling by exactly 1 changes nothing: skip the gradient traffic
