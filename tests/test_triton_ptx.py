@@ -47,16 +47,17 @@ def _parts(kernel: str) -> int | None:
     return 1 if kernel == "perturb_kernel" else None  # perturb_kernel's PARTS (aot.Spec.parts)
 
 
-# (kernel, dtype, block, warps, arch, index, parts); float32's large tile for the noise kernel on sm_90, and
-# perturb_kernel's variant keeping rows of 5 tiles in registers.
+# (kernel, dtype, block, warps, arch, index, parts); float32's large tile for the noise kernel on sm_90,
+# perturb_kernel's variant keeping rows of 5 tiles in registers, and the unaligned per-element kernel's tile
+# (tables.SCALAR_TILE: 4 elements per thread in every dtype).
 SPECS = ([("philox_kernel", None, 512, 4, a, "i32", None) for a in (80, 90)]
          + [("noise_kernel", None, 512, 4, a, "i64,i32", None) for a in (80, 90)]
          + [(k, d, *SMALL[d], a, None, _parts(k)) for k in ("perturb_kernel", "restore_kernel", "sgd_step_kernel")
             for d in ("fp32", "fp16", "bf16") for a in (80, 90)]
          + [("noise_kernel", None, 1024, 8, 90, "i32,i64", None), ("perturb_kernel", "fp32", 512, 4, 90, None, 5)]
-         + [(k, d, *SMALL[d], 90, None, None) for k in ("perturb_elementwise_kernel",
-                                                         "perturb_elementwise_unaligned_kernel", "row_partials_kernel")
-            for d in ("fp32", "bf16")])
+         + [(k, d, *SMALL[d], 90, None, None) for k in ("perturb_elementwise_kernel", "row_partials_kernel")
+            for d in ("fp32", "bf16")]
+         + [("perturb_elementwise_unaligned_kernel", d, 512, 4, 90, None, None) for d in ("fp32", "bf16")])
 FUSED = ("noise_kernel", None, 512, 4, 90, "i32,i32", None)  # compiled with enable_fp_fusion=True: the checks must fail
 
 _COMPILE = r"""

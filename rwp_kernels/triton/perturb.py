@@ -185,16 +185,16 @@ def _targets(row, gamma_ptr):
 
 @triton.jit
 def _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr, step,
-           k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, x_kept=None):
+           k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PER: tl.constexpr, x_kept=None):
     """The per-element part of the tile at element ``tile`` (``_targets``: the first five arguments): backup <- w,
     w <- w + sigma * z (``add_noise``: a product and a sum, two roundings), grad <- grad * grad_scale. The weights
-    are loaded here unless the caller kept them (``x_kept``: a resident row's)."""
+    are loaded here unless the caller kept them (``x_kept``: a resident row's). ``PER``: a thread's consecutive
+    elements (``_per_thread``)."""
     lanes = tl.arange(0, BLOCK)
     z = tl.zeros([BLOCK], tl.float32)
     if noisy:  # the normals first: the weights are loaded after them, not kept in registers through them
         key0, key1 = P.key_words(k0, k1)
-        z = P.normal_tile(tile // 4, param_index, step.to(tl.uint32, bitcast=True), key0, key1, BLOCK,
-                          T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+        z = P.normal_tile(tile // 4, param_index, step.to(tl.uint32, bitcast=True), key0, key1, BLOCK, PER)
     w_ptr = T.pointer(w_addr, DTYPE, VEC) + tile + lanes
     if x_kept is None:
         x_raw = tl.load(w_ptr, mask=mask, other=0.0)  # a tile that fits: the second read hits L1
@@ -258,11 +258,10 @@ def _add_squares(acc, x, PER: tl.constexpr):
 
 @triton.jit
 def _loop_acc(w_addr, fisher_addr, base, start, end, acc, facc, VEC: tl.constexpr, DTYPE: tl.constexpr,
-              BLOCK: tl.constexpr):
+              BLOCK: tl.constexpr, PER: tl.constexpr):
     """``acc`` and ``facc`` (one float64 per thread: a thread's elements added up first, fewer registers than one
     per element) plus the squares and the Fisher state of the elements ``[start, end)`` in the tiles from
     ``base`` (a multiple of 4) on, tile by tile."""
-    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
     lanes = tl.arange(0, BLOCK)
     w_ptr = T.pointer(w_addr, DTYPE, VEC)
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
@@ -277,11 +276,11 @@ def _loop_acc(w_addr, fisher_addr, base, start, end, acc, facc, VEC: tl.constexp
 
 
 @triton.jit
-def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _loop_sums(w_addr, fisher_addr, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+               PER: tl.constexpr):
     """The float64 sums of squares and of the Fisher state over the elements ``[start, end)``, tile by tile."""
-    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth
     zeros = tl.zeros([BLOCK // PER], tl.float64)
-    acc, facc = _loop_acc(w_addr, fisher_addr, start - start % 4, start, end, zeros, zeros, VEC, DTYPE, BLOCK)
+    acc, facc = _loop_acc(w_addr, fisher_addr, start - start % 4, start, end, zeros, zeros, VEC, DTYPE, BLOCK, PER)
     fsum = tl.zeros([], tl.float64)
     if fisher_addr != 0:  # (no second block reduction without a Fisher state)
         fsum = tl.sum(facc)
@@ -324,7 +323,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
     # The first tile past the kept ones (none: no iteration below). base + PARTS * BLOCK is the same value, but from
     # base's vectorized form the kernel spills 4 bytes on sm_80.
     rest = start - start % 4 + PARTS * BLOCK
-    acc, facc = _loop_acc(w_addr, fisher_addr, rest, start, start + count, acc, facc, VEC, DTYPE, BLOCK)
+    acc, facc = _loop_acc(w_addr, fisher_addr, rest, start, start + count, acc, facc, VEC, DTYPE, BLOCK, PER)
     row_sigma = _read_sigma(tl.sum(acc), tl.sum(facc), gamma_ptr, row, fisher_addr != 0)
     tl.store(sigma_ptr + first_row, row_sigma)
     noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
@@ -334,9 +333,9 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, base + p * BLOCK,
                    (offsets >= first) & (offsets < end),
                    tl.zeros([BLOCK], tl.float32) + row_sigma, grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE,
-                   BLOCK, kept[p])
+                   BLOCK, PER, kept[p])
     _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, rest, start + count, 0.0, row_sigma, False, 0.0,
-                 grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK)
+                 grad_scale, grad_scale_ptr, step, k0, k1, VEC, DTYPE, BLOCK, PER)
 
 
 @triton.jit
@@ -357,7 +356,7 @@ def _partial_sums(partials_ptr, first, n, BLOCK: tl.constexpr):
 @triton.jit
 def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE: tl.constexpr,
                  eta, grad_scale, grad_scale_ptr, step, k0, k1, VEC: tl.constexpr, DTYPE: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, PER: tl.constexpr):
     """The update of a long row's elements ``[start, end)``, tile by tile (the row read again, mostly from L2)."""
     lanes = tl.arange(0, BLOCK)
     f_ptr = T.pointer(fisher_addr, tl.float32, VEC)
@@ -373,17 +372,18 @@ def _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_
             # (the float64 sigmas leave no registers to keep these through the loop: read again per tile)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
         _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr, step,
-               k0, k1, VEC, DTYPE, BLOCK)
+               k0, k1, VEC, DTYPE, BLOCK, PER)
 
 
 @triton.jit
 def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
              ELEMENTWISE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr,
-             SHORT_ROWS: tl.constexpr, UNALIGNED_LOOPS: tl.constexpr):
+             SHORT_ROWS: tl.constexpr, UNALIGNED_LOOPS: tl.constexpr, PER: tl.constexpr):
     """The body of the perturb kernels; ``ELEMENTWISE``: the items are 0-D/1-D ARWP tensors, one sigma per
     element (float64 per element: their own kernel, so that the others' needs fewer registers). Without
-    ``UNALIGNED_LOOPS`` every row longer than a tile is vectorized (``vectorized_row``): the loops over a long
-    row have no scalar variant."""
+    ``SHORT_ROWS`` no row fits a tile; without ``UNALIGNED_LOOPS`` every row longer than a tile is vectorized
+    (``vectorized_row``): the loops over a long row have no scalar variant. ``PER``: a thread's consecutive
+    elements, as the launch's tile gives them (``tables.scalar_tile``, or a 16-byte vector's)."""
     slot, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     first_row = T.load_first_row(items_ptr)
     w_addr = tl.load(row + W)
@@ -406,13 +406,13 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
                                              first_row, ELEMENTWISE, gamma_ptr, row, hyper, True, DTYPE, BLOCK)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
-                   step, k0, k1, True, DTYPE, BLOCK)
+                   step, k0, k1, True, DTYPE, BLOCK, PER)
         else:
             tile, mask, sigma = _tile_sigmas(items_ptr, w_addr, fisher_addr, sigma_ptr, start, count, row_len,
                                              first_row, ELEMENTWISE, gamma_ptr, row, hyper, False, DTYPE, BLOCK)
             noisy, param_index, w_addr, backup_addr, grad_addr = _targets(row, gamma_ptr)
             _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma, grad_scale, grad_scale_ptr,
-                   step, k0, k1, False, DTYPE, BLOCK)
+                   step, k0, k1, False, DTYPE, BLOCK, PER)
     elif (PARTS > 1) & (row_len <= SPLIT_ROW):
         if vec:
             _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, first_row, grad_scale,
@@ -429,9 +429,9 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
             sumsq, fsum = _partial_sums(partials_ptr, tl.program_id(0) - (start - first_row * row_len) // SEGMENT,
                                         segments, BLOCK)
         elif vec:
-            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, True, DTYPE, BLOCK)
+            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, True, DTYPE, BLOCK, PER)
         else:
-            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, False, DTYPE, BLOCK)
+            sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, end, False, DTYPE, BLOCK, PER)
         gamma, eta, vector = hyper
         scale = _row_scale(sumsq, gamma, vector)  # (the elementwise update loop's)
         row_sigma = _scaled_sigma(scale, fsum, eta, fisher_addr != 0)
@@ -440,17 +440,17 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
                 tl.store(sigma_ptr + first_row, row_sigma)
         if vec:
             _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE, eta,
-                         grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK)
+                         grad_scale, grad_scale_ptr, step, k0, k1, True, DTYPE, BLOCK, PER)
         else:
             _update_loop(row, gamma_ptr, fisher_addr, sigma_ptr, start, end, scale, row_sigma, ELEMENTWISE, eta,
-                         grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK)
+                         grad_scale, grad_scale_ptr, step, k0, k1, False, DTYPE, BLOCK, PER)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
 def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0,
                    k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             False, DTYPE, BLOCK, PARTS, True, True)
+             False, DTYPE, BLOCK, PARTS, True, True, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
@@ -458,7 +458,7 @@ def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, part
                                step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """ARWP's 0-D/1-D tensors whose rows fit a tile or are vectorized (``vectorized_row``)."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             True, DTYPE, BLOCK, 1, True, False)
+             True, DTYPE, BLOCK, 1, True, False, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
@@ -468,30 +468,32 @@ def perturb_elementwise_unaligned_kernel(params_ptr, items_ptr, hyper_ptr, sigma
     vectors. Kept apart because the scalar loop over such a row needs more registers than the rest (tables.py,
     MAX_REGISTERS): with it, the per-element kernel would run fewer warps for every model."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             True, DTYPE, BLOCK, 1, False, True)
+             True, DTYPE, BLOCK, 1, False, True, T.SCALAR_PER_THREAD)
 
 
 @triton.jit
 def row_partials_kernel(params_ptr, items_ptr, partials_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The first stage of the two-stage norm: item i (a segment of a split row) writes its sum of squares and
     Fisher sum, in float64, to ``partials_ptr[2 * i]`` and ``[2 * i + 1]``."""
+    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth
     _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     w_addr = tl.load(row + W)
     fisher_addr = tl.load(row + FISHER)
     if T.vector_item(row, start, count, DTYPE):
-        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, True, DTYPE, BLOCK)
+        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, True, DTYPE, BLOCK, PER)
     else:
-        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, False, DTYPE, BLOCK)
+        sumsq, fsum = _loop_sums(w_addr, fisher_addr, start, start + count, False, DTYPE, BLOCK, PER)
     out = partials_ptr + 2 * tl.program_id(0)
     tl.store(out, sumsq)
     tl.store(out + 1, fsum)
 
 
 def _launches(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scale: tuple, words: tuple,
-              **constexprs) -> list[tuple]:
+              kernel_tile=None, **constexprs) -> list[tuple]:
     """The launches of ``kernel`` for the parameter table ``rows``, its tables uploaded and its buffers allocated:
-    the partial sums of its split rows (if any), then the kernel; each as ``(kernel, programs, tile, device, args,
-    constexprs)``, what ``tables.launch`` takes."""
+    the partial sums of its split rows (if any), then the kernel (on ``kernel_tile``, the same block on other
+    warps, if given); each as ``(kernel, programs, tile, device, args, constexprs)``, what ``tables.launch``
+    takes."""
     tables = T.tables(device, rows, tile, by_rows=True, vector=T.vector_elems(dtype))
     DTYPE = T.TL_DTYPES[dtype]
     launches = []
@@ -502,7 +504,7 @@ def _launches(kernel, device, dtype, rows: list, tile, hyper, sigma_buffer, scal
     else:
         partials = T.float_table(device, (0.0, 0.0), torch.float64)  # not read
     args = (tables.params, tables.items, hyper, sigma_buffer, partials, *scale, *words)
-    return launches + [(kernel, tables.n_items, tile, device, args, {"DTYPE": DTYPE, **constexprs})]
+    return launches + [(kernel, tables.n_items, kernel_tile or tile, device, args, {"DTYPE": DTYPE, **constexprs})]
 
 
 def vectorized_row(row: tuple, block: int, vector: int) -> bool:
@@ -540,8 +542,9 @@ def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_
         if group:
             hyper = T.float_table(device, tuple(v for i, _ in group for v in (gammas[i], etas[i])), torch.float64)
             parts = {"PARTS": tile.parts} if kernel is perturb_kernel else {}
+            own_tile = T.scalar_tile(tile) if kernel is perturb_elementwise_unaligned_kernel else None
             launches += _launches(kernel, device, dtype, [row for _, row in group], tile, hyper, sigma_buffer, scale,
-                                  words, **parts)
+                                  words, own_tile, **parts)
     # What may fail before a kernel runs (the tables' uploads, the partial sums' buffers, compiling a kernel at
     # its first use) is done for every launch before the first one changes a weight: a perturb_ that raises has
     # changed nothing.

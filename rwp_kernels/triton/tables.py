@@ -17,7 +17,7 @@ import functools
 import math
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
@@ -68,25 +68,25 @@ COMPILE_OPTIONS = {"enable_fp_fusion": False}
 # not kept through the scans and the float64 sigmas (perturb._packed_sigmas; kept, they needed 64, 32 warps), the
 # elementwise kernel because it computes its per-element float64 sigmas half a tile at a time
 # (perturb._element_sigmas) and has no scalar loop over a long row: the 1-D tensors that need one (misaligned, or
-# of a length that is no whole number of vectors: rare) run perturb_elementwise_unaligned_kernel, whose loop needs
-# 56 in 16-bit (36 warps; at 48 it spills 24 bytes). sgd_step_kernel and restore_kernel fit in 48
-# (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with them and fails on any spill.
-# A key with a third entry is perturb_kernel's variant that keeps rows of up to that many tiles in registers
-# (``RESIDENT_PARTS``).
+# of a length that is no whole number of vectors: rare) run perturb_elementwise_unaligned_kernel, whose scalar
+# loop fits 48 with 4 elements per thread (``scalar_tile``; with 8 it needed 56). sgd_step_kernel and
+# restore_kernel fit in 48 (sgd_step_kernel's unaligned items in two halves of the tile). aot.py compiles with
+# them and fails on any spill. A key with a third entry is perturb_kernel's variant that keeps rows of up to that
+# many tiles in registers (``RESIDENT_PARTS``).
 MAX_REGISTERS = {
     ("perturb_kernel", 4): 48, ("perturb_kernel", 2): 48, ("perturb_kernel", 4, 5): 64,
     ("perturb_elementwise_kernel", 4): 48, ("perturb_elementwise_kernel", 2): 48,
-    ("perturb_elementwise_unaligned_kernel", 4): 48, ("perturb_elementwise_unaligned_kernel", 2): 56,
+    ("perturb_elementwise_unaligned_kernel", 4): 48, ("perturb_elementwise_unaligned_kernel", 2): 48,
     ("sgd_step_kernel", 4): 48, ("sgd_step_kernel", 2): 48,
     ("restore_kernel", 2): 48,
 }
 # Triton 3.6 (torch 2.11's) compiles the per-element kernels to more registers. Its caps, the fewest (in steps of
 # 8) that compile without spills for sm_80 and sm_90: the elementwise kernel 80 in float32 (72 spills 8 bytes on
-# sm_90) and 64 in 16-bit, the unaligned one 96 and 104.
+# sm_90) and 64 in 16-bit, the unaligned one 96 and 80.
 MAX_REGISTERS_TRITON_3_6 = {
     **MAX_REGISTERS,
     ("perturb_elementwise_kernel", 4): 80, ("perturb_elementwise_kernel", 2): 64,
-    ("perturb_elementwise_unaligned_kernel", 4): 96, ("perturb_elementwise_unaligned_kernel", 2): 104,
+    ("perturb_elementwise_unaligned_kernel", 4): 96, ("perturb_elementwise_unaligned_kernel", 2): 80,
 }
 
 # (elements per program, warps) by the parameters' element size in bytes: a program holds its tile in registers,
@@ -100,6 +100,10 @@ TILE_MENUS = {4: ((512, 4), (1024, 8)), 2: ((512, 2),)}
 TILE_MENU = TILE_MENUS[4]
 PERTURB_KERNELS = ("perturb_kernel", "perturb_elementwise_kernel", "perturb_elementwise_unaligned_kernel",
                    "row_partials_kernel")
+# perturb_elementwise_unaligned_kernel makes scalar accesses only (there are no 16-byte vectors to keep whole): in
+# every dtype its programs hold 4 consecutive elements per thread (``scalar_tile``), with which the 16-bit ones fit
+# in 48 registers (with 8 per thread they need 56).
+SCALAR_PER_THREAD: tl.constexpr = tl.constexpr(4)
 
 # perturb_'s rows longer than a tile, by element size: where most elements are in such rows, the launch takes a
 # variant of perturb_kernel that keeps this many of a row's first tiles in registers between its norm and its update
@@ -216,9 +220,17 @@ def perturb_tile(units, itemsize: int = 4) -> Tile:
 
 def kernel_tiles(kernel: str, itemsize: int) -> tuple:
     """The (BLOCK, warps) pairs a launcher can give ``kernel`` (its name): the perturb_ kernels only the smallest
-    (``perturb_tile``), the others the whole menu (``choose_tile``)."""
+    (``perturb_tile``; the unaligned per-element kernel its ``scalar_tile``), the others the whole menu
+    (``choose_tile``)."""
     menu = tile_menu(itemsize)
+    if kernel == "perturb_elementwise_unaligned_kernel":
+        return tuple(astuple(scalar_tile(Tile(*tile)))[:2] for tile in menu[:1])
     return menu[:1] if kernel in PERTURB_KERNELS else menu
+
+
+def scalar_tile(tile: Tile) -> Tile:
+    """``tile``'s block on as many warps as hold it ``SCALAR_PER_THREAD`` elements per thread."""
+    return Tile(tile.block, tile.block // (32 * SCALAR_PER_THREAD.value))
 
 
 def _tile_holding(length: int, itemsize: int) -> Tile:
