@@ -81,7 +81,7 @@ def _scaled_sigma(scale, fisher_sum, eta, has_fisher):
 @triton.jit
 def _element_sigmas(scale, eta, fisher_addr, sigma_ptr, tile, mask, start, count, VEC: tl.constexpr,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """The sigmas of a 0-D/1-D ARWP tensor in one tile (``_scaled_sigma`` of each element's Fisher value, which is
+    """The sigmas of a 1-D ARWP tensor in one tile (``_scaled_sigma`` of each element's Fisher value, which is
     read here, after the norm), stored, then read back per lane (``mask``: the item's). Computed on each half of
     the tile in turn: a 16-bit tile's eight float64 square roots and divisions per thread at once, each with a
     subroutine call on its slow path, kept too many values live for 48 registers."""
@@ -189,7 +189,7 @@ def _apply(noisy, param_index, w_addr, backup_addr, grad_addr, tile, mask, sigma
     """The per-element part of the tile at element ``tile`` (``_targets``: the first five arguments): backup <- w,
     w <- w + sigma * z (``add_noise``: a product and a sum, two roundings), grad <- grad * grad_scale. The weights
     are loaded here unless the caller kept them (``x_kept``: a resident row's). ``PER``: a thread's consecutive
-    elements (``_per_thread``)."""
+    elements (``_perturb``'s)."""
     lanes = tl.arange(0, BLOCK)
     z = tl.zeros([BLOCK], tl.float32)
     if noisy:  # the normals first: the weights are loaded after them, not kept in registers through them
@@ -456,7 +456,7 @@ def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, gr
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
 def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr,
                                step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """ARWP's 0-D/1-D tensors whose rows fit a tile or are vectorized (``vectorized_row``)."""
+    """ARWP's 1-D tensors that fit a tile or are vectorized (``vectorized_row``)."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
              True, DTYPE, BLOCK, 1, True, False, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
 
@@ -466,7 +466,8 @@ def perturb_elementwise_unaligned_kernel(params_ptr, items_ptr, hyper_ptr, sigma
                                          grad_scale_ptr, step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """ARWP's other 1-D tensors: longer than a tile, and misaligned or of a length that is no whole number of
     vectors. Kept apart because the scalar loop over such a row needs more registers than the rest (tables.py,
-    MAX_REGISTERS): with it, the per-element kernel would run fewer warps for every model."""
+    MAX_REGISTERS): with it, the per-element kernel would run fewer warps for every model. Its programs hold
+    ``tables.SCALAR_PER_THREAD`` elements per thread in every dtype (``tables.scalar_tile``)."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
              True, DTYPE, BLOCK, 1, False, True, T.SCALAR_PER_THREAD)
 
