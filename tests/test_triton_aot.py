@@ -40,7 +40,8 @@ def _env():
 
 
 # Runs the ops on CPU tensors with the compiled (not interpreted) kernels and records, for each launch (and each
-# compilation ahead of a launch: tables.warmup), what the JIT would compile (aot.jit_compile_inputs) instead. The sizes of 2**31 and more use meta tensors.
+# compilation ahead of a launch: tables.warmup), what the JIT would compile (aot.jit_compile_inputs) instead. The
+# sizes of 2**31 and more use meta tensors.
 _LAUNCHES = r"""
 import json, os
 import torch

@@ -471,11 +471,11 @@ def test_arwp_vectors_that_need_a_scalar_loop_get_a_launch_of_their_own(launches
         return [k.fn.__name__ for k in launches[before:]], dict(sigmas=sigmas, perturbed=params)
 
     short_or_whole = [(10, C.CONTIGUOUS), (7, C.OFFSET), (1024, C.CONTIGUOUS)]
-    others = [(1025, C.CONTIGUOUS), (1024, C.OFFSET)]
+    both = short_or_whole + [(1025, C.CONTIGUOUS), (1024, C.OFFSET), (64, C.CONTIGUOUS)]
     assert run(short_or_whole, "triton")[0] == ["perturb_elementwise_kernel"]
-    kernels, ours = run(short_or_whole + others + [(64, C.CONTIGUOUS)], "triton")
+    kernels, ours = run(both, "triton")
     assert kernels == ["perturb_elementwise_kernel", "perturb_elementwise_unaligned_kernel"]
-    assert_equal_to_cpp(ours, run(short_or_whole + others + [(64, C.CONTIGUOUS)], "cpu")[1])
+    assert_equal_to_cpp(ours, run(both, "cpu")[1])
 
 
 @pytest.mark.parametrize("failing", ["tables", "warmup"])

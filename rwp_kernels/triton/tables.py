@@ -17,7 +17,7 @@ import functools
 import math
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -224,7 +224,8 @@ def kernel_tiles(kernel: str, itemsize: int) -> tuple:
     (``choose_tile``)."""
     menu = tile_menu(itemsize)
     if kernel == "perturb_elementwise_unaligned_kernel":
-        return tuple(astuple(scalar_tile(Tile(*tile)))[:2] for tile in menu[:1])
+        tile = scalar_tile(Tile(*menu[0]))
+        return ((tile.block, tile.num_warps),)
     return menu[:1] if kernel in PERTURB_KERNELS else menu
 
 
@@ -411,15 +412,20 @@ def launch_kwargs(kernel, tile: Tile, constexprs: dict) -> dict:
     return dict(BLOCK=tile.block, num_warps=tile.num_warps, **options, **constexprs)
 
 
+def _on(device: torch.device):
+    """The context in which a kernel for ``device`` is compiled and launched (the interpreter's: none)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def launch(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """One launch of ``kernel`` on ``device``'s current stream."""
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with _on(device):
         kernel[(programs,)](*args, **launch_kwargs(kernel, tile, constexprs))
 
 
 def warmup(kernel, programs: int, tile: Tile, device: torch.device, *args, **constexprs) -> None:
     """What ``launch`` compiles for these arguments, compiled without running it (interpreted: nothing)."""
-    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+    with _on(device):
         kernel.warmup(*args, grid=(programs,), **launch_kwargs(kernel, tile, constexprs))
 
 
