@@ -16,6 +16,8 @@ does to the float math. This file compiles the kernels for sm_80 and sm_90 with 
   exact in float64, so ``acc + x * x`` rounds once either way): one per element of a thread's tile at each place
   a kernel sums a long row or a kept one, so a whole number of tiles' worth in the kernels that do (the compiler
   may copy a loop body) and none elsewhere (``row_sigma`` has none);
+* the perturb kernels' first read of a long row's weights, which they read again, carries ``L1::evict_last``
+  (``perturb.REREAD``); no other load or store carries a hint;
 * the noise kernel stores a thread's Philox block with one ``st.global.v4.b32`` (4 ``st.global.b32`` on its
   other path) and has no shared-memory shuffle.
 
@@ -28,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -240,3 +243,18 @@ def test_noise_kernel_stores_16_byte_vectors(compiled, spec):
     ops = instructions(compiled[(spec, False)][0])
     assert (ops.count("st.global.v4.b32"), ops.count("st.global.b32")) == (1, 4)
     assert not [op for op in ops if ".shared" in op]
+
+
+EVICTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global\.L1::(evict_\w+)", re.M)
+REREADING = ("perturb_kernel", "perturb_elementwise_kernel", "perturb_elementwise_unaligned_kernel",
+             "row_partials_kernel")
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(str(v) for v in s if v is not None))
+def test_weights_read_twice_ask_the_caches_to_keep_them(compiled, spec):
+    """The perturb kernels read a long row's weights in the norm's loop and again in the update's (a split row's
+    in row_partials_kernel, then in perturb_kernel): the norm's loads ask to be kept (evict_last). Nothing else
+    carries a hint: the update's loads put the lines back in the usual order, and the other kernels read each
+    element once."""
+    hints = Counter(m.groups() for m in EVICTION.finditer(compiled[(spec, False)][0]))
+    assert set(hints) == ({("ld", "evict_last")} if spec[0] in REREADING else set()), hints
