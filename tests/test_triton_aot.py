@@ -178,3 +178,24 @@ def test_the_register_caps_follow_the_installed_triton(monkeypatch, version, ele
     assert tables.kernel_options("perturb_kernel", 2)["maxnreg"] == 48  # the same under each
     assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48
     assert tables.kernel_options("perturb_kernel", 4, 5) == {**tables.COMPILE_OPTIONS, "maxnreg": 64}
+
+
+def test_a_variant_changes_the_launch_choices_and_puts_them_back():
+    """tables.variant (the switch benchmarks/bench_variants.py times on a GPU): the kept tiles and the register caps
+    the launchers use change inside it and are as shipped afterwards, also after an error."""
+    pytest.importorskip("triton")
+    from rwp_kernels.triton import tables
+
+    long_rows = [(4608, 64)]  # (row length, rows): float32 keeps the first RESIDENT_PARTS tiles
+    shipped = (tables.perturb_tile(long_rows, 4), tables.kernel_options("perturb_kernel", 2))
+    assert shipped[0].parts == 5 and shipped[1]["maxnreg"] == 48
+    with tables.variant({}, {("perturb_kernel", 2): 64}):
+        assert tables.perturb_tile(long_rows, 4).parts == 1
+        assert tables.kernel_options("perturb_kernel", 2)["maxnreg"] == 64
+        assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48  # the others as shipped
+    assert (tables.perturb_tile(long_rows, 4), tables.kernel_options("perturb_kernel", 2)) == shipped
+    with pytest.raises(RuntimeError, match="inside"), tables.variant(caps={("perturb_kernel", 4): 56}):
+        assert tables.perturb_tile(long_rows, 4).parts == 5  # resident_parts None: as it is
+        assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 56
+        raise RuntimeError("inside")
+    assert tables.kernel_options("perturb_kernel", 4)["maxnreg"] == 48

@@ -16,7 +16,7 @@ code with element-wise masks.
 import functools
 import math
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -388,6 +388,26 @@ def clear_caches() -> None:
     _tables.clear()
     _floats.clear()
     _constants.clear()
+
+
+@contextmanager
+def variant(resident_parts: dict | None = None, caps: dict | None = None):
+    """The launchers, while in this context, with other kernel variants (benchmarks/bench_variants.py times them
+    on a GPU): ``resident_parts`` in place of ``RESIDENT_PARTS`` (None: as it is) and ``caps`` (register caps by
+    ``MAX_REGISTERS`` key) over the installed Triton's; both as they were afterwards."""
+    active = _caps(triton.__version__)
+    saved_parts, saved_caps = dict(RESIDENT_PARTS), dict(active)
+    if resident_parts is not None:
+        RESIDENT_PARTS.clear()
+        RESIDENT_PARTS.update(resident_parts)
+    active.update(caps or {})
+    try:
+        yield
+    finally:
+        RESIDENT_PARTS.clear()
+        RESIDENT_PARTS.update(saved_parts)
+        active.clear()
+        active.update(saved_caps)
 
 
 @functools.lru_cache(maxsize=None)
