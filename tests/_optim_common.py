@@ -14,6 +14,11 @@ from rwp_kernels.models import small_cnn
 # The backends the optimizer tests run on for CPU tensors: the reference always, the C++ CPU kernels
 # where they are built.
 CPU_BACKENDS = ["reference"] + [name for name in ("cpu",) if name in rwp_kernels.available_backends("cpu")]
+# Their parametrization: where the C++ kernels are built, the reference's cases are in the slow tier (what the
+# optimizer does is the same Python on either backend, and tests/test_conformance.py checks the two backends' ops
+# against each other in the fast tier).
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.slow) if b == "reference" and len(CPU_BACKENDS) > 1 else b
+                  for b in CPU_BACKENDS]
 
 
 @pytest.fixture(autouse=True)

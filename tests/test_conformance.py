@@ -91,6 +91,12 @@ def targets(extras=(None,), *, fast=lambda x: True, sweep=False, core=lambda x: 
     return out
 
 
+def interpreted_slow(extra) -> bool:
+    """``targets``' ``fast`` for the tests whose interpreted cases take 2-5 s each: all of them in the slow tier (the
+    fast tier runs the same kernels through Triton's interpreter in the cheaper tests)."""
+    return False
+
+
 def use(name, dev, subset=False) -> Target:
     require_backend(name, dev)
     return Target(name, torch.device(dev), subset)
@@ -322,7 +328,7 @@ def test_perturb_gamma_zero_leaves_weights_untouched(name, dev, _x, subset):
 
 @pytest.mark.parametrize("name,dev,case,subset", targets(
     [(torch.float16, None), (torch.bfloat16, 3.0), (torch.float32, 0.25)], sweep=True,
-    fast=lambda c: c[0] == torch.float32))
+    fast=interpreted_slow))
 def test_perturb_without_backups_or_grads_and_tensor_scale(name, dev, case, subset):
     dtype, scale = case
     t = use(name, dev, subset)
@@ -371,7 +377,7 @@ def test_float64_goes_to_the_reference_in_the_same_call(name, dev, _x, _s):
 # ==== restore_ =============================================================================================
 
 @pytest.mark.parametrize("name,dev,dtype,subset", targets(DTYPES, sweep=True, core=lambda d: d == torch.float32,
-                                                         fast=lambda d: d == torch.float32))
+                                                         fast=interpreted_slow))
 def test_restore_exact_is_bitwise(name, dev, dtype, subset):
     t = use(name, dev, subset)
     orig = t.params(dtype)
@@ -386,7 +392,7 @@ REGEN_CASES = [(d, a, "as_returned") for d in DTYPES for a in (False, True)] + [
 
 @pytest.mark.parametrize("name,dev,case,subset", targets(
     REGEN_CASES, sweep=True, core=lambda c: c == (torch.float32, False, "as_returned"),
-    fast=lambda c: c == (torch.float32, True, "separate")))
+    fast=interpreted_slow))
 def test_restore_regenerated_within_bound(name, dev, case, subset):
     """perturb_ then restore_ from the sigmas: within the backend's bound of the weights before perturb_,
     and within its tolerance of the reference's restore_ of the same perturbed weights."""
@@ -446,7 +452,7 @@ def test_restore_gradient_mix_and_fisher(name, dev, case, subset):
 
 
 @pytest.mark.parametrize("name,dev,case,subset", targets(cross(DTYPES, ("missing", "clean_mix")), sweep=True,
-                                                         fast=lambda c: c == (torch.float32, "missing")))
+                                                         fast=interpreted_slow))
 def test_restore_regenerated_with_gradient_mix_alpha(name, dev, case, subset):
     """restore_ from the sigmas with the mix in the same pass, alpha != 0.5: "missing" scales the gradients
     by alpha, parameters without a gradient (None) only restored; "clean_mix" writes
@@ -704,7 +710,7 @@ def _sgd_formula(params, mix, bufs, *, lr, momentum, weight_decay, dtype):
     return out_p, out_b
 
 
-@pytest.mark.parametrize("name,dev,dtype,subset", targets(DTYPES, sweep=True, fast=lambda d: d == torch.float32))
+@pytest.mark.parametrize("name,dev,dtype,subset", targets(DTYPES, sweep=True, fast=interpreted_slow))
 def test_rwp_step_scaled_mix_alpha(name, dev, dtype, subset):
     """SCALED form: perturb_ scales the clean gradient by (1 - alpha) / alpha, the perturbed pass adds g_p
     (a parameter without a clean gradient gets g_p alone), sgd_step_ restores and multiplies by alpha."""

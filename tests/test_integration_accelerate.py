@@ -37,7 +37,7 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import rwp_kernels  # noqa: E402
 from _doc_examples import example  # noqa: E402
-from _optim_common import CPU_BACKENDS, inf_from_backward, one_torch_thread  # noqa: E402, F401
+from _optim_common import BACKEND_PARAMS, CPU_BACKENDS, inf_from_backward, one_torch_thread  # noqa: E402, F401
 from rwp_kernels.models import small_cnn  # noqa: E402
 from rwp_kernels.optim import RWPSGD, freeze_bn_stats  # noqa: E402
 
@@ -188,7 +188,7 @@ def window_loop(accelerator, model, opt, dl, *, before_step=None, after_step=Non
 
 # --- 1. the perturbed window through the prepared optimizer ---------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
 def test_prepared_window_loop_equals_by_hand(backend, alpha, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "BACKEND", backend)

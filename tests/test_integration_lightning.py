@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import rwp_kernels  # noqa: E402
 from _doc_examples import run_example  # noqa: E402
-from _optim_common import CPU_BACKENDS, one_torch_thread  # noqa: E402, F401
+from _optim_common import BACKEND_PARAMS, CPU_BACKENDS, one_torch_thread  # noqa: E402, F401
 from rwp_kernels.models import small_cnn  # noqa: E402
 from rwp_kernels.optim import RWPSGD, freeze_bn_stats  # noqa: E402
 
@@ -239,7 +239,7 @@ def halves(batch):
 
 # --- 1. automatic optimization ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
 def test_automatic_optimization_equals_the_steps_by_hand(alpha, backend):
     """Lightning's closure twice on the same batch (clean, then perturbed): the by-hand steps with the

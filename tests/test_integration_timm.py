@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import rwp_kernels
-from _optim_common import CPU_BACKENDS, one_torch_thread  # noqa: F401
+from _optim_common import BACKEND_PARAMS, CPU_BACKENDS, one_torch_thread  # noqa: F401
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 from rwp_kernels.train.cli import main
 
@@ -126,7 +126,7 @@ def test_timm_model_without_timm_fails_fast(tmp_path, monkeypatch, capsys):
 
 # --- RWPSGD on a timm CNN against the ops by hand ---------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_rwpsgd_on_timm_cnn_matches_the_ops_by_hand(backend):
     """Two RWPSGD steps on a channels_last timm CNN give bit for bit the weights (and BN statistics) of the
     README's recipe with perturb_/sgd_step_: same seed, param_index = position in the optimizer's order,
@@ -186,7 +186,7 @@ def groups_without_params(opt):
     return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_factory_rwpsgd_matches_rwpsgd_on_the_same_groups(timm_optim, backend):
     model = timm_cnn()
     twin = copy.deepcopy(model)

@@ -24,7 +24,7 @@ from conftest import require_backend
 from rwp_kernels.official import OfficialRWP
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
-from _optim_common import (CPU_BACKENDS, backward, batches, model_pair, one_torch_thread,  # noqa: F401
+from _optim_common import (BACKEND_PARAMS, backward, batches, model_pair, one_torch_thread,  # noqa: F401
                            official_sigma, params_of, stream_noise)
 
 STEPS = 10
@@ -76,7 +76,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("name,kind,base,kwargs,alpha,adaptive,restore", CASES, ids=[c[0] for c in CASES])
 def test_matches_official_update(name, kind, base, kwargs, alpha, adaptive, restore, backend, steps=STEPS):
     gamma, eta, beta = 0.05, 0.1, 0.99
@@ -149,7 +149,7 @@ def test_channels_last_model_matches_official_update():
     assert all(opt.state[p]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last) for p in conv)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_perturbation_is_the_official_noise(backend):
     """One perturb(): the weights become w + gamma * ||row|| * z (1-D: gamma * (||w|| + 1e-16) * z)."""
     model, _ = model_pair(seed=5)

@@ -11,7 +11,7 @@ import torch
 
 from rwp_kernels.optim import RWPSGD, freeze_bn_stats
 
-from _optim_common import (CPU_BACKENDS, assert_models_equal, backward, batches, model_pair,  # noqa: F401
+from _optim_common import (BACKEND_PARAMS, assert_models_equal, backward, batches, model_pair,  # noqa: F401
                            one_torch_thread)
 
 STEPS = 20
@@ -58,7 +58,7 @@ def _run_pair(config, mode, *, split_groups=False, set_to_none=True, backend="re
     return ours, ref, opt, sgd
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("mode", ["gamma0", "alpha0"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bit_identical_to_sgd(name, mode, backend):

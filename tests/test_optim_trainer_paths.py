@@ -10,7 +10,7 @@ from torch import nn
 import rwp_kernels
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
-from _optim_common import CPU_BACKENDS, assert_models_equal, backward, batches, model_pair  # noqa: F401
+from _optim_common import BACKEND_PARAMS, assert_models_equal, backward, batches, model_pair  # noqa: F401
 from _optim_common import one_torch_thread  # noqa: F401
 
 LR, MOMENTUM, GAMMA, SEED = 0.05, 0.9, 0.05, 5
@@ -50,7 +50,7 @@ def by_hand_step(model, clean_batch, perturbed_batch, *, alpha, step, buffers, b
                           clean_grads=clean, clean_scale=alpha if clean is not None else 0.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("alpha", [0.5, 0.3])
 def test_zero_grad_inside_the_window_keeps_the_clean_gradient(backend, alpha):
     """A trainer's zero_grad() right before the perturbed backward: the update is still the mix."""

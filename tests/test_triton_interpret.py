@@ -158,6 +158,7 @@ def test_packed_row_sums_scan_and_masked_sum_agree(row_sums_kernel, before):
         assert out[True][4] == 0.0 and out[False][4] == 0.0
 
 
+@pytest.mark.slow  # the fast sweep through the interpreter twice: 2.5-8 s
 def test_the_suites_faster_interpreter_gives_the_same_bits(triton_interpreter):
     """tests/_interpreter_speed.py (installed by conftest.py) skips the interpreter's re-patching of
     triton.language at each helper call: perturb_ with ARWP, the backups and the gradient scaling over the fast
