@@ -97,7 +97,6 @@ def test_bench_variants_compares_the_shipped_variant_and_needs_a_gpu(tmp_path):
     assert all(v.name in run.stdout for choice in bench.CHOICES for v in choice.variants), run.stdout
 
 
-
 @pytest.mark.slow  # Triton's interpreter: about 20 s
 def test_bench_variants_times_each_variant_in_effect_and_says_which_wins(tmp_path, monkeypatch):
     """The script's GPU path on the CPU (Triton's interpreter, a few small tensors, one of them with rows longer
