@@ -173,10 +173,10 @@ def _box_muller(xa: torch.Tensor, xb: torch.Tensor):
     return r * c, r * s
 
 
-def _normal_blocks(q_begin: int, q_end: int, *, key: NoiseKey, param_index, device) -> torch.Tensor:
-    """Normals of blocks q_begin .. q_end-1 as a float32 tensor of shape [q_end - q_begin, 4]."""
+def _normal_blocks(q: torch.Tensor, param_index, *, key: NoiseKey) -> torch.Tensor:
+    """Normals of the Philox blocks ``q`` (int64) of parameter ``param_index`` (an int, or an int64 tensor of
+    one index per block) as a float32 tensor of shape [len(q), 4]."""
     k0, k1, step = key.words()
-    q = torch.arange(q_begin, q_end, dtype=torch.int64, device=device)
     x0, x1, x2, x3 = _philox_rounds(q & S.MASK32, q >> 32, param_index, step, k0, k1)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
@@ -192,11 +192,50 @@ def noise(numel, *, key: NoiseKey, param_index, offset, device) -> torch.Tensor:
     done = 0
     for q_begin in range(q_first, q_last + 1, _CHUNK_BLOCKS):
         q_end = min(q_begin + _CHUNK_BLOCKS, q_last + 1)
-        block = _normal_blocks(q_begin, q_end, key=key, param_index=param_index, device=device).view(-1)
+        q = torch.arange(q_begin, q_end, dtype=torch.int64, device=device)
+        block = _normal_blocks(q, param_index, key=key).view(-1)
         skip = offset - q_begin * per if q_begin == q_first else 0
         take = min(block.numel() - skip, numel - done)
         out[done : done + take] = block[skip : skip + take]
         done += take
+    return out
+
+
+def _blocks(p: torch.Tensor) -> int:
+    return -(-p.numel() // S.NORMALS_PER_BLOCK)
+
+
+def _params_noise(params, plan, key: NoiseKey) -> list[torch.Tensor]:
+    """Each parameter's normals from offset 0. A Box-Muller pass costs a few hundred small torch ops whatever
+    its length, so consecutive parameters on one device whose blocks fit a chunk share one pass, with a
+    parameter index per block; a parameter longer than a chunk has passes of its own."""
+    out: list[torch.Tensor] = []
+    group: list[int] = []
+
+    def flush():
+        if not group:
+            return
+        device = params[group[0]].device
+        counts = torch.tensor([_blocks(params[i]) for i in group], device=device)
+        starts = torch.cumsum(counts, 0) - counts
+        q = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(starts, counts)
+        index = torch.repeat_interleave(torch.tensor([plan[i].param_index for i in group], device=device), counts)
+        normals = _normal_blocks(q, index, key=key).view(-1)
+        for i, start in zip(group, starts.tolist()):
+            out.append(normals[start * S.NORMALS_PER_BLOCK :][: params[i].numel()])
+        group.clear()
+
+    blocks = 0
+    for i, p in enumerate(params):
+        if _blocks(p) > _CHUNK_BLOCKS:
+            flush()
+            out.append(noise(p.numel(), key=key, param_index=plan[i].param_index, offset=0, device=p.device))
+            continue
+        if group and (params[group[0]].device != p.device or blocks + _blocks(p) > _CHUNK_BLOCKS):
+            flush()
+        blocks = (blocks if group else 0) + _blocks(p)
+        group.append(i)
+    flush()
     return out
 
 
@@ -225,18 +264,16 @@ def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: flo
     flat.copy_((w + sign * (sigma.to(dtype).view(rows, 1) * z.to(dtype).view(rows, -1))).view(-1))
 
 
-def _param_noise(p, index, key: NoiseKey) -> torch.Tensor:
-    return noise(p.numel(), key=key, param_index=index, offset=0, device=p.device)
-
-
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
+    noisy = [i for i, p in enumerate(params) if gammas[i] != 0.0]
+    normals = dict(zip(noisy, _params_noise([params[i] for i in noisy], [plan[i] for i in noisy], key)))
     sigmas = []
     for i, p in enumerate(params):
         sigma = _sigma(p, plan[i], gammas[i], fisher[i] if fisher is not None else None, etas[i])
         if backups is not None:
             backups[i].copy_(p)
         if gammas[i] != 0.0:
-            _add_noise_(p, sigma, _param_noise(p, plan[i].param_index, key), +1.0)
+            _add_noise_(p, sigma, normals[i], +1.0)
         if grads is not None and grads[i] is not None:
             grads[i].copy_(grads[i].to(_math_dtype(grads[i])) * grad_scale)
         sigmas.append(sigma)
@@ -258,11 +295,12 @@ def _mix_grad(mix: GradMix, i: int):
 
 
 def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
+    normals = _params_noise(params, plan, key) if backups is None else None
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])
         else:
-            _add_noise_(p, sigmas[i], _param_noise(p, plan[i].param_index, key), -1.0)
+            _add_noise_(p, sigmas[i], normals[i], -1.0)
         if mix.grads is not None and mix.grads[i] is not None:
             g, new_fisher = _mix_grad(mix, i)
             mix.grads[i].copy_(g)

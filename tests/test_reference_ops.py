@@ -126,6 +126,27 @@ def test_param_indices_select_the_stream():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("chunk_blocks", [16, 1 << 16], ids=["groups-split-by-chunk", "one-group"])
+def test_parameters_batched_into_one_pass_get_their_own_streams(monkeypatch, chunk_blocks):
+    """The reference draws several parameters' normals in one pass: each still gets the noise of its own
+    parameter index from offset 0 (sizes that end inside a Philox block, one longer than a chunk),
+    and a regenerating restore_ subtracts the same."""
+    from rwp_kernels import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_BLOCKS", chunk_blocks)
+    torch.manual_seed(5)
+    shapes = [(3, 5), (7,), (2, 3, 3, 3), (90,), (1,), (4, 4)]
+    clean = [torch.randn(s) for s in shapes]
+    params = clone_all(clean)
+    indices = [3, 0, 1, 7, 2, 8]
+    sigmas = R.perturb_(params, gamma=0.1, seed=6, step=4, param_indices=indices, **REF)
+    for w, p, sigma, index in zip(clean, params, sigmas, indices):
+        assert_perturbation(w, p, expected_sigma(w, 0.1), noise_like(w, index, 6, 4))
+    R.restore_(params, sigmas=sigmas, seed=6, step=4, param_indices=indices, **REF)
+    for w, p in zip(clean, params):
+        torch.testing.assert_close(p, w, atol=1e-6, rtol=0)
+
+
 def test_channels_last_uses_memory_order():
     torch.manual_seed(4)
     w = torch.randn(4, 3, 2, 2)
