@@ -28,8 +28,10 @@ _LAUNCH_INDEX = re.compile(r"\b(\w+)\[(\d+)\]")
 
 # The training-loop methods run eagerly inside a torch.compile'd function (dynamo breaks the graph around
 # them): they launch the fused ops and keep Python bookkeeping that tracing would only slow down, and the
-# reference backend's noise would pull a large graph into inductor.
-_eager = torch.compiler.disable
+# reference backend's noise would pull a large graph into inductor. torch._disable_dynamo is
+# torch.compiler.disable applied at the first call (as torch.optim does it): importing torch._dynamo here would
+# add a second or more to every `import rwp_kernels.optim`, compiled or not.
+_eager = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 class _RWPOptimizer(torch.optim.Optimizer):

@@ -150,3 +150,28 @@ def test_docs_example_runs(tmp_path):
 
     done = run_example("compile-step", tmp_path)
     assert "steps: 3, perturbed: False" in done.stdout, done.stdout
+
+
+def test_the_optimizers_training_loop_methods_are_not_traced():
+    """The methods are marked for dynamo at their first call (so that importing rwp_kernels.optim does not import
+    torch._dynamo): traced from a compiled function they still break the graph. Only the function's own two ops
+    are captured; traced, the reference backend's noise would add hundreds."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = small_cnn()
+    opt = RWPSGD(model.parameters(), **HYPER, backend="reference")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def window(x):
+        y = x * 2
+        opt.perturb()
+        opt.restore()
+        opt.step()
+        return y + 1
+
+    window(torch.ones(3))
+    assert counter.op_count == 2, f"{counter.op_count} ops captured in {counter.frame_count} graphs"
+    assert opt.steps == 1 and not opt.is_perturbed

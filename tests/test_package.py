@@ -39,6 +39,16 @@ def test_checkout_resolves_optim_without_the_install_mapping():
     assert module == "rwp_kernels.optim.sgd"
 
 
+
+@pytest.mark.slow
+def test_importing_the_optimizers_does_not_import_dynamo():
+    """torch._dynamo takes a second or more to import on a small CPU; a script that never compiles should not
+    pay for it (the optimizers mark their methods for dynamo at the first call)."""
+    code = "import sys, rwp_kernels.optim; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
 def test_setup_py_does_not_need_torch():
     blocker = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
     run = "import runpy; runpy.run_path('setup.py', run_name='__main__')"
