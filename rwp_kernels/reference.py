@@ -205,10 +205,11 @@ def _blocks(p: torch.Tensor) -> int:
     return -(-p.numel() // S.NORMALS_PER_BLOCK)
 
 
-def _params_noise(params, plan, key: NoiseKey) -> list[torch.Tensor]:
-    """Each parameter's normals from offset 0. A Box-Muller pass costs a few hundred small torch ops whatever
-    its length, so consecutive parameters on one device whose blocks fit a chunk share one pass, with a
-    parameter index per block; a parameter longer than a chunk has passes of its own."""
+def params_noise(params, param_indices, key: NoiseKey) -> list[torch.Tensor]:
+    """Each parameter's normals from offset 0 (flat, in memory order) on the stream of its entry of
+    ``param_indices``. A Box-Muller pass costs a few hundred small torch ops whatever its length, so consecutive
+    parameters on one device whose blocks fit a chunk share one pass, with a parameter index per block; a
+    parameter longer than a chunk has passes of its own."""
     out: list[torch.Tensor] = []
     group: list[int] = []
 
@@ -219,7 +220,7 @@ def _params_noise(params, plan, key: NoiseKey) -> list[torch.Tensor]:
         counts = torch.tensor([_blocks(params[i]) for i in group], device=device)
         starts = torch.cumsum(counts, 0) - counts
         q = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(starts, counts)
-        index = torch.repeat_interleave(torch.tensor([plan[i].param_index for i in group], device=device), counts)
+        index = torch.repeat_interleave(torch.tensor([param_indices[i] for i in group], device=device), counts)
         normals = _normal_blocks(q, index, key=key).view(-1)
         for i, start in zip(group, starts.tolist()):
             out.append(normals[start * S.NORMALS_PER_BLOCK :][: params[i].numel()])
@@ -229,7 +230,7 @@ def _params_noise(params, plan, key: NoiseKey) -> list[torch.Tensor]:
     for i, p in enumerate(params):
         if _blocks(p) > _CHUNK_BLOCKS:
             flush()
-            out.append(noise(p.numel(), key=key, param_index=plan[i].param_index, offset=0, device=p.device))
+            out.append(noise(p.numel(), key=key, param_index=param_indices[i], offset=0, device=p.device))
             continue
         if group and (params[group[0]].device != p.device or blocks + _blocks(p) > _CHUNK_BLOCKS):
             flush()
@@ -266,7 +267,7 @@ def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: flo
 
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
     noisy = [i for i, p in enumerate(params) if gammas[i] != 0.0]
-    normals = dict(zip(noisy, _params_noise([params[i] for i in noisy], [plan[i] for i in noisy], key)))
+    normals = dict(zip(noisy, params_noise([params[i] for i in noisy], [plan[i].param_index for i in noisy], key)))
     sigmas = []
     for i, p in enumerate(params):
         sigma = _sigma(p, plan[i], gammas[i], fisher[i] if fisher is not None else None, etas[i])
@@ -295,7 +296,7 @@ def _mix_grad(mix: GradMix, i: int):
 
 
 def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMix):
-    normals = _params_noise(params, plan, key) if backups is None else None
+    normals = params_noise(params, [x.param_index for x in plan], key) if backups is None else None
     for i, p in enumerate(params):
         if backups is not None:
             p.copy_(backups[i])

@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import rwp_kernels
+from rwp_kernels import reference
+from rwp_kernels.contract import NoiseKey
 from rwp_kernels.models import small_cnn
 
 # The backends the optimizer tests run on for CPU tensors: the reference always, the C++ CPU kernels
@@ -88,6 +90,25 @@ def stream_noise(p: torch.Tensor, index: int, step: int, seed: int, stream: int 
                           backend="reference")
     )
     return z
+
+
+class StepNoise:
+    """``stream_noise`` as a ``noise(p, index, step)`` function for rwp_kernels.official: at a step's first call
+    the normals of all of ``params`` (index i = params[i]) are drawn in one pass of the reference."""
+
+    def __init__(self, params, seed: int, stream: int = 0):
+        self.params, self.seed, self.stream = list(params), seed, stream
+        self.step, self.normals = None, None
+
+    def __call__(self, p: torch.Tensor, index: int, step: int) -> torch.Tensor:
+        assert p is self.params[index], "StepNoise draws the noise of the parameters it was given"
+        if step != self.step:
+            key = NoiseKey(self.seed, self.stream, step)
+            self.step = step
+            self.normals = reference.params_noise(self.params, range(len(self.params)), key)
+        z = torch.empty_like(p, dtype=torch.float32)
+        z.as_strided((p.numel(),), (1,)).copy_(self.normals[index])
+        return z
 
 
 def spawn_gloo(worker, world: int, args: tuple, timeout_s: float) -> None:

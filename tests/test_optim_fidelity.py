@@ -25,7 +25,7 @@ from rwp_kernels.official import OfficialRWP
 from rwp_kernels.optim import RWP, RWPSGD, freeze_bn_stats
 
 from _optim_common import (BACKEND_PARAMS, backward, batches, model_pair, one_torch_thread,  # noqa: F401
-                           official_sigma, params_of, stream_noise)
+                           StepNoise, official_sigma, params_of, stream_noise)
 
 STEPS = 10
 SEED = 1234
@@ -34,7 +34,7 @@ SEED = 1234
 def _official(model, base, *, gamma, alpha, adaptive, eta, beta):
     """The official update (rwp_kernels.official) with the noise stream of the fused ops."""
     return OfficialRWP(model, base, gamma=gamma, alpha=alpha, adaptive=adaptive, eta=eta, beta=beta,
-                       noise=lambda p, index, step: stream_noise(p, index, step, SEED))
+                       noise=StepNoise(model.parameters(), SEED))
 
 
 def _official_step(official, clean_batch, perturbed_batch):
