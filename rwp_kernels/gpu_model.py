@@ -20,6 +20,7 @@ constants below say where each figure comes from; ``ASSUMPTIONS``
 are this model's own choices, to be calibrated on a GPU (``benchmarks/bench_ops.py --device cuda``
 prints measured times next to these estimates). ``benchmarks/bench_gpu_model.py`` prints the report.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -389,25 +390,58 @@ def cache_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _entry_lock(entry: Path):
+    """Holds ``entry``'s lock file: a second process (a parallel test worker, another benchmark) building the same
+    entry waits, then reads what the first one wrote. Released by the system if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no lock; done.json is still written atomically
+        yield
+        return
+    with open(entry.with_name(entry.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_done(done: Path) -> dict | None:
+    try:
+        out = json.loads(done.read_text())
+    except (OSError, ValueError):  # absent, or dropped by another process's CACHE_KEEP
+        return None
+    try:
+        os.utime(done)  # (recently used; a read-only cache is only read)
+    except OSError:
+        pass
+    return {**out, "cached": True}
+
+
 def _cached(variant: str, key: str, build) -> dict:
     """``build(folder)``'s result for ``variant`` compiled from sources and flags hashed to ``key``, kept in
     cache_dir() with a "cached" entry added. A new entry drops all but the CACHE_KEEP most recently used of its
     variant."""
     root = cache_dir()
     done = root / f"{variant}_{key}" / "done.json"
-    if done.is_file():
-        try:
-            os.utime(done)  # (recently used; a read-only cache is only read)
-        except OSError:
-            pass
-        return {**json.loads(done.read_text()), "cached": True}
-    done.parent.mkdir(parents=True, exist_ok=True)
-    out = build(done.parent)
-    done.write_text(json.dumps(out))
+    found = _read_done(done)
+    if found is not None:
+        return found
+    with _entry_lock(done.parent):
+        found = _read_done(done)  # built by another process while this one waited
+        if found is not None:
+            return found
+        done.parent.mkdir(parents=True, exist_ok=True)
+        out = build(done.parent)
+        partial = done.with_name(f"done.{os.getpid()}.json")
+        partial.write_text(json.dumps(out))
+        os.replace(partial, done)
     pattern = re.compile(re.escape(variant) + "_[0-9a-f]{16}")
     entries = [p / "done.json" for p in root.iterdir() if pattern.fullmatch(p.name) and (p / "done.json").is_file()]
     for old in sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
         shutil.rmtree(old.parent, ignore_errors=True)
+        old.parent.with_name(old.parent.name + ".lock").unlink(missing_ok=True)
     return {**out, "cached": False}
 
 

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import math
 import os
+import time
 import re
 import subprocess
 import sys
@@ -437,10 +438,35 @@ def test_the_cache_keeps_the_most_recently_used_entries_of_each_variant(tmp_path
     oldest_kept = keys[-G.CACHE_KEEP]
     assert G._cached("triton_k_sm_90", oldest_kept, build) == {"n": G.CACHE_KEEP, "cached": True}
     G._cached("triton_k_sm_90", "f" * 16, build)
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert left == sorted([f"triton_k_sm_80_{keys[0]}", f"triton_k_sm_90_{oldest_kept}",
                            f"triton_k_sm_90_{keys[-1]}", f"triton_k_sm_90_{'f' * 16}"])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_dir()) == [name + ".lock" for name in left]
     assert len(builds) == len(keys) + 2  # nothing cached was built again
+
+
+def test_an_entry_built_by_two_workers_at_once_is_built_once(tmp_path, monkeypatch):
+    """Parallel test workers (and two benchmark runs) share the cache: the second to ask waits for the first's
+    build and reads its result, never a half-written one."""
+    import threading
+
+    monkeypatch.setenv("RWP_GPU_MODEL_CACHE", str(tmp_path))
+    builds, started = [], threading.Event()
+
+    def build(folder):
+        builds.append(folder.name)
+        started.set()
+        time.sleep(0.3)  # the other worker asks meanwhile
+        return {"registers": 48}
+
+    results = []
+    first = threading.Thread(target=lambda: results.append(G._cached("cuda_k_sm_90", "a" * 16, build)))
+    first.start()
+    started.wait()
+    second = G._cached("cuda_k_sm_90", "a" * 16, build)
+    first.join()
+    assert builds == [f"cuda_k_sm_90_{'a' * 16}"]
+    assert results == [{"registers": 48, "cached": False}] and second == {"registers": 48, "cached": True}
 
 
 # ---- end to end -------------------------------------------------------------------------------------------------
