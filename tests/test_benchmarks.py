@@ -79,6 +79,7 @@ def _bench_variants():
     return bench
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_bench_variants_compares_the_shipped_variant_and_needs_a_gpu(tmp_path):
     """Each choice's first variant is what ships (tables.RESIDENT_PARTS, the register caps), so the verdict's
     "keep" keeps it; without a GPU the script lists the variants and exits with status 2."""
@@ -155,6 +156,7 @@ def _gpu_check(tmp_path, python: str, stages: str) -> subprocess.CompletedProces
                           timeout=300)
 
 
+@pytest.mark.slow  # subprocesses that import torch
 def test_gpu_check_says_there_is_no_gpu(tmp_path):
     run = _gpu_check(tmp_path, sys.executable, "selftest")
     assert run.returncode == 2 and "no CUDA GPU visible" in run.stderr

@@ -43,7 +43,8 @@ def _libasan(cxx: str) -> str:
 
 # ---- the SIMT layer ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sanitize", [None, pytest.param("address,undefined", marks=pytest.mark.slow)])
+@pytest.mark.slow  # compiles and runs a C++ program
+@pytest.mark.parametrize("sanitize", [None, "address,undefined"])
 def test_simt_selftest(tmp_path, sanitize):
     cxx = _compiler()
     flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-DRWP_EMULATE_CUDA", "-pthread"]

@@ -60,7 +60,17 @@ def samples():
 SAMPLES = samples()
 
 
-@pytest.mark.parametrize("name,args", SAMPLES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SAMPLES)])
+def _flat(args):
+    for a in args:
+        yield from _flat(a) if isinstance(a, (list, tuple)) else [a]
+
+
+# opcheck runs each sample through several checks (0.2-0.7 s on a 2-core CPU): the float32 samples, which cover
+# every op and optional argument, are in the fast tier; their bfloat16 twins in the slow one.
+@pytest.mark.parametrize("name,args", [
+    pytest.param(n, a, id=f"{n}-{i}", marks=[pytest.mark.slow] if any(
+        isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in _flat(a)) else [])
+    for i, (n, a) in enumerate(SAMPLES)])
 def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.rwp_kernels, name), args)
 
