@@ -73,7 +73,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=[f"torch>={MIN_TORCH}", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "numpy", "scipy", *TRAIN, *INTEGRATIONS],
+        "test": ["pytest>=7", "pytest-xdist>=3", "numpy", "scipy", *TRAIN, *INTEGRATIONS],
         "train": TRAIN,
         "bench": ["matplotlib"],
         "triton": [f"triton>={MIN_TRITON}"],  # the Triton backend; torch >= 2.12 brings such a Triton itself

@@ -12,6 +12,15 @@ import os
 import pytest
 import torch
 
+# Under pytest-xdist each worker takes its share of the CPUs for torch's intra-op threads, and through
+# OMP_NUM_THREADS for the processes its tests start: with every worker running as many threads as there are
+# CPUs, OpenMP's spinning threads made single tests up to 20 times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cpus // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # The Triton backend runs on CPU tensors only in Triton's interpreter, which must be on before any kernel
 # is created (at import); without a GPU it is the only way to run those kernels.
 if not torch.cuda.is_available():

@@ -18,8 +18,11 @@
   (14 GiB, or RWP_KERNELS_TEST_MEMORY_GIB), or is skipped with the reason: the two-tensor ops at 2^32 (16 GiB)
   run only where that variable allows them.
 """
+import fcntl
 import gc
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +41,9 @@ TABLE_BACKENDS = ["cpu"]
 
 MEMORY_HEADROOM = 4 << 30  # left free for the rest of the machine
 # The most a test may allocate unless RWP_KERNELS_TEST_MEMORY_GIB allows more: the test machines are shared.
+# The tests that allocate gigabytes take turns, across pytest-xdist workers and pytest runs on the machine: two
+# of them checking MemAvailable at once could both find room for themselves alone.
+BIG_MEMORY = pytest.mark.usefixtures("one_big_test_at_a_time")
 MEMORY_CAP = int(float(os.environ.get("RWP_KERNELS_TEST_MEMORY_GIB", "14")) * 2**30)
 
 SEED, STEP, STREAM = 0xC0FFEE_1234_5678, 2**32 + 9, 2
@@ -175,6 +181,13 @@ def need_memory(nbytes: int) -> None:
 
 
 @pytest.fixture
+def one_big_test_at_a_time():
+    with open(Path(tempfile.gettempdir()) / "rwp_kernels_tests_big_memory.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+        yield
+
+
+@pytest.fixture
 def arena():
     """Allocates the big tensors and frees their memory at teardown, also when a failure's traceback still
     refers to them."""
@@ -275,6 +288,7 @@ def check_regenerated(p: Param, sigmas: torch.Tensor, perturbed: dict, what="res
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_perturb_and_restore_on_a_tensor_of_more_than_2_31_elements(name, arena):
     """float16 (2148, 1_000_003), 2^31 + 522_796 elements (4 GiB), and a second one: perturb_ with backups,
@@ -306,6 +320,7 @@ def test_perturb_and_restore_on_a_tensor_of_more_than_2_31_elements(name, arena)
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_sgd_step_on_tensors_of_more_than_2_31_elements(name, arena):
     """bfloat16 (2148, 1_000_003): params, gradients and a third tensor (12 GiB): sgd_step_ with the fused
@@ -340,6 +355,7 @@ def test_sgd_step_on_tensors_of_more_than_2_31_elements(name, arena):
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_perturb_and_restore_when_a_call_crosses_2_31_elements(name, arena):
     """Two float16 tensors of fewer than 2^31 elements each that together hold 2^31 + 1_522_799 (4 GiB), in
@@ -360,6 +376,7 @@ def test_perturb_and_restore_when_a_call_crosses_2_31_elements(name, arena):
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_perturb_and_restore_on_a_tensor_of_more_than_2_32_elements(name, arena):
     """float16 (4295, 1_000_003), 2^32 + 45_589 elements (8 GiB), alone: perturb_ and restore_ regenerated;
@@ -376,6 +393,7 @@ def test_perturb_and_restore_on_a_tensor_of_more_than_2_32_elements(name, arena)
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_backups_and_sgd_step_on_tensors_of_more_than_2_32_elements(name, arena):
     """float16 (4295, 1_000_003) and a second tensor (16 GiB: only with RWP_KERNELS_TEST_MEMORY_GIB >= 16):
@@ -400,6 +418,7 @@ def test_backups_and_sgd_step_on_tensors_of_more_than_2_32_elements(name, arena)
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.parametrize("name", TABLE_BACKENDS)
 def test_noise_call_of_more_than_2_31_normals(name):
     """One noise() call of 2^31 + 70 normals (8 GiB of float32) from an odd offset: windows around its
