@@ -205,39 +205,36 @@ def _blocks(p: torch.Tensor) -> int:
     return -(-p.numel() // S.NORMALS_PER_BLOCK)
 
 
-def params_noise(params, param_indices, key: NoiseKey) -> list[torch.Tensor]:
-    """Each parameter's normals from offset 0 (flat, in memory order) on the stream of its entry of
+def _group_noise(params, param_indices, key: NoiseKey) -> list[torch.Tensor]:
+    """The normals of parameters that fit one chunk together, from one pass with a parameter index per block."""
+    device = params[0].device
+    counts = torch.tensor([_blocks(p) for p in params], device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    q = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(starts, counts)
+    index = torch.repeat_interleave(torch.tensor(list(param_indices), device=device), counts)
+    normals = _normal_blocks(q, index, key=key).view(-1)
+    return [normals[start * S.NORMALS_PER_BLOCK :][: p.numel()] for p, start in zip(params, starts.tolist())]
+
+
+def params_noise(params, param_indices, key: NoiseKey):
+    """Yields each parameter's normals from offset 0 (flat, in memory order) on the stream of its entry of
     ``param_indices``. A Box-Muller pass costs a few hundred small torch ops whatever its length, so consecutive
-    parameters on one device whose blocks fit a chunk share one pass, with a parameter index per block; a
-    parameter longer than a chunk has passes of its own."""
-    out: list[torch.Tensor] = []
+    parameters on one device whose blocks fit a chunk share one pass; a parameter longer than a chunk has passes
+    of its own, drawn when its turn comes (no more than a chunk is held beyond the parameter's own normals)."""
     group: list[int] = []
-
-    def flush():
-        if not group:
-            return
-        device = params[group[0]].device
-        counts = torch.tensor([_blocks(params[i]) for i in group], device=device)
-        starts = torch.cumsum(counts, 0) - counts
-        q = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(starts, counts)
-        index = torch.repeat_interleave(torch.tensor([param_indices[i] for i in group], device=device), counts)
-        normals = _normal_blocks(q, index, key=key).view(-1)
-        for i, start in zip(group, starts.tolist()):
-            out.append(normals[start * S.NORMALS_PER_BLOCK :][: params[i].numel()])
-        group.clear()
-
     blocks = 0
     for i, p in enumerate(params):
-        if _blocks(p) > _CHUNK_BLOCKS:
-            flush()
-            out.append(noise(p.numel(), key=key, param_index=param_indices[i], offset=0, device=p.device))
-            continue
-        if group and (params[group[0]].device != p.device or blocks + _blocks(p) > _CHUNK_BLOCKS):
-            flush()
-        blocks = (blocks if group else 0) + _blocks(p)
-        group.append(i)
-    flush()
-    return out
+        n = _blocks(p)
+        if group and (n > _CHUNK_BLOCKS or blocks + n > _CHUNK_BLOCKS or params[group[0]].device != p.device):
+            yield from _group_noise([params[j] for j in group], [param_indices[j] for j in group], key)
+            group, blocks = [], 0
+        if n > _CHUNK_BLOCKS:
+            yield noise(p.numel(), key=key, param_index=param_indices[i], offset=0, device=p.device)
+        else:
+            group.append(i)
+            blocks += n
+    if group:
+        yield from _group_noise([params[j] for j in group], [param_indices[j] for j in group], key)
 
 
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
@@ -266,15 +263,15 @@ def _add_noise_(p: torch.Tensor, sigma: torch.Tensor, z: torch.Tensor, sign: flo
 
 
 def perturb_(params, *, key: NoiseKey, plan, gammas, etas, backups, grads, grad_scale, fisher):
-    noisy = [i for i, p in enumerate(params) if gammas[i] != 0.0]
-    normals = dict(zip(noisy, params_noise([params[i] for i in noisy], [plan[i].param_index for i in noisy], key)))
+    noisy = [i for i in range(len(params)) if gammas[i] != 0.0]
+    normals = params_noise([params[i] for i in noisy], [plan[i].param_index for i in noisy], key)
     sigmas = []
     for i, p in enumerate(params):
         sigma = _sigma(p, plan[i], gammas[i], fisher[i] if fisher is not None else None, etas[i])
         if backups is not None:
             backups[i].copy_(p)
         if gammas[i] != 0.0:
-            _add_noise_(p, sigma, normals[i], +1.0)
+            _add_noise_(p, sigma, next(normals), +1.0)
         if grads is not None and grads[i] is not None:
             grads[i].copy_(grads[i].to(_math_dtype(grads[i])) * grad_scale)
         sigmas.append(sigma)
@@ -301,7 +298,7 @@ def restore_(params, *, key: NoiseKey | None, plan, backups, sigmas, mix: GradMi
         if backups is not None:
             p.copy_(backups[i])
         else:
-            _add_noise_(p, sigmas[i], normals[i], -1.0)
+            _add_noise_(p, sigmas[i], next(normals), -1.0)
         if mix.grads is not None and mix.grads[i] is not None:
             g, new_fisher = _mix_grad(mix, i)
             mix.grads[i].copy_(g)

@@ -105,7 +105,7 @@ class StepNoise:
         if step != self.step:
             key = NoiseKey(self.seed, self.stream, step)
             self.step = step
-            self.normals = reference.params_noise(self.params, range(len(self.params)), key)
+            self.normals = list(reference.params_noise(self.params, range(len(self.params)), key))
         z = torch.empty_like(p, dtype=torch.float32)
         z.as_strided((p.numel(),), (1,)).copy_(self.normals[index])
         return z
