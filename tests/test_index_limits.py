@@ -41,10 +41,10 @@ TABLE_BACKENDS = ["cpu"]
 
 MEMORY_HEADROOM = 4 << 30  # left free for the rest of the machine
 # The most a test may allocate unless RWP_KERNELS_TEST_MEMORY_GIB allows more: the test machines are shared.
+MEMORY_CAP = int(float(os.environ.get("RWP_KERNELS_TEST_MEMORY_GIB", "14")) * 2**30)
 # The tests that allocate gigabytes take turns, across pytest-xdist workers and pytest runs on the machine: two
 # of them checking MemAvailable at once could both find room for themselves alone.
 BIG_MEMORY = pytest.mark.usefixtures("one_big_test_at_a_time")
-MEMORY_CAP = int(float(os.environ.get("RWP_KERNELS_TEST_MEMORY_GIB", "14")) * 2**30)
 
 SEED, STEP, STREAM = 0xC0FFEE_1234_5678, 2**32 + 9, 2
 KEY = dict(seed=SEED, step=STEP, stream=STREAM)
