@@ -56,8 +56,8 @@ stage_selftest() { "$PY" -m rwp_kernels.report --selftest; }
 stage_tests() {
     # the conformance suite's cases on CUDA tensors (CI runs the CPU ones), in one process: the GPU machine
     # may lack pytest-xdist, and its workers would share the one GPU
-    "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_ext_cuda.py tests/test_optim_cuda.py tests/test_triton_gpu.py \
-        tests/test_conformance.py -k "not cpu"
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_ext_cuda.py tests/test_optim_cuda.py \
+        tests/test_triton_gpu.py tests/test_conformance.py -k "not cpu"
 }
 stage_bench_ops() { "$PY" benchmarks/bench_ops.py --device cuda --rounds 2 --out "$OUT"; }
 stage_bench_triton() { "$PY" benchmarks/bench_triton.py --out "$OUT"; }

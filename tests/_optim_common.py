@@ -82,14 +82,17 @@ def official_sigma(w: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * (w.norm() + 1e-16)
 
 
+def _in_memory_order(p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` (float32, p.numel() values) laid out over a float32 tensor like ``p``: element e at offset e."""
+    z = torch.empty_like(p, dtype=torch.float32)
+    z.as_strided((p.numel(),), (1,)).copy_(flat)
+    return z
+
+
 def stream_noise(p: torch.Tensor, index: int, step: int, seed: int, stream: int = 0) -> torch.Tensor:
     """The noise z of parameter ``p`` as the fused ops draw it (element e = offset e in memory order)."""
-    z = torch.empty_like(p, dtype=torch.float32)
-    z.as_strided((p.numel(),), (1,)).copy_(
-        rwp_kernels.noise(p.numel(), seed=seed, param_index=index, step=step, stream=stream, device=p.device,
-                          backend="reference")
-    )
-    return z
+    return _in_memory_order(p, rwp_kernels.noise(p.numel(), seed=seed, param_index=index, step=step, stream=stream,
+                                                 device=p.device, backend="reference"))
 
 
 class StepNoise:
@@ -106,9 +109,7 @@ class StepNoise:
             key = NoiseKey(self.seed, self.stream, step)
             self.step = step
             self.normals = list(reference.params_noise(self.params, range(len(self.params)), key))
-        z = torch.empty_like(p, dtype=torch.float32)
-        z.as_strided((p.numel(),), (1,)).copy_(self.normals[index])
-        return z
+        return _in_memory_order(p, self.normals[index])
 
 
 def spawn_gloo(worker, world: int, args: tuple, timeout_s: float) -> None:
