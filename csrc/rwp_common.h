@@ -37,7 +37,28 @@ constexpr double kNormEps = 1e-16;  // sigma of a 0-D/1-D parameter: gamma * (||
 // ---- scalar primitives (the AVX2 lane types provide the same names) -------------------------------
 
 RWP_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+#if defined(__CUDA_ARCH__)
+// sqrtf for x = +-0 and x >= 2^-100 (the noise's -2 ln u): the fast path of nvcc's correctly rounded square root
+// (sqrt.rn.f32: an approximate reciprocal root, then one Newton step), instruction for instruction, without its
+// range check and the branch to its slow path (zero, subnormals, infinities, NaN). The approximation is taken of
+// max(x, 2^-100), so a zero comes out as itself, sign included. tests/test_ext_cuda.py compares the SASS.
+RWP_HD float vsqrt(float x) {
+  float root;
+  asm("{\n\t.reg .f32 rsq, y, half_rsq, err;\n\t"
+      "max.f32 rsq, %1, 0f0D800000;\n\t"
+      "rsqrt.approx.ftz.f32 rsq, rsq;\n\t"
+      "mul.ftz.f32 y, %1, rsq;\n\t"
+      "mul.ftz.f32 half_rsq, rsq, 0f3F000000;\n\t"
+      "neg.f32 err, y;\n\t"
+      "fma.rn.f32 err, err, y, %1;\n\t"
+      "fma.rn.f32 %0, err, half_rsq, y;\n\t}"
+      : "=f"(root)
+      : "f"(x));
+  return root;
+}
+#else
 RWP_HD float vsqrt(float x) { return sqrtf(x); }
+#endif
 RWP_HD bool less(float a, float b) { return a < b; }
 RWP_HD float select(bool m, float a, float b) { return m ? a : b; }
 RWP_HD uint32_t select(bool m, uint32_t a, uint32_t b) { return m ? a : b; }
@@ -45,14 +66,6 @@ RWP_HD bool nonzero(uint32_t x) { return x != 0u; }
 // -1 (all bits) where m holds, else 0, as an unsigned word.
 RWP_HD uint32_t mask_bits(bool m) { return m ? 0xFFFFFFFFu : 0u; }
 RWP_HD float to_float(uint32_t x) { return static_cast<float>(static_cast<int32_t>(x)); }
-// Round to the nearest integer, ties to even (the default rounding mode), as a 32-bit word.
-RWP_HD uint32_t round_to_int(float x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint32_t>(__float2int_rn(x));
-#else
-  return static_cast<uint32_t>(static_cast<int32_t>(std::nearbyint(x)));
-#endif
-}
 RWP_HD uint32_t as_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
@@ -176,9 +189,12 @@ RWP_HD F log_unit(F x) {
 template <class F>
 RWP_HD void sincos_2pi(F u, F& c, F& s) {
   using U = decltype(as_bits(u));
-  const F k = to_float(round_to_int(u * F(4.0f)));
-  const U q = round_to_int(k);
-  const F th = (u - k * F(0.25f)) * F(6.28318530717958647692f);
+  // k = u * 4 rounded to the nearest integer, ties to even: adding 1.5 * 2^23 to u * 4 (exact, in [0, 4]) rounds
+  // at the units place, and the sum's low mantissa bits are k (no float-int conversion).
+  const F shifted = fmadd(u, F(4.0f), F(12582912.0f));
+  const U q = as_bits(shifted);
+  const F k = shifted - F(12582912.0f);
+  const F th = fmadd(k, F(-0.25f), u) * F(6.28318530717958647692f);  // u - k/4, exact
   const F z = th * th;
   F ps = fmadd(F(-1.9515295891e-4f), z, F(8.3321608736e-3f));
   ps = fmadd(ps, z, F(-1.6666654611e-1f));

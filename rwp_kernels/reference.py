@@ -138,7 +138,7 @@ def _log_unit(x: torch.Tensor) -> torch.Tensor:
 
 def _sincos_2pi(u: torch.Tensor):
     """csrc/rwp_common.h ``sincos_2pi``: (cos 2 pi u, sin 2 pi u), op for op in float32."""
-    k = torch.round(u * 4.0)  # ties to even, as the header's round_to_int
+    k = torch.round(u * 4.0)  # ties to even: the header adds 1.5 * 2^23 to 4u instead (the same k)
     q = k.to(torch.int32)
     th = (u - k * 0.25) * _TWO_PI
     z = th * th

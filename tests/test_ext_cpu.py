@@ -3,11 +3,14 @@
 are in the conformance suite, tests/test_conformance.py; other instruction-set builds in
 tests/test_ext_cpu_isa.py.
 """
+import subprocess
+
+import numpy as np
 import pytest
 import torch
 
 from _ext_common import SEED, STEP, assert_bitwise, make_params, run_perturb
-from rwp_kernels import backends, noise, perturb_, sgd_step_
+from rwp_kernels import _ext_config, backends, noise, perturb_, reference, sgd_step_
 from rwp_kernels import conformance as C
 
 pytestmark = pytest.mark.usefixtures("cpp_ext")
@@ -100,3 +103,39 @@ def test_auto_picks_the_cpu_extension():
 def test_empty_tensor_is_rejected_with_its_name():
     with pytest.raises(ValueError, match=r"params\[1\]"):
         perturb_([torch.randn(3), torch.empty(0, 4)], gamma=0.01, seed=1, step=1, backend="cpu")
+
+
+SINCOS_PROGRAM = r"""
+#include <cstdio>
+#include <vector>
+#include "rwp_common.h"
+// The header's (cos 2 pi u, sin 2 pi u) for the uniform of every word x = m << 8, m < 2^24.
+int main(int, char** argv) {
+  std::vector<float> out(size_t{2} << 24);
+  for (uint32_t m = 0; m < (1u << 24); ++m) rwp::sincos_2pi(rwp::uniform(m << 8), out[2 * m], out[2 * m + 1]);
+  std::FILE* f = std::fopen(argv[1], "wb");
+  const bool ok = f && std::fwrite(out.data(), sizeof(float), out.size(), f) == out.size();
+  return f && std::fclose(f) == 0 && ok ? 0 : 1;
+}
+"""
+
+
+@pytest.mark.slow
+def test_header_sincos_on_every_uniform_is_the_references(tmp_path):
+    """csrc/rwp_common.h's sincos_2pi (the quarter turn from adding 1.5 * 2^23 to 4u, the remainder u - k/4 by
+    one fma) against the reference's (torch.round, then a multiply and a subtraction) on all 2^24 uniforms of the
+    noise stream, bit for bit: the two argument reductions agree on every value, not only on those a stream
+    happens to draw."""
+    exe, out = tmp_path / "sincos", tmp_path / "sincos.bin"
+    build = subprocess.run([_ext_config.cxx_compiler(), *_ext_config.CXX_FLAGS, "-std=c++17", "-I",
+                            str(_ext_config.source_dir()), "-x", "c++", "-", "-o", str(exe)],
+                           input=SINCOS_PROGRAM, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    assert subprocess.run([str(exe), str(out)], timeout=300).returncode == 0
+    header = torch.from_numpy(np.fromfile(out, dtype=np.float32)).view(-1, 2).view(torch.int32)
+    chunk = 1 << 22
+    for first in range(0, 1 << 24, chunk):
+        words = torch.arange(first, first + chunk, dtype=torch.int64) << 8
+        cos, sin = reference._sincos_2pi(reference._uniform(words))
+        assert torch.equal(cos.view(torch.int32), header[first:first + chunk, 0]), first
+        assert torch.equal(sin.view(torch.int32), header[first:first + chunk, 1]), first

@@ -4,14 +4,16 @@ its normals equal the C++ CPU backend's bit for bit (capability "gpu"). The CUDA
 reference, with the tolerances of docs/spec.md section 6, is in the conformance suite
 (tests/test_conformance.py, backend "cuda" on device "cuda")."""
 import re
+import struct
 import subprocess
 
 import pytest
 import torch
 
+from _noise_sqrt import stored_value, without_noise_sqrt
 from conftest import require_backend, requires
 from rwp_kernels import _ext_config as C
-from rwp_kernels import extension, noise, sass
+from rwp_kernels import extension, gpu_model, noise, sass
 
 OPS = ("philox4x32_10", "noise_", "perturb_", "restore_", "sgd_step_")
 KERNELS = ("philox_kernel", "noise_kernel", "partials_kernel", "perturb_kernel", "restore_kernel", "sgd_kernel")
@@ -79,14 +81,57 @@ def _ptx(nvcc, tmp_path, *flags) -> str:
 @pytest.mark.slow
 def test_cuda_ptx_rounds_as_the_cpu_does(tmp_path):
     """IEEE division and square root, no flush to zero, and no multiply-add contracted beyond the header's
-    explicit fmaf: the arithmetic the emulated and C++ CPU builds execute."""
+    explicit fmaf: the arithmetic the emulated and C++ CPU builds execute. The one exception, the noise's square
+    root (sqrtf's own fast path, next test), is in every kernel that draws normals."""
     nvcc = C.find_nvcc()
     requires(nvcc is not None, "nvcc was not found (no CUDA toolkit)", "cuda-build")
-    ours = _ptx(nvcc, tmp_path, *C.NVCC_FLAGS)
+    ours, sqrt_blocks = without_noise_sqrt(_ptx(nvcc, tmp_path, *C.NVCC_FLAGS))
+    assert sqrt_blocks >= 2 * len(KERNELS), sqrt_blocks
     assert not APPROXIMATE.findall(ours), sorted(set(APPROXIMATE.findall(ours)))
     contracted = _ptx(nvcc, tmp_path, *[f for f in C.NVCC_FLAGS if f != "--fmad=false"], "--fmad=true")
     explicit = ours.count("fma.rn.f32")
     assert 0 < explicit < contracted.count("fma.rn.f32")  # the check sees contraction where it happens
+
+
+SQRT_PROBE = r"""
+#include "rwp_common.h"
+__global__ void ieee(const float* x, float* y) { y[threadIdx.x] = sqrtf(x[threadIdx.x]); }
+__global__ void noise(const float* x, float* y) { y[threadIdx.x] = rwp::vsqrt(x[threadIdx.x]); }
+"""
+LARGEST_RADIUS_SQUARED = 34.66  # -2 ln u for the smallest uniform, 2^-25
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_noise_sqrt_is_sqrtf_fast_path(tmp_path, arch):
+    """The kernels' square root of -2 ln u (csrc/rwp_common.h ``vsqrt`` on the GPU) computes what nvcc's
+    correctly rounded sqrtf computes on its fast path, instruction for instruction (read from the SASS), and
+    sqrtf takes that path for every such value: its range check admits 2^-100 ... 34.66, and a zero is kept by
+    the max(x, 2^-100) in front of the approximation (x * rsq(2^-100) is then x)."""
+    nvcc, tool = C.find_nvcc(), gpu_model.cuobjdump()
+    requires(nvcc is not None and tool is not None, "nvcc or cuobjdump was not found (no CUDA toolkit)",
+             "cuda-build")
+    (tmp_path / "probe.cu").write_text(SQRT_PROBE)
+    cubin = tmp_path / "probe.cubin"
+    build = subprocess.run([nvcc, "-cubin", f"-arch=sm_{arch}", *C.NVCC_FLAGS, "-I", str(C.source_dir()),
+                            str(tmp_path / "probe.cu"), "-o", str(cubin)], capture_output=True, text=True,
+                           timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    listing = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, timeout=60).stdout
+    funcs = sass.parse_sass(listing)
+    ieee, ours = (next(instrs for name, instrs in funcs.items() if f"{n}P" in name) for n in ("ieee", "noise"))
+    end = next(i.addr for i in ours if i.base == "EXIT")
+    assert not [i for i in ours if i.base in ("BRA", "CALL") and i.addr < end], "a branch in vsqrt"
+    # sqrtf's range check: bits(x) - low, unsigned, above `span` goes to the slow path
+    low = -int(next(m[0] for i in ieee if i.base == "IADD3" and (m := re.search(r"-0x[0-9a-f]+", i.operands))), 16)
+    span = int(re.search(r"0x[0-9a-f]+", next(i for i in ieee if i.opcode == "ISETP.GT.U32.AND").operands)[0], 16)
+    assert low <= _f32_bits(2.0**-100) and _f32_bits(LARGEST_RADIUS_SQUARED) <= low + span, (hex(low), hex(span))
+    expected = stored_value(ieee).replace("rsq(x)", "rsq(max(x, 7.8886090522101180541e-31))")  # 2^-100
+    assert "FFMA" in expected and stored_value(ours) == expected
 
 
 @pytest.fixture(scope="module")

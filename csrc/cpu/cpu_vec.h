@@ -124,7 +124,6 @@ inline M8 nonzero(V8u x) {
 }
 inline V8u mask_bits(M8 m) { return _mm256_castps_si256(m.m); }
 inline V8f to_float(V8u x) { return _mm256_cvtepi32_ps(x.v); }
-inline V8u round_to_int(V8f x) { return _mm256_cvtps_epi32(x.v); }  // MXCSR default: nearest even
 inline V8u as_bits(V8f x) { return _mm256_castps_si256(x.v); }
 inline V8f from_bits(V8u x) { return _mm256_castsi256_ps(x.v); }
 
@@ -166,7 +165,6 @@ template <class M, class T> inline Pair<T> select(Pair<M> m, Pair<T> x, Pair<T> 
 template <class T> inline auto nonzero(Pair<T> x) { return Pair<decltype(nonzero(x.a))>{nonzero(x.a), nonzero(x.b)}; }
 template <class M> inline auto mask_bits(Pair<M> m) { return Pair<decltype(mask_bits(m.a))>{mask_bits(m.a), mask_bits(m.b)}; }
 template <class T> inline auto to_float(Pair<T> x) { return Pair<decltype(to_float(x.a))>{to_float(x.a), to_float(x.b)}; }
-template <class T> inline auto round_to_int(Pair<T> x) { return Pair<decltype(round_to_int(x.a))>{round_to_int(x.a), round_to_int(x.b)}; }
 template <class T> inline auto as_bits(Pair<T> x) { return Pair<decltype(as_bits(x.a))>{as_bits(x.a), as_bits(x.b)}; }
 template <class T> inline auto from_bits(Pair<T> x) { return Pair<decltype(from_bits(x.a))>{from_bits(x.a), from_bits(x.b)}; }
 template <class T> inline void mulhilo(Pair<T> x, uint32_t m, Pair<T>& hi, Pair<T>& lo) {
@@ -277,7 +275,6 @@ inline V16f select(M16 m, V16f a, V16f b) { return _mm512_mask_blend_ps(m.m, b.v
 inline M16 nonzero(V16u x) { return {_mm512_test_epi32_mask(x.v, x.v)}; }
 inline V16u mask_bits(M16 m) { return _mm512_movm_epi32(m.m); }
 inline V16f to_float(V16u x) { return _mm512_cvtepi32_ps(x.v); }
-inline V16u round_to_int(V16f x) { return _mm512_cvtps_epi32(x.v); }  // MXCSR default: nearest even
 inline V16u as_bits(V16f x) { return _mm512_castps_si512(x.v); }
 inline V16f from_bits(V16u x) { return _mm512_castsi512_ps(x.v); }
 

@@ -300,16 +300,19 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
                                                unsigned group, bool aligned, const Vec<T>* stage, float row_sig) {
   constexpr int N = kVecElems<T>;
   const float* const sigmas = a.sigma + p.sigma_offset + s.first;
-  // The entry lives in shared memory: the fields the loop uses are copied to registers once.
+  // The entry lives in shared memory: the fields the loop uses are copied to registers once; but the 16-bit
+  // updates read the parameter's index there in each vector (a register less: at 48, the staged one spilled).
   const uint32_t param_index = p.param_index;
+  auto index = [&] { return sizeof(T) == 4 ? param_index : p.param_index; };
   const bool add = p.gamma != 0.0;
   T* w = static_cast<T*>(p.w) + s.first;
   T* backup = p.backup ? static_cast<T*>(p.backup) + s.first : nullptr;
   T* grad = p.grad ? static_cast<T*>(p.grad) + s.first : nullptr;
   const float grad_scale = a.grad_scale.get();
   const bool scale_grad = grad != nullptr && (a.grad_scale.ptr != nullptr || grad_scale != 1.0f);
-  // (the staged 16-bit update keeps no precomputed round keys: with them it spills at 48 registers)
-  constexpr bool kRoundKeys = sizeof(T) == 4 || !kStage;
+  // (the staged and the per-element 16-bit updates keep no precomputed round keys: with them they spill at 48
+  // registers)
+  constexpr bool kRoundKeys = sizeof(T) == 4 || !(kStage || kPerElement);
   auto scale_grad_vector = [&](int v, auto flag) {
     constexpr bool vec = decltype(flag)::value;
     const int e = N * v;
@@ -333,7 +336,7 @@ __device__ __forceinline__ void update_vectors(const ParamEntry& p, const Pertur
       for (int c = 0; c < N / 4; ++c) {
         float sg[4] = {row_sig, row_sig, row_sig, row_sig}, z[4];
         if (kPerElement) load_elems(sigmas, e + 4 * c, s.lo, s.hi, vec && aligned16(sigmas), sg);
-        normals<kRoundKeys>(s.first + e + 4 * c, param_index, a.key, z);
+        normals<kRoundKeys>(s.first + e + 4 * c, index(), a.key, z);
 #pragma unroll
         for (int j = 0; j < 4; ++j) from_f32(add_noise(to_f32(raw.x[4 * c + j]), sg[j], z[j]), out.x + 4 * c + j);
       }
@@ -539,17 +542,19 @@ __device__ __forceinline__ void restore_chunk(const ParamEntry& p, int64_t lo, i
     if (backup) {
       store_raw(w, e, lo, hi, vec, load_raw(backup, e, lo, hi, vec));
     } else {
-      float sg[N], x[N];
+      float sg[N];
       elem_sigmas(p, a.sigma + p.sigma_offset, e, hi, sg);
-      load_elems(w, e, lo, hi, vec, x);
+      const Vec<T> raw = load_raw(w, e, lo, hi, vec);
+      Vec<T> out;  // one Philox block at a time, each result rounded to T at once: fewer live registers
 #pragma unroll
-      for (int c = 0; c < N / 4; ++c) {  // one Philox block at a time: fewer live registers
+      for (int c = 0; c < N / 4; ++c) {
         float z[4];
         normals(e + 4 * c, param_index, a.key, z);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) x[4 * c + j] = remove_noise(x[4 * c + j], sg[4 * c + j], z[j]);
+        for (int j = 0; j < 4; ++j)
+          from_f32(remove_noise(to_f32(raw.x[4 * c + j]), sg[4 * c + j], z[j]), out.x + 4 * c + j);
       }
-      store_elems(w, e, lo, hi, vec, x);
+      store_raw(w, e, lo, hi, vec, out);
     }
     if (!grad) return;
     float g[N], c[N] = {}, f[N] = {};

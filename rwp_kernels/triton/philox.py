@@ -8,8 +8,7 @@ The uniforms and Box-Muller are ``uniform``, ``log_unit``, ``sincos_2pi``, ``box
 ``normal_block`` of csrc/rwp_common.h, op for op: each ``fmadd`` there is ``tl.fma`` here (one
 rounding; ``rounding.py`` makes the interpreter's exact too), every other multiply and add is a separate,
 rounded operation (the kernels are compiled with ``enable_fp_fusion=False``, ``tables.COMPILE_OPTIONS``,
-so neither LLVM nor ptxas contracts them), ``round_to_int`` is ``rounding.rint``, the square root is IEEE
-(``tl.sqrt_rn``), and the float32 constants are the header's literals (each rounds to the same float32
+so neither LLVM nor ptxas contracts them), the square root is correctly rounded (``rounding.noise_sqrt``), and the float32 constants are the header's literals (each rounds to the same float32
 from its double value here as from the decimal in C++). So the normals equal the C++ CPU and CUDA
 backends' bit for bit, on a GPU and in Triton's interpreter. No libdevice call: its ``logf``/``sinf``/
 ``cosf`` differ from the header's, and ``sinf``/``cosf`` carry a slow path for huge arguments (a stack
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import stream as S
-from .rounding import rint
+from .rounding import noise_sqrt
 
 
 def as_int32(word: int) -> int:
@@ -58,6 +57,7 @@ SIN_P2: tl.constexpr = tl.constexpr(-1.6666654611e-1)
 COS_P0: tl.constexpr = tl.constexpr(2.443315711809948e-5)
 COS_P1: tl.constexpr = tl.constexpr(-1.388731625493765e-3)
 COS_P2: tl.constexpr = tl.constexpr(4.166664568298827e-2)
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
 
 
 @triton.jit
@@ -129,9 +129,10 @@ def log_unit(x):
 def sincos_2pi(u):
     """(cos 2 pi u, sin 2 pi u) for u in [0, 1] as rwp_common.h ``sincos_2pi``: u = k/4 + w exactly, the
     Cephes sinf/cosf polynomials on [-pi/4, pi/4], rotation by k quarter turns with bit operations."""
-    k = rint(u * 4.0)  # round_to_int: to nearest, ties to even
-    q = k.to(tl.int32).to(tl.uint32, bitcast=True)
-    th = (u - k * 0.25) * TWO_PI
+    shifted = tl.fma(u, 4.0, ROUND_MAGIC)  # u * 4 rounded to an integer k (ties to even), in the low bits
+    q = shifted.to(tl.uint32, bitcast=True)
+    k = shifted - ROUND_MAGIC
+    th = tl.fma(k, -0.25, u) * TWO_PI  # u - k / 4, exact
     z = th * th
     ps = tl.fma(SIN_P0, z, SIN_P1)
     ps = tl.fma(ps, z, SIN_P2)
@@ -150,7 +151,7 @@ def sincos_2pi(u):
 @triton.jit
 def box_muller(xa, xb):
     """Two standard normals from two Philox words (rwp_common.h ``box_muller``)."""
-    r = tl.sqrt_rn(-2.0 * log_unit(uniform(xa)))
+    r = noise_sqrt(-2.0 * log_unit(uniform(xa)))
     c, s = sincos_2pi(uniform(xb))
     return r * c, r * s
 

@@ -56,11 +56,12 @@ def _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_
     if backup_addr != 0:
         tl.store(w_ptr + lanes, tl.load(T.pointer(backup_addr, DTYPE, VEC) + tile + lanes, mask=mask), mask=mask)
     else:
-        entry = sigma_entries(lanes, tile, tl.load(row + SIGMA_LEN), BLOCK)
-        sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)
         key0, key1 = P.key_words(k0, k1)
         z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
                           key0, key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+        # the sigmas read after the normals: not live through them (16-bit, sm_80: 8 bytes of spills at 48 registers)
+        entry = sigma_entries(lanes, tile, tl.load(row + SIGMA_LEN), BLOCK)
+        sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)
         x = to_float32(tl.load(w_ptr + lanes, mask=mask, other=0.0))
         tl.store(w_ptr + lanes, to_dtype(x - sigma * z, DTYPE), mask=mask)
     grad_addr = tl.load(row + GRAD)

@@ -11,9 +11,9 @@
   roundings), not as the one-rounding fma a GPU (``fma.rn.f32``) and the header's ``fmadd`` compute.
   ``exact_interpreter_fma`` replaces it with a correctly rounded one (float64 product, sum rounded to odd,
   then to float32), so the kernels can use ``tl.fma`` and be tested in the interpreter bit for bit.
-* ``rint``: round to the nearest integer, ties to even (the header's ``round_to_int``), with the
-  1.5 * 2**23 trick: two float32 additions, exact on every target (the kernels are compiled without
-  fp fusion and without fast-math flags, so nothing folds them).
+* ``noise_sqrt``: the square root of the noise's -2 ln u (+-0 or at least 2**-100), correctly rounded. Compiled,
+  the header's CUDA ``vsqrt`` in the same PTX: the fast path of ``sqrt.rn.f32`` (an approximate reciprocal root
+  and a Newton step) without its range check and branch to the slow path; interpreted, ``tl.sqrt_rn``.
 
 Every other multiply and add of the kernels is a plain Triton operation, rounded on its own: the
 launchers compile with ``enable_fp_fusion=False`` (``tables.COMPILE_OPTIONS``), and the interpreter
@@ -23,7 +23,6 @@ import numpy as np
 import triton
 import triton.language as tl
 
-ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
 # True when the kernels are interpreted (the knob triton.jit reads when it creates them).
 INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
@@ -48,10 +47,24 @@ def to_float32(x):
         return x.to(tl.float32)
 
 
+# csrc/rwp_common.h's CUDA vsqrt, operand for operand (tests/test_triton_ptx.py compares the two).
+NOISE_SQRT_PTX: tl.constexpr = tl.constexpr(
+    "{\n\t.reg .f32 rsq, y, half_rsq, err;\n\t"
+    "max.f32 rsq, $1, 0f0D800000;\n\t"
+    "rsqrt.approx.ftz.f32 rsq, rsq;\n\t"
+    "mul.ftz.f32 y, $1, rsq;\n\t"
+    "mul.ftz.f32 half_rsq, rsq, 0f3F000000;\n\t"
+    "neg.f32 err, y;\n\t"
+    "fma.rn.f32 err, err, y, $1;\n\t"
+    "fma.rn.f32 $0, err, half_rsq, y;\n\t}")
+
+
 @triton.jit
-def rint(x):
-    """x rounded to the nearest integer, ties to even, as float32, for |x| < 2**22 (``round_to_int``)."""
-    return (x + ROUND_MAGIC) - ROUND_MAGIC
+def noise_sqrt(x):
+    if INTERPRETED:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.inline_asm_elementwise(NOISE_SQRT_PTX, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 def _fma_float32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
