@@ -8,8 +8,9 @@ The uniforms and Box-Muller are ``uniform``, ``log_unit``, ``sincos_2pi``, ``box
 ``normal_block`` of csrc/rwp_common.h, op for op: each ``fmadd`` there is ``tl.fma`` here (one
 rounding; ``rounding.py`` makes the interpreter's exact too), every other multiply and add is a separate,
 rounded operation (the kernels are compiled with ``enable_fp_fusion=False``, ``tables.COMPILE_OPTIONS``,
-so neither LLVM nor ptxas contracts them), the square root is correctly rounded (``rounding.noise_sqrt``), and the float32 constants are the header's literals (each rounds to the same float32
-from its double value here as from the decimal in C++). So the normals equal the C++ CPU and CUDA
+so neither LLVM nor ptxas contracts them), the square root is correctly rounded (``rounding.noise_sqrt``),
+and the float32 constants are the header's literals (each rounds to the same float32 from its double value
+here as from the decimal in C++). So the normals equal the C++ CPU and CUDA
 backends' bit for bit, on a GPU and in Triton's interpreter. No libdevice call: its ``logf``/``sinf``/
 ``cosf`` differ from the header's, and ``sinf``/``cosf`` carry a slow path for huge arguments (a stack
 frame, spills).
