@@ -1,5 +1,6 @@
 """Packaging: the import roots, the version, and a setup.py that works without torch installed."""
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,26 @@ def test_a_python_without_torch_is_told_what_to_install():
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ModuleNotFoundError: rwp_kernels needs PyTorch"), out.stderr[-2000:]
     assert sys.executable in last and 'pip install ".[train]"' in last
+
+
+def test_a_checkout_with_its_environment_says_to_activate_it(tmp_path):
+    """The same error in a checkout that has the README's .venv (a new shell that has not activated it): the
+    message names that environment and the activate command; without one, it does not."""
+    (tmp_path / "rwp_kernels").mkdir()
+    shutil.copy(ROOT / "rwp_kernels" / "__init__.py", tmp_path / "rwp_kernels")
+    code = "import sys; sys.modules['torch'] = None; import rwp_kernels"
+
+    def last_line() -> str:
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0
+        return out.stderr.strip().splitlines()[-1]
+
+    assert "This checkout has one" not in last_line()
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    last = last_line()
+    assert last.startswith("ModuleNotFoundError: rwp_kernels needs PyTorch"), last
+    assert f". {tmp_path.resolve() / '.venv'}/bin/activate" in last
 
 
 @pytest.mark.slow
