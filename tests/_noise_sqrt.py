@@ -8,7 +8,18 @@ import re
 NOISE_SQRT_OPS = ["max.f32", "rsqrt.approx.ftz.f32", "mul.ftz.f32", "mul.ftz.f32", "neg.f32", "fma.rn.f32",
                   "fma.rn.f32"]
 _INLINE = re.compile(r"//\s*begin inline asm\n(.*?)//\s*end inline asm\n?", re.S)
-_OPCODE = re.compile(r"^\s*([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)\s", re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", re.M)
+_APPROXIMATE = re.compile(r"\.approx\b|^div\.full\b|\.ftz\b")
+
+
+def instructions(ptx: str) -> list[str]:
+    """The opcodes of ``ptx``'s instructions, in order (``fma.rn.f32``; a predicate guard left out)."""
+    return _INSTRUCTION.findall(ptx)
+
+
+def approximate(ops: list[str]) -> list[str]:
+    """The distinct opcodes among ``ops`` that approximate or flush subnormals to zero."""
+    return sorted({op for op in ops if _APPROXIMATE.search(op)})
 
 
 def without_noise_sqrt(ptx: str) -> tuple[str, int]:
@@ -17,7 +28,7 @@ def without_noise_sqrt(ptx: str) -> tuple[str, int]:
 
     def drop(block: re.Match) -> str:
         nonlocal found
-        if _OPCODE.findall(block[1]) != NOISE_SQRT_OPS:
+        if instructions(block[1]) != NOISE_SQRT_OPS:
             return block[0]
         found += 1
         return ""

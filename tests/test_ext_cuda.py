@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from _noise_sqrt import stored_value, without_noise_sqrt
+from _noise_sqrt import approximate, instructions, stored_value, without_noise_sqrt
 from conftest import require_backend, requires
 from rwp_kernels import _ext_config as C
 from rwp_kernels import extension, gpu_model, noise, sass
@@ -66,9 +66,6 @@ def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
     assert not spills, f"register spills (registers, store bytes, load bytes): {spills}"
 
 
-APPROXIMATE = re.compile(r"\b(?:\w+\.approx\S*|\w+\.ftz\S*|div\.full\S*)")
-
-
 def _ptx(nvcc, tmp_path, *flags) -> str:
     out = tmp_path / "kernels.ptx"
     run = subprocess.run([nvcc, "-ptx", str(CUDA_DIR / "cuda_kernels.cu"), "-o", str(out), "-arch=sm_90", *flags],
@@ -86,7 +83,7 @@ def test_cuda_ptx_rounds_as_the_cpu_does(tmp_path):
     requires(nvcc is not None, "nvcc was not found (no CUDA toolkit)", "cuda-build")
     ours, sqrt_blocks = without_noise_sqrt(_ptx(nvcc, tmp_path, *C.NVCC_FLAGS))
     assert sqrt_blocks >= 2 * len(KERNELS), sqrt_blocks
-    assert not APPROXIMATE.findall(ours), sorted(set(APPROXIMATE.findall(ours)))
+    assert not approximate(instructions(ours)), approximate(instructions(ours))
     contracted = _ptx(nvcc, tmp_path, *[f for f in C.NVCC_FLAGS if f != "--fmad=false"], "--fmad=true")
     explicit = ours.count("fma.rn.f32")
     assert 0 < explicit < contracted.count("fma.rn.f32")  # the check sees contraction where it happens

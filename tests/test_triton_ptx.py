@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from _noise_sqrt import without_noise_sqrt
+from _noise_sqrt import approximate, instructions, without_noise_sqrt
 from conftest import requires
 
 pytestmark = pytest.mark.slow  # compiles ~30 kernels in a subprocess (about 60 s on 2 cores without Triton's cache)
@@ -203,13 +203,7 @@ def test_the_noise_sqrt_is_the_headers():
 
 # ---- the PTX checks ---------------------------------------------------------------------------------------
 
-INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", re.M)
-APPROXIMATE = re.compile(r"\.approx\b|^div\.full\b|\.ftz\b")
 CONTRACTIBLE = re.compile(r"^(add|sub|mul|mad)\.f(16|32|64)$")
-
-
-def instructions(ptx: str) -> list[str]:
-    return INSTRUCTION.findall(ptx)
 
 
 def problems(spec, ptx: str, ttir: str) -> list[str]:
@@ -217,7 +211,7 @@ def problems(spec, ptx: str, ttir: str) -> list[str]:
     ops = instructions(ptx)
     out = [] if sqrt_blocks == 2 * philox_blocks(spec) else [
         f"{sqrt_blocks} inline square roots of the noise, {2 * philox_blocks(spec)} expected (two per Philox block)"]
-    out += [f"approximate / flush-to-zero: {op}" for op in sorted(set(ops)) if APPROXIMATE.search(op)]
+    out += [f"approximate / flush-to-zero: {op}" for op in approximate(ops)]
     out += [f"contractible (no rounding modifier, ptxas may fuse it): {op} x{ops.count(op)}"
             for op in sorted(set(ops)) if CONTRACTIBLE.search(op)]
     if "tt.extern_elementwise" in ttir:
