@@ -16,7 +16,7 @@ import torch
 
 import rwp_kernels as rk
 from conftest import require_backend, requires
-from rwp_kernels import backends
+from rwp_kernels import _ext_config, backends
 from rwp_kernels import conformance as C
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def emu():
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX", "c++")
+    cxx = _ext_config.cxx_compiler()
     requires(shutil.which(cxx) is not None, f"no C++ compiler ({cxx})", EMU)
     return cxx
 

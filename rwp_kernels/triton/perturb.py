@@ -302,7 +302,7 @@ def _resident(row, gamma_ptr, w_addr, fisher_addr, sigma_ptr, start, count, firs
     tiles' update, which reads them again. A row of at most PARTS tiles is read from DRAM once. Offsets in the kept
     tiles are 32-bit from the row's first tile, so that the compiler recomputes each tile's addresses and mask
     rather than keeping them through the normals."""
-    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth  # a thread's consecutive elements
+    PER: tl.constexpr = T.per_vector(DTYPE)  # a thread's consecutive elements
     lanes = tl.arange(0, BLOCK)
     base = start - start % 4
     first = (start - base).to(tl.int32)
@@ -457,7 +457,7 @@ def _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_sca
 def perturb_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0,
                    k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             False, DTYPE, BLOCK, PARTS, True, True, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+             False, DTYPE, BLOCK, PARTS, True, True, T.per_vector(DTYPE))
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
@@ -465,7 +465,7 @@ def perturb_elementwise_kernel(params_ptr, items_ptr, hyper_ptr, sigma_ptr, part
                                step, k0, k1, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """ARWP's 1-D tensors that fit a tile or are vectorized (``vectorized_row``)."""
     _perturb(params_ptr, items_ptr, hyper_ptr, sigma_ptr, partials_ptr, grad_scale, grad_scale_ptr, step, k0, k1,
-             True, DTYPE, BLOCK, 1, True, False, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+             True, DTYPE, BLOCK, 1, True, False, T.per_vector(DTYPE))
 
 
 @triton.jit(do_not_specialize=["grad_scale", "step", "k0", "k1"], do_not_specialize_on_alignment=["grad_scale_ptr"])
@@ -483,7 +483,7 @@ def perturb_elementwise_unaligned_kernel(params_ptr, items_ptr, hyper_ptr, sigma
 def row_partials_kernel(params_ptr, items_ptr, partials_ptr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """The first stage of the two-stage norm: item i (a segment of a split row) writes its sum of squares and
     Fisher sum, in float64, to ``partials_ptr[2 * i]`` and ``[2 * i + 1]``."""
-    PER: tl.constexpr = T.VECTOR_BITS // DTYPE.primitive_bitwidth
+    PER: tl.constexpr = T.per_vector(DTYPE)
     _, start, count, row = T.load_item(params_ptr, items_ptr, COLUMNS)
     w_addr = tl.load(row + W)
     fisher_addr = tl.load(row + FISHER)

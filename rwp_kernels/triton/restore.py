@@ -58,7 +58,7 @@ def _restore(row, start, count, sigma_ptr, step, k0, k1, beta, grad_scale, grad_
     else:
         key0, key1 = P.key_words(k0, k1)
         z = P.normal_tile(tile // 4, tl.load(row + PARAM_INDEX).to(tl.uint32), step.to(tl.uint32, bitcast=True),
-                          key0, key1, BLOCK, T.VECTOR_BITS // DTYPE.primitive_bitwidth)
+                          key0, key1, BLOCK, T.per_vector(DTYPE))
         # the sigmas read after the normals: not live through them (16-bit, sm_80: 8 bytes of spills at 48 registers)
         entry = sigma_entries(lanes, tile, tl.load(row + SIGMA_LEN), BLOCK)
         sigma = tl.load(sigma_ptr + tl.load(row + SIGMA_OFF) + entry, mask=mask, other=0.0)

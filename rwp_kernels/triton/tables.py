@@ -50,7 +50,12 @@ COLUMNS: tl.constexpr = tl.constexpr(13)
 # One vector access (ld/st.global.v4.b32): items whose tensors are aligned and whose first element and element
 # count are multiples of a vector's elements take the kernels' vectorized path.
 VECTOR_BYTES = 16
-VECTOR_BITS: tl.constexpr = tl.constexpr(8 * VECTOR_BYTES)
+
+
+@triton.constexpr_function
+def per_vector(dtype) -> int:
+    """The elements of ``dtype`` in one vector access."""
+    return 8 * VECTOR_BYTES // dtype.primitive_bitwidth
 
 # perturb_'s two-stage norm: a row longer than SPLIT_ROW elements is cut into items of SEGMENT elements (the last
 # one shorter); a first launch writes each segment's partial sums, every program of the row adds them up.
@@ -153,7 +158,7 @@ def load_first_row(items_ptr):
 def vector_item(row, start, count, DTYPE: tl.constexpr):
     """Whether the item ``[start, start + count)`` of the parameter at table row ``row`` takes the vectorized
     path: its tensors are 16-byte aligned, ``start`` and ``count`` are multiples of a vector's elements."""
-    n: tl.constexpr = VECTOR_BITS // DTYPE.primitive_bitwidth
+    n: tl.constexpr = per_vector(DTYPE)
     return (tl.load(row + ALIGNED) != 0) & (start % n == 0) & (count % n == 0)
 
 
@@ -172,7 +177,7 @@ def span(tile, start, end, VEC: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.con
     ``[start, end)``. On the vectorized path, where ``tile`` and ``end`` are multiples of a vector's elements
     and ``start <= tile``, both are rewritten as ``x // n * n`` (the same values), which shows the compiler
     that each vector is aligned and wholly in or out of the mask."""
-    n: tl.constexpr = VECTOR_BITS // DTYPE.primitive_bitwidth
+    n: tl.constexpr = per_vector(DTYPE)
     lanes = tl.arange(0, BLOCK)
     if VEC:
         tile = tile // n * n
