@@ -58,6 +58,23 @@ class _RWPOptimizer(torch.optim.Optimizer):
         (alpha 1 locally: the mix between ranks is made by ParallelRWP's communication hook)."""
         self._rwp.seed, self._rwp.stream, self._rwp.local_alpha = seed, stream, 1.0
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim.Optimizer.add_param_group, but a parameter listed twice in the group is an error (torch
+        warns): the fused ops would perturb and update it twice in one launch."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        first = {}
+        for j, p in enumerate(params):
+            i = first.setdefault(p, j)
+            if i != j:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"param group {len(self.param_groups)}: parameter {j} (shape {tuple(p.shape)}) is parameter {i} "
+                    "of the same group again; list each parameter once (model.parameters() lists a shared one once)"
+                )
+
     # ----------------------------------------------------------------------------------------- subclass API
     def _check_group(self, group: dict, where: str) -> None:
         raise NotImplementedError

@@ -57,6 +57,10 @@ class RWPSGD(_RWPOptimizer):
                         restore_only.append(e)
                     continue
                 first = group["momentum"] != 0 and "momentum_buffer" not in self.state[p]
+                if not p.numel():  # nothing to update; the (empty) buffer torch.optim.SGD would keep
+                    if first:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    continue
                 key = (
                     p.device, hyper, first,
                     e is not None and e.perturbed and e.backup is not None,  # restore from the backup in the launch

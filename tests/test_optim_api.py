@@ -241,6 +241,24 @@ def test_parameters_without_gradient_in_one_pass_and_frozen_parameters(adaptive)
     assert torch.equal(model.c.weight, frozen)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_parameter_listed_twice_is_refused(kind):
+    """torch only warns; the fused ops would perturb and update it twice. Refused at construction and by
+    add_param_group, which then leaves the groups as they were."""
+    model = small_cnn()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=r"param group 0: parameter 3 \(shape \(16,\)\) is parameter 1 of the"):
+        RWPSGD(params[:3] + [params[1]], lr=0.1) if kind == "rwpsgd" else RWP(params[:3] + [params[1]])
+    opt = _make(kind, model)
+    groups = [dict(g) for g in opt.param_groups]
+    extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="param group 1: parameter 2 .* is parameter 0 of the same group again"):
+        opt.add_param_group({"params": [extra.weight, extra.bias, extra.weight]})
+    assert opt.param_groups == groups
+    opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == 2
+
+
 def test_group_with_gamma_zero_is_never_perturbed():
     model = small_cnn()
     conv = [p for p in model.parameters() if p.dim() > 1]

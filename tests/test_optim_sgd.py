@@ -97,3 +97,29 @@ def test_sgd_state_dict_loads_into_rwpsgd():
             backward(model, batch)
             o.step()
     assert_models_equal(ours, ref, exact=True)
+
+
+@pytest.mark.parametrize("mode", ["gamma0", "alpha0"])
+def test_empty_parameters_are_left_alone_as_sgd_does(mode):
+    """A zero-size parameter (with a gradient) among the others: torch.optim.SGD keeps an empty momentum buffer
+    for it and updates the rest; so does RWPSGD, bit for bit, perturbed or not."""
+    ours, ref = model_pair(seed=5)
+    for model in (ours, ref):
+        model.empty = torch.nn.Parameter(torch.zeros(0, 3))
+    config = CONFIGS["momentum+wd"]
+    opt = RWPSGD(ours.parameters(), **config, gamma=0.0 if mode == "gamma0" else 0.05,
+                 alpha=0.0 if mode == "alpha0" else 0.5, seed=3)
+    sgd = torch.optim.SGD(ref.parameters(), **config)
+    for batch in batches(3, seed=6):
+        for model, o in ((ours, opt), (ref, sgd)):
+            o.zero_grad()
+            backward(model, batch)
+            model.empty.grad = torch.zeros(0, 3)
+            if o is opt and mode == "gamma0":
+                with opt.perturbed(), freeze_bn_stats(ours):
+                    backward(ours, batch)
+            elif o is opt:
+                opt.perturb()  # a no-op with alpha=0
+            o.step()
+    assert_models_equal(ours, ref, exact=True)
+    assert opt.state[ours.empty]["momentum_buffer"].shape == sgd.state[ref.empty]["momentum_buffer"].shape == (0, 3)
