@@ -1,5 +1,6 @@
 """``RWP``: the RWP perturbation around any torch optimizer (AdamW, SGD, ...)."""
 import copy
+import inspect
 
 import torch
 
@@ -32,6 +33,14 @@ class RWP(_RWPOptimizer):
         defaults.update(_hyper.rwp_group_defaults(gamma=gamma, alpha=alpha, adaptive=adaptive, eta=eta, beta=beta))
         super().__init__(params, defaults, seed=seed, stream=stream, restore=restore, backend=backend)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        closure = inspect.signature(self.base_optimizer.step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"RWP cannot wrap {type(self.base_optimizer).__name__}: its step() requires a closure, which it "
+                "calls to re-evaluate the loss and gradient at weights of its own choosing, so the mixed gradient "
+                "of the two RWP passes would not be what it steps with; use an optimizer whose closure is optional "
+                "(SGD, AdamW, ...)"
+            )
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
 

@@ -259,6 +259,13 @@ def test_a_parameter_listed_twice_is_refused(kind):
     assert len(opt.param_groups) == 2
 
 
+def test_a_base_optimizer_that_requires_a_closure_is_refused():
+    """LBFGS's step() re-evaluates the loss through its closure: it would not step with RWP's mix."""
+    with pytest.raises(TypeError, match="RWP cannot wrap LBFGS: its step\\(\\) requires a closure"):
+        RWP(small_cnn().parameters(), torch.optim.LBFGS, lr=0.1)
+    RWP(small_cnn().parameters(), torch.optim.Rprop, lr=0.1)  # an optional closure is fine
+
+
 def test_group_with_gamma_zero_is_never_perturbed():
     model = small_cnn()
     conv = [p for p in model.parameters() if p.dim() > 1]
