@@ -57,6 +57,7 @@ def per_vector(dtype) -> int:
     """The elements of ``dtype`` in one vector access."""
     return 8 * VECTOR_BYTES // dtype.primitive_bitwidth
 
+
 # perturb_'s two-stage norm: a row longer than SPLIT_ROW elements is cut into items of SEGMENT elements (the last
 # one shorter); a first launch writes each segment's partial sums, every program of the row adds them up.
 SPLIT_ROW: tl.constexpr = tl.constexpr(32768)
