@@ -41,6 +41,9 @@ class RWP(_RWPOptimizer):
                 "of the two RWP passes would not be what it steps with; use an optimizer whose closure is optional "
                 "(SGD, AdamW, ...)"
             )
+        if isinstance(self.base_optimizer, torch.optim.SparseAdam):
+            raise TypeError("RWP cannot wrap SparseAdam: it steps only with sparse gradients, and RWP mixes dense ones "
+                            "(use Adam or AdamW)")
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
 

@@ -266,6 +266,12 @@ def test_a_base_optimizer_that_requires_a_closure_is_refused():
     RWP(small_cnn().parameters(), torch.optim.Rprop, lr=0.1)  # an optional closure is fine
 
 
+def test_sparse_adam_is_refused():
+    """SparseAdam refuses dense gradients, and RWP's are: it could never take a step."""
+    with pytest.raises(TypeError, match="RWP cannot wrap SparseAdam"):
+        RWP(small_cnn().parameters(), torch.optim.SparseAdam, lr=0.1)
+
+
 def test_group_with_gamma_zero_is_never_perturbed():
     model = small_cnn()
     conv = [p for p in model.parameters() if p.dim() > 1]
